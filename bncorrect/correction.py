@@ -1,0 +1,206 @@
+r"""The corrected BatchNorm normalization, as pure tensor functions (DESIGN §2-3).
+
+Everything else in bncorrect (the PyTorch layer, the estimator, the sweep, the ONNX builder's tests) calls
+these functions; the formulas live here only.
+
+For a BN layer with input ``x`` of shape (N, C, *spatial), affine ``gamma``, ``b``, running statistics
+``mu_E``, ``var_E`` and ``eps``, for example ``i`` and channel ``c``::
+
+    mu_i    = mean of x_i over the spatial axes             ((N, C) input: mu_i = x_i)
+    var_i   = biased variance of x_i over the spatial axes  ((N, C) input: var_i = 0)
+    d       = mu_i - mu_E
+    mu_hat  = mu_E + alpha * d
+    var_hat = beta * var_i + (1 - beta) * var_E + beta * (1 - beta) * d^2
+    y       = gamma * (x - mu_hat) / sqrt(var_hat + eps) + b
+            = x * s + t,   s = gamma / sqrt(var_hat + eps),   t = b - mu_hat * s
+
+alpha = beta = 0 is plain inference BN; alpha = beta is inference example weighing (Four Things, 3.1);
+alpha = beta = 1/B^2 is EvalNorm's rule of thumb. alpha and beta are scalars or per-channel vectors (C,).
+
+The same output can be produced by feeding plain eval-mode BN a remapped input (used for BN-like modules
+whose forward does more than normalize)::
+
+    x' = (x - mu_hat) * k + mu_E,   k = sqrt(var_E + eps) / sqrt(var_hat + eps)
+    BN_eval(x') = gamma * (x - mu_hat) / sqrt(var_hat + eps) + b            (gamma cancels out of k)
+
+Offline estimation (EvalNorm eqs. 7-9): with ``mu_B``, ``var_B`` the statistics of the normalization batch
+(B examples, over the batch and spatial axes, biased)::
+
+    target   = (x - mu_B) / sqrt(var_B + eps)
+    estimate = (x - mu_hat) / sqrt(var_hat + eps)
+    L_aux    = mean |target - estimate|
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+Coefficient = float | Tensor
+
+__all__ = [
+    "batch_stats",
+    "corrected_batch_norm",
+    "corrected_stats",
+    "example_stats",
+    "expand_to",
+    "input_map",
+    "l_aux",
+    "l_aux_given_stats",
+    "normalize",
+    "rule_of_thumb",
+    "scale_shift",
+    "stats_dtype",
+]
+
+
+def rule_of_thumb(train_batch_size: int) -> float:
+    """EvalNorm's rule of thumb: alpha = beta = 1 / B^2."""
+    if train_batch_size < 1:
+        raise ValueError("train_batch_size must be >= 1")
+    return 1.0 / float(train_batch_size) ** 2
+
+
+def stats_dtype(x: Tensor) -> torch.dtype:
+    """Statistics are computed in at least float32 (fp16/bf16 activations are upcast)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def expand_to(v: Tensor, x: Tensor) -> Tensor:
+    """View a per-(N, C) or per-channel (C,) tensor so that it broadcasts against ``x`` (N, C, *spatial)."""
+    extra = (1,) * (x.dim() - 2)
+    if v.dim() == 0:
+        return v
+    if v.dim() == 1:
+        return v.reshape(1, -1, *extra)
+    return v.reshape(v.shape[0], v.shape[1], *extra)
+
+
+def example_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-example, per-channel mean and biased variance over the spatial axes: two (N, C) tensors."""
+    if x.dim() < 2:
+        raise ValueError(f"expected input of shape (N, C, *spatial), got {tuple(x.shape)}")
+    xf = x.to(stats_dtype(x))
+    if x.dim() == 2:
+        return xf, torch.zeros_like(xf)
+    var, mean = torch.var_mean(xf, dim=tuple(range(2, x.dim())), correction=0)
+    return mean, var
+
+
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Training-mode BN statistics: per-channel mean and biased variance over batch and spatial axes."""
+    if x.dim() < 2:
+        raise ValueError(f"expected input of shape (N, C, *spatial), got {tuple(x.shape)}")
+    xf = x.to(stats_dtype(x))
+    dims = (0, *range(2, x.dim()))
+    var, mean = torch.var_mean(xf, dim=dims, correction=0)
+    return mean, var
+
+
+def corrected_stats(
+    mu_i: Tensor, var_i: Tensor, mu_e: Tensor, var_e: Tensor, alpha: Coefficient, beta: Coefficient
+) -> tuple[Tensor, Tensor]:
+    """Blend each example's own statistics into the running ones: (mu_hat, var_hat), shape (N, C)."""
+    d = mu_i - mu_e
+    mu_hat = mu_e + alpha * d
+    var_hat = beta * var_i + (1 - beta) * var_e + beta * (1 - beta) * d * d
+    return mu_hat, var_hat
+
+
+def scale_shift(
+    mean: Tensor, var: Tensor, eps: float, weight: Tensor | None = None, bias: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per-(N, C) (or per-channel) affine form of the normalization: y = x * s + t."""
+    s = torch.rsqrt(var + eps)
+    if weight is not None:
+        s = s * weight.to(s.dtype)
+    t = -mean * s
+    if bias is not None:
+        t = t + bias.to(s.dtype)
+    return s, t
+
+
+def normalize(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """gamma * (x - mean) / sqrt(var + eps) + b with ``mean``/``var`` of shape (C,) or (N, C)."""
+    s, t = scale_shift(mean, var, eps, weight, bias)
+    return (x.to(s.dtype) * expand_to(s, x) + expand_to(t, x)).to(x.dtype)
+
+
+def corrected_batch_norm(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    alpha: Coefficient,
+    beta: Coefficient,
+) -> Tensor:
+    """The corrected layer of DESIGN §2 in eval mode."""
+    mu_i, var_i = example_stats(x)
+    dt = mu_i.dtype
+    mu_hat, var_hat = corrected_stats(
+        mu_i, var_i, running_mean.to(dt), running_var.to(dt), _as(alpha, dt), _as(beta, dt)
+    )
+    return normalize(x, mu_hat, var_hat, eps, weight, bias)
+
+
+def input_map(
+    mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """(k, m) such that eval-mode BN of ``x * k + m`` normalizes ``x`` with ``mean``/``var`` instead.
+
+    k = sqrt(var_E + eps) / sqrt(var + eps), m = mu_E - mean * k. Independent of the affine parameters,
+    so it serves any BN-like module whose eval forward uses its running statistics.
+    """
+    dt = mean.dtype
+    k = torch.sqrt(running_var.to(dt) + eps) * torch.rsqrt(var + eps)
+    m = running_mean.to(dt) - mean * k
+    return k, m
+
+
+def l_aux_given_stats(
+    x: Tensor,
+    mu_b: Tensor,
+    var_b: Tensor,
+    mu_i: Tensor,
+    var_i: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    alpha: Coefficient,
+    beta: Coefficient,
+) -> Tensor:
+    """Mean |target - estimate| over ``x`` (N, C, *rest) with the statistics given explicitly.
+
+    ``mu_b``/``var_b`` may be (C,) or (N, C) (each row's own normalization batch); ``mu_i``/``var_i`` are
+    (N, C). This form lets the estimator evaluate L_aux on a sample of positions per example.
+    """
+    dt = stats_dtype(x)
+    xf = x.to(dt)
+    target = (xf - expand_to(mu_b, x)) * expand_to(torch.rsqrt(var_b + eps), x)
+    mu_hat, var_hat = corrected_stats(
+        mu_i, var_i, running_mean.to(dt), running_var.to(dt), _as(alpha, dt), _as(beta, dt)
+    )
+    estimate = (xf - expand_to(mu_hat, x)) * expand_to(torch.rsqrt(var_hat + eps), x)
+    return (target - estimate).abs().mean()
+
+
+def l_aux(
+    x: Tensor, running_mean: Tensor, running_var: Tensor, eps: float, alpha: Coefficient, beta: Coefficient
+) -> Tensor:
+    """EvalNorm's auxiliary loss (eq. 9) for one normalization batch ``x`` of B examples."""
+    mu_b, var_b = batch_stats(x)
+    mu_i, var_i = example_stats(x)
+    return l_aux_given_stats(x, mu_b, var_b, mu_i, var_i, running_mean, running_var, eps, alpha, beta)
+
+
+def _as(v: Coefficient, dtype: torch.dtype) -> Coefficient:
+    return v.to(dtype) if isinstance(v, Tensor) else float(v)
