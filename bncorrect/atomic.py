@@ -24,7 +24,9 @@ def check_output(out: str | Path, *inputs: str | Path | None) -> Path:
                 hint="choose a different -o/--output path",
             )
     if not out.parent.exists():
-        raise UsageError(f"folder {out.parent} does not exist", path=out, hint=f"create it: mkdir -p {out.parent}")
+        raise UsageError(
+            f"folder {out.parent} does not exist", path=out, hint=f"create it: mkdir -p {out.parent}"
+        )
     return out
 
 

@@ -95,8 +95,10 @@ class Corrections:
                 t = getattr(lc, label)
                 if t is None:
                     continue
-                ok = t.dim() == 1 and t.numel() == c if label.startswith("running") else (
-                    t.dim() == 0 or (t.dim() == 1 and t.numel() == c)
+                ok = (
+                    t.dim() == 1 and t.numel() == c
+                    if label.startswith("running")
+                    else (t.dim() == 0 or (t.dim() == 1 and t.numel() == c))
                 )
                 if not ok:
                     raise CorrectionsFileError(

@@ -56,7 +56,7 @@ def _strategy(module: nn.Module) -> str:
 
 def is_batchnorm_like(module: nn.Module) -> bool:
     """True for torch BN layers (and subclasses) and for duck-typed BN such as FrozenBatchNorm2d."""
-    if isinstance(module, CorrectedNorm) or isinstance(module, _InstanceNorm):
+    if isinstance(module, CorrectedNorm | _InstanceNorm):
         return False
     if isinstance(module, _BatchNorm):
         return True
@@ -69,7 +69,9 @@ def not_correctable_reason(module: nn.Module) -> str | None:
     """Why a BN-like layer cannot be corrected, or None when it can."""
     rm, rv = getattr(module, "running_mean", None), getattr(module, "running_var", None)
     if rm is None or rv is None or not getattr(module, "track_running_stats", True):
-        return "track_running_stats=False: it normalizes with batch statistics at inference; nothing to correct"
+        return (
+            "track_running_stats=False: it normalizes with batch statistics at inference; nothing to correct"
+        )
     if rm.dim() != 1 or rv.shape != rm.shape:
         return f"running statistics of unexpected shape {tuple(rm.shape)}"
     return None
@@ -163,7 +165,9 @@ class CorrectedNorm(nn.Module):
     used by the estimator and as the training-mode reference.
     """
 
-    def __init__(self, norm: nn.Module, alpha: float | Tensor = 0.0, beta: float | Tensor | None = None) -> None:
+    def __init__(
+        self, norm: nn.Module, alpha: float | Tensor = 0.0, beta: float | Tensor | None = None
+    ) -> None:
         super().__init__()
         reason = not_correctable_reason(norm)
         if reason is not None:
