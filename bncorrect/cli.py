@@ -1,0 +1,403 @@
+"""The ``bncorrect`` command line: parse options, call one API function, render the result with rich.
+
+Errors a user can cause (:class:`~bncorrect.errors.BncorrectError`) are caught here only, printed as one
+message and turned into a non-zero exit code; ``--debug`` (anywhere on the command line) shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import BncorrectError
+
+app = typer.Typer(
+    name="bncorrect",
+    help="Fix BatchNorm models trained with small normalization batches, after training "
+    "(EvalNorm alpha/beta, inference example weighing, exact population statistics).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+out_console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+_DEBUG = {"on": False}
+
+# ---------------------------------------------------------------- shared options
+ModelArg = Annotated[
+    Path, typer.Argument(help="Model: .pt/.pth (state dict or pickled module), .safetensors, .onnx.")
+]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--output",
+        "-o",
+        help="Write the result: .safetensors (corrections file), .pt/.pth (patched checkpoint), "
+        ".onnx (graph).",
+    ),
+]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Architecture factory 'package.module:function' (or 'file.py:function') for state dicts."
+    ),
+]
+ArchKwargsOpt = Annotated[
+    str | None, typer.Option(help="JSON object of keyword arguments for the --arch factory.")
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        help="Allow unpickling a whole pickled nn.Module (this runs code stored in the file).",
+    ),
+]
+NonStrictOpt = Annotated[
+    bool, typer.Option("--non-strict", help="Load weights even if some keys are missing/unexpected (warns).")
+]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of tables.")
+]
+InputShapeOpt = Annotated[
+    str | None, typer.Option(help="Example input shape for ONNX export from PyTorch, e.g. 1,3,224,224.")
+]
+OpsetOpt = Annotated[
+    int | None, typer.Option(help="ONNX opset for export from PyTorch (default: exporter's).")
+]
+NoVerifyOpt = Annotated[
+    bool, typer.Option("--no-verify", help="Skip checking the exported ONNX graph against PyTorch.")
+]
+
+
+def _load_options(
+    arch: str | None, arch_kwargs: str | None, trust_pickle: bool, non_strict: bool
+) -> dict[str, Any]:
+    from .models import parse_arch_kwargs
+
+    return {
+        "arch": arch,
+        "arch_kwargs": parse_arch_kwargs(arch_kwargs),
+        "trust_pickle": trust_pickle,
+        "strict": not non_strict,
+    }
+
+
+def _export_options(input_shape: str | None, opset: int | None, no_verify: bool) -> Any:
+    from .api import ExportOptions, parse_shape
+
+    return ExportOptions(
+        input_shape=parse_shape(input_shape) if input_shape else None, opset=opset, verify=not no_verify
+    )
+
+
+def _print_json(data: Any) -> None:
+    out_console.print_json(json.dumps(data, default=_json_default))
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(obj)
+    return str(obj)
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _warn_load(outcome_source: Any) -> None:
+    meta = getattr(outcome_source, "meta", {}) or {}
+    for w in meta.get("warnings", []):
+        err_console.print(f"[yellow]warning:[/] {w}")
+
+
+def _report_written(outcome: Any, json_out: bool) -> None:
+    if outcome.output is None:
+        if not json_out:
+            err_console.print("[dim]No --output given: nothing written.[/]")
+        return
+    if json_out:
+        return
+    err_console.print(f"[green]Wrote[/] {outcome.output}")
+    export = outcome.report.get("export")
+    if export is not None:
+        diff = getattr(export, "max_abs_diff", None)
+        if diff is not None:
+            err_console.print(f"  verified against PyTorch: max abs diff {diff:.3g}")
+    rw = outcome.report.get("rewrite")
+    if rw is not None:
+        skipped = getattr(rw, "skipped", [])
+        for item in skipped:
+            err_console.print(f"  [yellow]kept as plain BN:[/] {item}")
+
+
+def _coefficient_table(outcome: Any, title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("layer")
+    table.add_column("alpha", justify="right")
+    table.add_column("beta", justify="right")
+    for name, lc in outcome.corrections.layers.items():
+        a = lc.alpha.tolist() if lc.alpha.dim() == 0 else f"per-channel, mean {float(lc.alpha.mean()):.4g}"
+        b = lc.beta.tolist() if lc.beta.dim() == 0 else f"per-channel, mean {float(lc.beta.mean()):.4g}"
+        table.add_row(name, _fmt(a), _fmt(b))
+    return table
+
+
+def _outcome_json(outcome: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    c = outcome.corrections
+    data: dict[str, Any] = {
+        "method": c.method,
+        "train_batch_size": c.train_batch_size,
+        "output": None if outcome.output is None else str(outcome.output),
+        "layers": [
+            {"name": n, "alpha": lc.alpha.tolist(), "beta": lc.beta.tolist()} for n, lc in c.layers.items()
+        ],
+    }
+    if "matched" in outcome.report:
+        data["matched"] = outcome.report["matched"]
+    export = outcome.report.get("export")
+    if export is not None:
+        data["verify_max_abs_diff"] = getattr(export, "max_abs_diff", None)
+    data.update(extra or {})
+    return data
+
+
+# ---------------------------------------------------------------- commands
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    """Fix BatchNorm after training."""
+    if debug:
+        _DEBUG["on"] = True
+    if version:
+        out_console.print(f"bncorrect {__version__}")
+        raise typer.Exit(0)
+
+
+@app.command()
+def inspect(
+    model: ModelArg,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustOpt = False,
+    non_strict: NonStrictOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """List the BatchNorm layers of MODEL, their statistics and whether they can be corrected."""
+    from . import api
+
+    source = api.open_model(model, **_load_options(arch, arch_kwargs, trust_pickle, non_strict))
+    _warn_load(source)
+    layers = api.inspect(source)
+    if json_out:
+        _print_json({"model": str(model), "layers": layers})
+        return
+    table = Table(title=f"BatchNorm layers of {model}")
+    for col in (
+        "name",
+        "type",
+        "channels",
+        "eps",
+        "momentum",
+        "|running mean|",
+        "running var",
+        "correctable",
+    ):
+        table.add_column(col, justify="right" if col not in ("name", "type", "correctable") else "left")
+    for ly in layers:
+        var = "-"
+        if "running_var_mean" in ly:
+            var = f"{ly['running_var_mean']:.3g} (min {ly['running_var_min']:.3g})"
+        table.add_row(
+            ly["name"],
+            ly["type"],
+            str(ly["channels"]),
+            _fmt(ly["eps"]),
+            _fmt(ly.get("momentum")),
+            _fmt(ly.get("running_mean_abs_mean")),
+            var,
+            "yes" if ly["correctable"] else f"[yellow]no[/]: {ly['reason']}",
+        )
+    out_console.print(table)
+    n_ok = sum(1 for ly in layers if ly["correctable"])
+    out_console.print(f"{n_ok} of {len(layers)} BatchNorm layers can be corrected.")
+
+
+@app.command()
+def rule(
+    model: ModelArg,
+    train_batch_size: Annotated[
+        int, typer.Option("--train-batch-size", "-B", help="Examples per normalization batch in training.")
+    ],
+    output: OutOpt = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustOpt = False,
+    non_strict: NonStrictOpt = False,
+    input_shape: InputShapeOpt = None,
+    opset: OpsetOpt = None,
+    no_verify: NoVerifyOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """alpha = beta = 1/B^2 for every BN layer (EvalNorm's rule of thumb)."""
+    from . import api
+
+    outcome = api.rule(
+        model,
+        train_batch_size,
+        out=output,
+        export=_export_options(input_shape, opset, no_verify),
+        **_load_options(arch, arch_kwargs, trust_pickle, non_strict),
+    )
+    _warn_load(outcome.source)
+    if json_out:
+        _print_json(_outcome_json(outcome))
+    else:
+        a = 1.0 / train_batch_size**2
+        out_console.print(
+            f"Rule of thumb for B = {train_batch_size}: alpha = beta = 1/B^2 = {a:.6g} "
+            f"on {len(outcome.corrections.layers)} BN layers."
+        )
+    _report_written(outcome, json_out)
+
+
+@app.command()
+def weight(
+    model: ModelArg,
+    alpha: Annotated[float, typer.Option(help="Weight of the example's own statistics, in [0, 1].")],
+    beta: Annotated[float | None, typer.Option(help="Weight for the variance (default: = alpha).")] = None,
+    output: OutOpt = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustOpt = False,
+    non_strict: NonStrictOpt = False,
+    input_shape: InputShapeOpt = None,
+    opset: OpsetOpt = None,
+    no_verify: NoVerifyOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """One alpha (and beta) for every BN layer (inference example weighing)."""
+    from . import api
+
+    outcome = api.weight(
+        model,
+        alpha,
+        beta,
+        out=output,
+        export=_export_options(input_shape, opset, no_verify),
+        **_load_options(arch, arch_kwargs, trust_pickle, non_strict),
+    )
+    _warn_load(outcome.source)
+    if json_out:
+        _print_json(_outcome_json(outcome))
+    else:
+        b = alpha if beta is None else beta
+        out_console.print(
+            f"Example weighing: alpha = {alpha:.6g}, beta = {b:.6g} "
+            f"on {len(outcome.corrections.layers)} BN layers."
+        )
+    _report_written(outcome, json_out)
+
+
+@app.command()
+def apply(
+    model: ModelArg,
+    corrections: Annotated[
+        Path, typer.Argument(help="Corrections file (.safetensors) written by bncorrect.")
+    ],
+    output: OutOpt = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustOpt = False,
+    non_strict: NonStrictOpt = False,
+    input_shape: InputShapeOpt = None,
+    opset: OpsetOpt = None,
+    no_verify: NoVerifyOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Apply a corrections file to MODEL (also across formats: PyTorch corrections onto its ONNX export)."""
+    from . import api
+
+    outcome = api.apply(
+        model,
+        corrections,
+        out=output,
+        export=_export_options(input_shape, opset, no_verify),
+        **_load_options(arch, arch_kwargs, trust_pickle, non_strict),
+    )
+    _warn_load(outcome.source)
+    if json_out:
+        _print_json(_outcome_json(outcome))
+    else:
+        out_console.print(
+            _coefficient_table(outcome, f"Corrections from {corrections} ({outcome.corrections.method})")
+        )
+        matched = outcome.report.get("matched")
+        if matched:
+            renamed = {k: v for k, v in matched.items() if k != v}
+            if renamed:
+                out_console.print(f"Matched {len(matched)} layers to ONNX nodes by parameter names:")
+                for k, v in renamed.items():
+                    out_console.print(f"  {k} -> {v}")
+    _report_written(outcome, json_out)
+
+
+# ---------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: run the app, turning library errors into exit codes."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in args:
+        _DEBUG["on"] = True
+    try:
+        rc = app(args=args, prog_name="bncorrect", standalone_mode=False)
+    except BncorrectError as e:
+        if _DEBUG["on"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {e.render()}", highlight=False)
+        return e.exit_code
+    except typer.Exit as e:
+        return int(e.exit_code or 0)
+    except KeyboardInterrupt:
+        err_console.print("[red]interrupted[/]")
+        return 130
+    except Exception as e:  # click usage errors and genuine bugs
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return e.exit_code
+        if isinstance(e, click.exceptions.Abort):
+            return 1
+        if _DEBUG["on"]:
+            raise
+        err_console.print(
+            f"[bold red]internal error:[/] {type(e).__name__}: {e}\n"
+            "This is a bug in bncorrect; re-run with --debug for the traceback and report it.",
+            highlight=False,
+        )
+        return 70
+    return rc if isinstance(rc, int) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
