@@ -186,8 +186,10 @@ class CorrectedNorm(nn.Module):
 
     def set_coefficients(self, alpha: float | Tensor, beta: float | Tensor) -> None:
         """Set alpha and beta (scalars or (C,) vectors in [0, 1])."""
+        rm = self.norm.running_mean
+        dtype = torch.float64 if rm.dtype == torch.float64 else torch.float32
         for label, value in (("alpha", alpha), ("beta", beta)):
-            t = torch.as_tensor(value, dtype=torch.float32).detach().clone()
+            t = torch.as_tensor(value, dtype=dtype).detach().clone()
             if t.dim() > 1 or (t.dim() == 1 and t.numel() != self.num_channels):
                 raise UsageError(
                     f"{label} must be a scalar or a vector of length {self.num_channels}, got shape "
@@ -195,7 +197,7 @@ class CorrectedNorm(nn.Module):
                 )
             if not torch.isfinite(t).all() or (t < 0).any() or (t > 1).any():
                 raise UsageError(f"{label} must lie in [0, 1], got {t.tolist()}")
-            setattr(self, label, t.to(self.norm.running_mean.device))
+            setattr(self, label, t.to(rm.device))
 
     def extra_repr(self) -> str:
         a = self.alpha.tolist() if self.alpha.dim() == 0 else f"vector[{self.alpha.numel()}]"

@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bncorrect import correction as C
+
+from .reference import corrected_bn_reference, example_weighing_ex2_reference, l_aux_reference
+
+SHAPES = [(5, 3), (4, 3, 7), (3, 4, 5, 6), (2, 3, 3, 4, 5)]
+
+
+def _params(c: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(c, generator=g),
+        torch.rand(c, generator=g) * 2 + 0.2,
+        torch.randn(c, generator=g),
+        torch.randn(c, generator=g),
+    )
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("alpha,beta", [(0.25, 0.25), (0.1, 0.6), (1.0, 1.0), (0.0, 0.3)])
+def test_corrected_bn_matches_reference(shape, alpha, beta):
+    x = torch.randn(*shape, dtype=torch.float64) * 2 + 0.5
+    mu_e, var_e, gamma, b = (t.double() for t in _params(shape[1]))
+    y = C.corrected_batch_norm(x, mu_e, var_e, gamma, b, 1e-5, alpha, beta)
+    ref = corrected_bn_reference(
+        x.numpy(), mu_e.numpy(), var_e.numpy(), gamma.numpy(), b.numpy(), 1e-5, alpha, beta
+    )
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_per_channel_coefficients(shape):
+    c = shape[1]
+    x = torch.randn(*shape, dtype=torch.float64)
+    mu_e, var_e, gamma, b = (t.double() for t in _params(c, 1))
+    alpha = torch.linspace(0, 1, c, dtype=torch.float64)
+    beta = torch.linspace(1, 0, c, dtype=torch.float64)
+    y = C.corrected_batch_norm(x, mu_e, var_e, gamma, b, 1e-3, alpha, beta)
+    ref = corrected_bn_reference(
+        x.numpy(), mu_e.numpy(), var_e.numpy(), gamma.numpy(), b.numpy(), 1e-3, alpha.numpy(), beta.numpy()
+    )
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_zero_is_plain_eval_bn(shape):
+    x = torch.randn(*shape)
+    mu_e, var_e, gamma, b = _params(shape[1], 2)
+    y = C.corrected_batch_norm(x, mu_e, var_e, gamma, b, 1e-5, 0.0, 0.0)
+    ref = torch.nn.functional.batch_norm(x, mu_e, var_e, gamma, b, training=False, eps=1e-5)
+    assert (y - ref).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:])
+def test_one_is_per_example_statistics(shape):
+    """alpha = beta = 1 normalizes each example with its own spatial statistics (instance norm)."""
+    x = torch.randn(*shape, dtype=torch.float64)
+    mu_e, var_e, gamma, b = (t.double() for t in _params(shape[1], 3))
+    y = C.corrected_batch_norm(x, mu_e, var_e, gamma, b, 1e-5, 1.0, 1.0)
+    ref = torch.nn.functional.instance_norm(x, weight=gamma, bias=b, eps=1e-5)
+    torch.testing.assert_close(y, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("alpha", [0.0, 0.05, 0.25, 0.7, 1.0])
+def test_alpha_equals_beta_is_example_weighing_ex2(shape, alpha):
+    """Four Things' E[x^2] parameterization expands to the same layer when beta = alpha."""
+    x = torch.randn(*shape, dtype=torch.float64) + 1.0
+    mu_e, var_e, gamma, b = (t.double() for t in _params(shape[1], 4))
+    y = C.corrected_batch_norm(x, mu_e, var_e, gamma, b, 1e-5, alpha, alpha)
+    ref = example_weighing_ex2_reference(
+        x.numpy(), mu_e.numpy(), var_e.numpy(), gamma.numpy(), b.numpy(), 1e-5, alpha
+    )
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-8, atol=1e-8)
+
+
+def test_input_map_reproduces_direct_formula():
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    mu_e, var_e, gamma, b = (t.double() for t in _params(3, 5))
+    mu_i, var_i = C.example_stats(x)
+    mu_hat, var_hat = C.corrected_stats(mu_i, var_i, mu_e, var_e, 0.3, 0.2)
+    k, m = C.input_map(mu_hat, var_hat, mu_e, var_e, 1e-5)
+    x_mapped = x * C.expand_to(k, x) + C.expand_to(m, x)
+    via_bn = torch.nn.functional.batch_norm(x_mapped, mu_e, var_e, gamma, b, training=False, eps=1e-5)
+    direct = C.corrected_batch_norm(x, mu_e, var_e, gamma, b, 1e-5, 0.3, 0.2)
+    torch.testing.assert_close(via_bn, direct, rtol=1e-10, atol=1e-10)
+
+
+def test_batch_stats_match_training_mode_bn():
+    x = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    mu, var = C.batch_stats(x)
+    y = C.normalize(x, mu, var, 1e-5)
+    ref = torch.nn.functional.batch_norm(x, None, None, training=True, eps=1e-5)
+    torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_l_aux_matches_reference(shape):
+    x = torch.randn(*shape, dtype=torch.float64) * 1.5 + 0.3
+    mu_e, var_e, _, _ = (t.double() for t in _params(shape[1], 6))
+    for a, b in [(0.0, 0.0), (0.2, 0.4), (1.0, 0.5)]:
+        got = float(C.l_aux(x, mu_e, var_e, 1e-5, a, b))
+        assert got == pytest.approx(
+            l_aux_reference(x.numpy(), mu_e.numpy(), var_e.numpy(), 1e-5, a, b), rel=1e-9
+        )
+
+
+def test_fp16_input_computes_in_float32():
+    x = (torch.randn(3, 4, 8, 8) * 3 + 2).half()
+    mu_e, var_e, gamma, b = _params(4, 7)
+    y = C.corrected_batch_norm(x, mu_e, var_e, gamma, b, 1e-5, 0.25, 0.25)
+    assert y.dtype == torch.float16
+    ref = C.corrected_batch_norm(x.float(), mu_e, var_e, gamma, b, 1e-5, 0.25, 0.25)
+    assert (y.float() - ref).abs().max() < 1e-2
+
+
+def test_rule_of_thumb():
+    assert C.rule_of_thumb(2) == 0.25
+    assert C.rule_of_thumb(8) == 1 / 64
+    with pytest.raises(ValueError):
+        C.rule_of_thumb(0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 4),
+    c=st.integers(1, 5),
+    spatial=st.lists(st.integers(1, 4), min_size=0, max_size=3),
+    alpha=st.floats(0, 1),
+    beta=st.floats(0, 1),
+    eps=st.sampled_from([1e-5, 1e-3, 0.1]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_matches_reference(n, c, spatial, alpha, beta, eps, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, *spatial, generator=g, dtype=torch.float64) * 3
+    mu_e = torch.randn(c, generator=g, dtype=torch.float64)
+    var_e = torch.rand(c, generator=g, dtype=torch.float64) + 0.1
+    gamma = torch.randn(c, generator=g, dtype=torch.float64)
+    b = torch.randn(c, generator=g, dtype=torch.float64)
+    y = C.corrected_batch_norm(x, mu_e, var_e, gamma, b, eps, alpha, beta)
+    ref = corrected_bn_reference(
+        x.numpy(), mu_e.numpy(), var_e.numpy(), gamma.numpy(), b.numpy(), eps, alpha, beta
+    )
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-8, atol=1e-8)
+    # the corrected variance is a convex combination of non-negative terms: never negative
+    mu_i, var_i = C.example_stats(x)
+    _, var_hat = C.corrected_stats(mu_i, var_i, mu_e, var_e, alpha, beta)
+    assert (var_hat >= -1e-12).all()
