@@ -167,7 +167,7 @@ def test_batch_mode_groups():
 
 
 def test_mode_restored_after_error():
-    model, x = _model("bn2d")
+    model, _ = _model("bn2d")
     correct_model(model, 0.1)
     model.train()
     with pytest.raises(RuntimeError), normalization_mode(model, "batch"):
