@@ -29,6 +29,17 @@ Offline estimation (EvalNorm eqs. 7-9): with ``mu_B``, ``var_B`` the statistics 
     target   = (x - mu_B) / sqrt(var_B + eps)
     estimate = (x - mu_hat) / sqrt(var_hat + eps)
     L_aux    = mean |target - estimate|
+
+Both normalizations are affine in ``x`` within one (example, channel), so target - estimate = a * x + b
+with per-(example, channel) a = 1/sigma_B - 1/sigma_hat and b = mu_hat/sigma_hat - mu_B/sigma_B, and
+
+    sum_v |a x_v + b| = |a| * sum_v |x_v - z|,   z = -b / a,
+
+which sorted values and their prefix sums give in O(log S) per (example, channel) for any (alpha, beta)
+(:func:`l_aux_sorted`); the estimator minimises L_aux over a grid that way without re-reading activations.
+The statistics of a normalization group follow from the per-example ones (law of total variance)::
+
+    mu_B  = mean_i mu_i,   var_B = mean_i var_i + mean_i (mu_i - mu_B)^2
 """
 
 from __future__ import annotations
@@ -44,9 +55,11 @@ __all__ = [
     "corrected_stats",
     "example_stats",
     "expand_to",
+    "group_stats",
     "input_map",
     "l_aux",
     "l_aux_given_stats",
+    "l_aux_sorted",
     "normalize",
     "rule_of_thumb",
     "scale_shift",
@@ -95,6 +108,24 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     dims = (0, *range(2, x.dim()))
     var, mean = torch.var_mean(xf, dim=dims, correction=0)
     return mean, var
+
+
+def group_stats(mu_i: Tensor, var_i: Tensor, group_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Training-mode statistics of consecutive groups of ``group_size`` examples (None: the whole batch),
+    from per-example statistics (N, C); returned per example, (N, C), each row its group's statistics.
+    The last group may be shorter."""
+    n = mu_i.shape[0]
+    g = n if group_size is None or group_size >= n else group_size
+    if n % g == 0:
+        mu = mu_i.reshape(n // g, g, -1)
+        var = var_i.reshape(n // g, g, -1)
+        mu_b = mu.mean(dim=1, keepdim=True)
+        var_b = var.mean(dim=1, keepdim=True) + (mu - mu_b).square().mean(dim=1, keepdim=True)
+        return mu_b.expand_as(mu).reshape(n, -1), var_b.expand_as(var).reshape(n, -1)
+    head = (n // g) * g
+    m1, v1 = group_stats(mu_i[:head], var_i[:head], g)
+    m2, v2 = group_stats(mu_i[head:], var_i[head:], None)
+    return torch.cat([m1, m2]), torch.cat([v1, v2])
 
 
 def corrected_stats(
@@ -200,6 +231,47 @@ def l_aux(
     mu_b, var_b = batch_stats(x)
     mu_i, var_i = example_stats(x)
     return l_aux_given_stats(x, mu_b, var_b, mu_i, var_i, running_mean, running_var, eps, alpha, beta)
+
+
+def l_aux_sorted(
+    sorted_x: Tensor,
+    prefix: Tensor,
+    mu_b: Tensor,
+    var_b: Tensor,
+    mu_i: Tensor,
+    var_i: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    alpha: Tensor,
+    beta: Tensor,
+) -> Tensor:
+    """L_aux for K candidate (alpha, beta) pairs at once, from sorted samples: shape (K,).
+
+    ``sorted_x`` (R, C, S): S values of each (example, channel) row, sorted ascending; ``prefix`` (R, C, S+1)
+    their cumulative sums starting at 0; ``mu_b``, ``var_b``, ``mu_i``, ``var_i`` (R, C); alpha, beta (K,).
+    Equals :func:`l_aux_given_stats` on the same values, without touching them once per candidate.
+    """
+    r, c, s = sorted_x.shape
+    dt = sorted_x.dtype
+    a_k = alpha.to(dt).reshape(-1, 1, 1)
+    b_k = beta.to(dt).reshape(-1, 1, 1)
+    mu_hat, var_hat = corrected_stats(mu_i, var_i, running_mean.to(dt), running_var.to(dt), a_k, b_k)
+    inv_b = torch.rsqrt(var_b + eps)
+    inv_hat = torch.rsqrt(var_hat + eps)
+    slope = inv_b - inv_hat  # (K, R, C)
+    offset = mu_hat * inv_hat - mu_b * inv_b
+    safe = torch.where(slope == 0, torch.ones_like(slope), slope)
+    z = torch.where(slope == 0, torch.zeros_like(slope), -offset / safe)
+    k = z.shape[0]
+    z_rows = z.permute(1, 2, 0).reshape(r * c, k).contiguous()  # queries per (example, channel) row
+    idx_rows = torch.searchsorted(sorted_x.reshape(r * c, s), z_rows)
+    below = torch.gather(prefix.reshape(r * c, s + 1), 1, idx_rows).reshape(r, c, k).permute(2, 0, 1)
+    idx = idx_rows.reshape(r, c, k).permute(2, 0, 1)
+    total = prefix[..., -1]
+    dist = z * idx - below + (total - below) - z * (s - idx)  # sum_v |x_v - z|
+    per_row = torch.where(slope == 0, offset.abs() * s, slope.abs() * dist)
+    return per_row.sum(dim=(1, 2)) / (r * c * s)
 
 
 def _as(v: Coefficient, dtype: torch.dtype) -> Coefficient:

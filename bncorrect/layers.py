@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -162,7 +162,8 @@ class CorrectedNorm(nn.Module):
     ``norm`` is the original layer; ``alpha`` and ``beta`` are buffers (0-d or shape (C,)).
     ``mode`` (not saved) is ``"corrected"`` (default) or ``"batch"``: training-mode normalization over
     groups of ``group_size`` examples (all of the batch when None) without touching running statistics,
-    used by the estimator and as the training-mode reference.
+    used by the estimator and as the training-mode reference. In that mode ``observer`` (not saved), when
+    set, is called with ``(x, mu_i, var_i, mu_b, var_b)`` for every batch.
     """
 
     def __init__(
@@ -176,6 +177,7 @@ class CorrectedNorm(nn.Module):
         self.strategy = _strategy(norm)
         self.mode: Mode = "corrected"
         self.group_size: int | None = None
+        self.observer: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], None] | None = None
         self.register_buffer("alpha", torch.zeros(()))
         self.register_buffer("beta", torch.zeros(()))
         self.set_coefficients(alpha, alpha if beta is None else beta)
@@ -214,9 +216,12 @@ class CorrectedNorm(nn.Module):
             raise UsageError(
                 f"input of shape {tuple(x.shape)} does not fit a norm layer with {self.num_channels} channels"
             )
-        if self.mode == "batch":
-            return grouped_batch_stats(x, self.group_size)
         mu_i, var_i = C.example_stats(x)
+        if self.mode == "batch":
+            mu_b, var_b = C.group_stats(mu_i, var_i, self.group_size)
+            if self.observer is not None:
+                self.observer(x, mu_i, var_i, mu_b, var_b)
+            return mu_b, var_b
         dt = mu_i.dtype
         return C.corrected_stats(
             mu_i,
@@ -237,24 +242,6 @@ class CorrectedNorm(nn.Module):
         k, m = C.input_map(mean, var, norm.running_mean, norm.running_var, float(norm.eps))
         x_mapped = (x.to(k.dtype) * C.expand_to(k, x) + C.expand_to(m, x)).to(x.dtype)
         return norm(x_mapped)
-
-
-def grouped_batch_stats(x: Tensor, group_size: int | None) -> tuple[Tensor, Tensor]:
-    """Training-mode statistics over consecutive groups of ``group_size`` examples, as (N, C) tensors.
-
-    The last group may be shorter. ``None`` means one group (the whole batch).
-    """
-    n = x.shape[0]
-    if group_size is None or group_size >= n:
-        mu, var = C.batch_stats(x)
-        return mu.expand(n, -1), var.expand(n, -1)
-    means, variances = [], []
-    for start in range(0, n, group_size):
-        chunk = x[start : start + group_size]
-        mu, var = C.batch_stats(chunk)
-        means.append(mu.expand(chunk.shape[0], -1))
-        variances.append(var.expand(chunk.shape[0], -1))
-    return torch.cat(means), torch.cat(variances)
 
 
 Coefficients = float | Tensor | Mapping[str, float | Tensor]

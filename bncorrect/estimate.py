@@ -1,0 +1,343 @@
+"""Offline EvalNorm estimation of per-layer alpha and beta (EvalNorm eqs. 7-9, DESIGN §3).
+
+The model runs once over the data with training-mode normalization in groups of B examples (dropout and
+everything else in eval behaviour; no running-stat, parameter or gradient update: the pass runs on a deep
+copy under ``torch.no_grad``). At every BN layer the input ``x`` and its statistics are observed:
+
+- :class:`SampleReservoir` keeps a bounded uniform sample of (example, channel) rows (S positions of each,
+  sorted) with their per-example and per-group statistics, so memory does not grow with the data;
+- :class:`EvalNormEstimator` minimises L_aux over (alpha, beta) in [0, 1]^2 on that sample with a
+  coarse-to-fine grid (a 21 x 21 grid, then three 11 x 11 refinements), each candidate evaluated from the
+  sorted samples in O(log S) per row (:func:`bncorrect.correction.l_aux_sorted`): the minimiser over the
+  whole square, not a local one, and no second pass over the data.
+
+The data loop lives in :func:`estimate_alpha_beta`; the estimators only see plain tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from . import correction as C
+from .errors import DataError, NoBatchNormError, NumericalError, UsageError
+from .layers import correct_model, corrected_layers, layer_batch_sizes, normalization_mode
+from .passes import Batch, ForwardFn, Progress, lcm, resolve_device, run_forward, trimmed_batches
+
+#: Default number of sampled activation values kept per layer (float32): 2^19 values = 2 MiB.
+DEFAULT_SAMPLE_BUDGET = 1 << 19
+#: Default number of spatial positions sampled per (example, channel).
+DEFAULT_POSITIONS = 64
+
+
+class SampleReservoir:
+    """A bounded uniform sample of rows (one example's C channels, S positions each) and their statistics.
+
+    Reservoir sampling over examples (Algorithm R, vectorised per batch): after any number of examples, each
+    one seen is kept with equal probability, and memory stays ``capacity * C * (S + 4)`` numbers.
+    """
+
+    def __init__(self, channels: int, capacity: int, positions: int, generator: torch.Generator) -> None:
+        self.channels = channels
+        self.capacity = capacity
+        self.positions = positions
+        self.generator = generator
+        self.seen = 0
+        self.filled = 0
+        self.values: Tensor | None = None
+        self.stats = torch.zeros(4, capacity, channels, dtype=torch.float64)
+
+    def add(self, x: Tensor, mu_i: Tensor, var_i: Tensor, mu_b: Tensor, var_b: Tensor) -> None:
+        n = x.shape[0]
+        flat = x.detach().reshape(n, self.channels, -1)
+        size = flat.shape[2]
+        s = min(size, self.positions)
+        if self.values is None:
+            self.values = torch.zeros(self.capacity, self.channels, s, dtype=torch.float32)
+        if s < size:
+            pos = torch.randperm(size, generator=self.generator)[:s].to(flat.device)
+            flat = flat.index_select(2, pos)
+        idx = torch.arange(self.seen, self.seen + n)
+        draw = (torch.rand(n, generator=self.generator, dtype=torch.float64) * (idx + 1)).long()
+        slots = torch.where(idx < self.capacity, idx, draw)
+        keep = {}
+        for row, slot in enumerate(slots.tolist()):  # later rows win a shared slot, as in sequential order
+            if slot < self.capacity:
+                keep[slot] = row
+        self.seen += n
+        if not keep:
+            return
+        rows = torch.tensor(list(keep.values()))
+        dest = torch.tensor(list(keep.keys()))
+        values = flat.index_select(0, rows.to(flat.device)).float().cpu()
+        self.values[dest] = values.sort(dim=-1).values
+        for k, t in enumerate((mu_i, var_i, mu_b, var_b)):
+            self.stats[k, dest] = t.detach().index_select(0, rows.to(t.device)).double().cpu()
+        self.filled = min(self.capacity, self.seen)
+
+    def arrays(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(sorted values, prefix sums, mu_b, var_b, mu_i, var_i) of the kept rows, float64."""
+        if self.values is None or self.filled == 0:
+            raise DataError("no activations were observed")
+        values = self.values[: self.filled].double()
+        prefix = torch.cat([torch.zeros(*values.shape[:2], 1, dtype=values.dtype), values.cumsum(-1)], dim=-1)
+        mu_i, var_i, mu_b, var_b = (t[: self.filled] for t in self.stats)
+        return values, prefix, mu_b, var_b, mu_i, var_i
+
+
+def minimise_on_grid(
+    objective: Callable[[Tensor, Tensor], Tensor], *, coarse: int = 21, levels: int = 3, fine: int = 11
+) -> tuple[float, float, float]:
+    """Minimise ``objective(alpha (K,), beta (K,)) -> (K,)`` over [0, 1]^2, coarse-to-fine.
+
+    Returns (alpha, beta, value). The first grid covers the square; each refinement covers +/- one step of
+    the previous grid around its best point with ``fine`` points per axis.
+    """
+    lo_a, hi_a, lo_b, hi_b, n = 0.0, 1.0, 0.0, 1.0, coarse
+    best = (0.0, 0.0, float("inf"))
+    for _ in range(levels + 1):
+        ga = torch.linspace(lo_a, hi_a, n, dtype=torch.float64)
+        gb = torch.linspace(lo_b, hi_b, n, dtype=torch.float64)
+        aa, bb = torch.meshgrid(ga, gb, indexing="ij")
+        values = objective(aa.reshape(-1), bb.reshape(-1))
+        i = int(torch.argmin(values))
+        if float(values[i]) < best[2]:
+            best = (float(aa.reshape(-1)[i]), float(bb.reshape(-1)[i]), float(values[i]))
+        step_a = (hi_a - lo_a) / (n - 1)
+        step_b = (hi_b - lo_b) / (n - 1)
+        a, b = best[0], best[1]
+        lo_a, hi_a = max(0.0, a - step_a), min(1.0, a + step_a)
+        lo_b, hi_b = max(0.0, b - step_b), min(1.0, b + step_b)
+        n = fine
+    return best
+
+
+@dataclass
+class LayerEstimate:
+    """Result for one layer. L_aux values are on the layer's sample of activations."""
+
+    name: str
+    alpha: float
+    beta: float
+    l_aux_ema: float
+    l_aux: float
+    train_batch_size: int
+    examples: int
+    sampled_rows: int
+    positions: int
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        return {
+            "name": self.name,
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "l_aux_ema": self.l_aux_ema,
+            "l_aux": self.l_aux,
+            "train_batch_size": self.train_batch_size,
+            "sampled_rows": self.sampled_rows,
+            "positions": self.positions,
+        }
+
+
+class EvalNormEstimator:
+    """Estimates one layer's (alpha, beta) from observed inputs: feed :meth:`observe`, then :meth:`solve`."""
+
+    def __init__(
+        self,
+        name: str,
+        running_mean: Tensor,
+        running_var: Tensor,
+        eps: float,
+        train_batch_size: int,
+        *,
+        sample_budget: int = DEFAULT_SAMPLE_BUDGET,
+        positions: int = DEFAULT_POSITIONS,
+        generator: torch.Generator,
+    ) -> None:
+        self.name = name
+        self.running_mean = running_mean.detach().double().cpu()
+        self.running_var = running_var.detach().double().cpu()
+        self.eps = float(eps)
+        self.train_batch_size = train_batch_size
+        self.sample_budget = sample_budget
+        self.positions = positions
+        self.generator = generator
+        self.reservoir: SampleReservoir | None = None
+
+    def observe(self, x: Tensor, mu_i: Tensor, var_i: Tensor, mu_b: Tensor, var_b: Tensor) -> None:
+        if x.dim() == 2 and self.train_batch_size < 2:
+            raise UsageError(
+                f"layer {self.name} normalizes (N, C) inputs without spatial axes: with B = "
+                f"{self.train_batch_size} its training-mode variance is the variance of one example, "
+                "which is undefined",
+                hint="pass the batch size the model was trained with (B >= 2), or --layer-batch-size "
+                f"'{self.name}=B' for this layer",
+            )
+        if not (torch.isfinite(mu_i).all() and torch.isfinite(var_i).all()):
+            raise NumericalError(
+                f"NaN or Inf in the input of layer {self.name}",
+                hint="check the data (and its preprocessing) and the checkpoint; run `bncorrect inspect`",
+            )
+        if self.reservoir is None:
+            c = x.shape[1]
+            size = 1 if x.dim() == 2 else int(x[0, 0].numel())
+            s = min(size, self.positions)
+            capacity = max(1, self.sample_budget // (c * s))
+            self.reservoir = SampleReservoir(c, capacity, s, self.generator)
+        self.reservoir.add(x, mu_i, var_i, mu_b, var_b)
+
+    def objective(self) -> Callable[[Tensor, Tensor], Tensor]:
+        """L_aux on the sample as a function of candidate (alpha, beta) vectors."""
+        if self.reservoir is None:
+            raise DataError(f"layer {self.name} saw no data (is it used in the forward pass?)")
+        values, prefix, mu_b, var_b, mu_i, var_i = self.reservoir.arrays()
+        rows = values.shape[0] * values.shape[1]
+        chunk = max(1, (1 << 22) // max(1, rows))
+
+        def f(alpha: Tensor, beta: Tensor) -> Tensor:
+            out = [
+                C.l_aux_sorted(
+                    values,
+                    prefix,
+                    mu_b,
+                    var_b,
+                    mu_i,
+                    var_i,
+                    self.running_mean,
+                    self.running_var,
+                    self.eps,
+                    alpha[i : i + chunk],
+                    beta[i : i + chunk],
+                )
+                for i in range(0, alpha.numel(), chunk)
+            ]
+            return torch.cat(out)
+
+        return f
+
+    def solve(self) -> LayerEstimate:
+        f = self.objective()
+        alpha, beta, value = minimise_on_grid(f)
+        ema = float(f(torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))[0])
+        res = self.reservoir
+        assert res is not None
+        return LayerEstimate(
+            name=self.name,
+            alpha=alpha,
+            beta=beta,
+            l_aux_ema=ema,
+            l_aux=value,
+            train_batch_size=self.train_batch_size,
+            examples=res.seen,
+            sampled_rows=res.filled,
+            positions=res.positions,
+        )
+
+
+@dataclass
+class EstimateResult:
+    """Per-layer estimates plus what the pass saw."""
+
+    layers: list[LayerEstimate]
+    train_batch_size: int
+    examples: int
+    dropped: int
+    seed: int
+    layer_batch_sizes: dict[str, int] = field(default_factory=dict)
+
+    def alpha(self) -> dict[str, float]:
+        return {ly.name: ly.alpha for ly in self.layers}
+
+    def beta(self) -> dict[str, float]:
+        return {ly.name: ly.beta for ly in self.layers}
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "train_batch_size": self.train_batch_size,
+            "examples": self.examples,
+            "dropped": self.dropped,
+            "seed": self.seed,
+            "layers": [ly.as_dict() for ly in self.layers],
+        }
+
+
+def estimate_alpha_beta(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    train_batch_size: int,
+    *,
+    layer_batch_size: Mapping[str, int] | None = None,
+    forward_fn: ForwardFn | None = None,
+    device: str | torch.device | None = "cpu",
+    seed: int = 0,
+    sample_budget: int = DEFAULT_SAMPLE_BUDGET,
+    positions: int = DEFAULT_POSITIONS,
+    total_examples: int | None = None,
+    progress: Progress | None = None,
+    data_hint: str = "",
+) -> EstimateResult:
+    """Estimate every correctable BN layer's (alpha, beta) over ``batches`` (EvalNorm offline).
+
+    ``batches`` should be shuffled and hold a multiple of the normalization batch size B examples (each
+    batch is cut to a multiple of the least common multiple of all layers' B; the rest is counted in
+    ``dropped``). ``layer_batch_size`` maps glob patterns of layer names to their own B (e.g. heads that
+    normalize over more examples). ``model`` itself is not modified.
+    """
+    if train_batch_size < 1:
+        raise UsageError(f"--train-batch-size must be >= 1, got {train_batch_size}")
+    for pattern, b in (layer_batch_size or {}).items():
+        if b < 1:
+            raise UsageError(f"--layer-batch-size {pattern}={b}: B must be >= 1")
+    dev = resolve_device(device)
+    work = copy.deepcopy(model)
+    try:
+        correct_model(work, 0.0)
+    except NoBatchNormError:
+        raise
+    work.to(dev)
+    layers = corrected_layers(work)
+    sizes = layer_batch_sizes(list(layers), train_batch_size, layer_batch_size)
+    multiple = lcm(sizes.values())
+    gen = torch.Generator().manual_seed(seed)
+    estimators = {
+        name: EvalNormEstimator(
+            name,
+            m.norm.running_mean,
+            m.norm.running_var,
+            float(m.norm.eps),
+            sizes[name],
+            sample_budget=sample_budget,
+            positions=positions,
+            generator=gen,
+        )
+        for name, m in layers.items()
+    }
+    examples = dropped = 0
+    with normalization_mode(work, "batch", sizes):
+        for name, m in layers.items():
+            m.observer = estimators[name].observe
+        for batch, cut in trimmed_batches(batches, multiple):
+            dropped += cut
+            if batch is not None:
+                run_forward(work, batch, forward_fn, dev, data_hint=data_hint)
+                examples += multiple * (_n(batch) // multiple)
+            if progress is not None:
+                progress("estimate", examples + dropped, total_examples)
+    if examples == 0:
+        raise DataError(
+            f"no complete normalization batch of {multiple} examples in the data ({dropped} examples seen)",
+            path=data_hint or None,
+            hint="give more data or a smaller --train-batch-size",
+        )
+    results = [est.solve() for est in estimators.values()]
+    return EstimateResult(results, train_batch_size, examples, dropped, seed, sizes)
+
+
+def _n(batch: Batch) -> int:
+    from .passes import batch_size_of
+
+    return batch_size_of(batch)

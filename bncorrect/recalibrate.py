@@ -1,0 +1,248 @@
+"""Exact population statistics of every BN layer's input over a data pass (``recalibrate``).
+
+Two definitions (DESIGN §3):
+
+- ``upstream="eval"`` (inference-consistent): layer k's statistics are taken over the data with every
+  earlier layer already recalibrated and in inference form, so at inference each layer normalizes exactly
+  the distribution it receives. Layers are done in execution order, one (partial) pass each: pass k stops
+  right after layer k has seen its input, so the cost is about L/2 full passes for L layers. Mean and
+  variance are the biased population moments of all values of the channel, merged across batches with
+  Chan's parallel update in float64.
+- ``upstream="train"`` (training-consistent, fvcore's PreciseBN): one pass with training-mode
+  normalization in groups of B examples (upstream layers normalize with batch statistics, as in training);
+  each layer's input moments are merged over all groups exactly as above. With equal-size groups the mean
+  is the equal-weight average of the per-group means (what the EMA approximates) and the variance is the
+  population variance of everything the layer saw in training mode, as fvcore's ``update_bn_stats``
+  computes it (its ``_PopulationVarianceEstimator``); on the same batches the two agree.
+
+The model passed in is not modified; the result is a mapping of layer name to (mean, var).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .errors import DataError, NumericalError, UsageError
+from .layers import CorrectedNorm, correct_model, corrected_layers, normalization_mode
+from .passes import Batch, ForwardFn, Progress, batch_size_of, resolve_device, run_forward, trimmed_batches
+
+Upstream = Literal["eval", "train"]
+
+
+class PopulationMoments:
+    """Per-channel count, mean and sum of squared deviations, merged across batches (Chan et al.)."""
+
+    def __init__(self, channels: int) -> None:
+        self.count = 0
+        self.mean = torch.zeros(channels, dtype=torch.float64)
+        self.m2 = torch.zeros(channels, dtype=torch.float64)
+
+    def add(self, x: Tensor) -> None:
+        xf = x.detach().to(torch.float64)
+        dims = (0, *range(2, x.dim()))
+        n = x.numel() // x.shape[1]
+        var, mean = torch.var_mean(xf, dim=dims, correction=0)
+        mean, m2 = mean.cpu(), var.cpu() * n
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta.square() * (self.count * n / total)
+        self.count = total
+
+    def variance(self) -> Tensor:
+        """Biased (population) variance."""
+        return self.m2 / max(self.count, 1)
+
+
+@dataclass
+class RecalibrateResult:
+    """New running statistics per layer and how they were obtained."""
+
+    stats: dict[str, tuple[Tensor, Tensor]]
+    upstream: Upstream
+    examples: int
+    passes: int
+    batch_size: int | None = None
+    skipped: list[str] | None = None
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _check_finite(name: str, mean: Tensor, var: Tensor) -> None:
+    if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
+        raise NumericalError(
+            f"NaN or Inf in the statistics of layer {name}",
+            hint="check the data (and its preprocessing) and the checkpoint",
+        )
+
+
+def recalibrate_stats(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    upstream: Upstream = "eval",
+    batch_size: int | None = None,
+    forward_fn: ForwardFn | None = None,
+    device: str | torch.device | None = "cpu",
+    total_examples: int | None = None,
+    progress: Progress | None = None,
+    data_hint: str = "",
+) -> RecalibrateResult:
+    """Population statistics of every correctable BN layer over ``batches`` (re-iterable for ``eval``).
+
+    Corrections already on the model (alpha/beta) are ignored: statistics are those of plain BN inference
+    (``eval``) or training (``train``).
+    """
+    dev = resolve_device(device)
+    work = copy.deepcopy(model)
+    correct_model(work, 0.0)
+    work.to(dev).eval()
+    layers = corrected_layers(work)
+    if upstream == "train":
+        if batch_size is None or batch_size < 1:
+            raise UsageError(
+                "--upstream train needs --batch-size B (the normalization batch size used in training)"
+            )
+        return _train_consistent(
+            work, layers, batches, batch_size, forward_fn, dev, total_examples, progress, data_hint
+        )
+    if upstream != "eval":
+        raise UsageError(f"--upstream must be 'eval' or 'train', got {upstream!r}")
+    return _inference_consistent(work, layers, batches, forward_fn, dev, total_examples, progress, data_hint)
+
+
+def _execution_order(
+    work: nn.Module,
+    layers: dict[str, CorrectedNorm],
+    batch: Batch,
+    forward_fn: ForwardFn | None,
+    dev: torch.device,
+    hint: str,
+) -> list[str]:
+    order: list[str] = []
+    handles = [
+        m.register_forward_pre_hook(lambda _m, _i, n=name: order.append(n) if n not in order else None)
+        for name, m in layers.items()
+    ]
+    try:
+        run_forward(work, _head(batch), forward_fn, dev, data_hint=hint)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def _head(batch: Batch) -> Batch:
+    from .passes import map_batch
+
+    n = batch_size_of(batch)
+    return map_batch(batch, lambda t: t[:2] if t.dim() and t.shape[0] == n else t)
+
+
+def _inference_consistent(
+    work: nn.Module,
+    layers: dict[str, CorrectedNorm],
+    batches: Iterable[Batch],
+    forward_fn: ForwardFn | None,
+    dev: torch.device,
+    total_examples: int | None,
+    progress: Progress | None,
+    hint: str,
+) -> RecalibrateResult:
+    if iter(batches) is batches:
+        raise UsageError(
+            "inference-consistent recalibration passes over the data once per layer: pass a "
+            "re-iterable (a list or a DataLoader), not an iterator"
+        )
+    first = next(iter(batches), None)
+    if first is None:
+        raise DataError(
+            "the data is empty", path=hint or None, hint="pass a dataset with at least one example"
+        )
+    order = _execution_order(work, layers, first, forward_fn, dev, hint)
+    stats: dict[str, tuple[Tensor, Tensor]] = {}
+    examples = 0
+    total = None if total_examples is None else total_examples * len(order)
+    done = 0
+    for name in order:
+        module = layers[name]
+        moments = PopulationMoments(module.num_channels)
+
+        def hook(_m: nn.Module, inputs: tuple[Tensor, ...], moments: PopulationMoments = moments) -> None:
+            moments.add(inputs[0])
+            raise _StopForward
+
+        handle = module.register_forward_pre_hook(hook)
+        examples = 0
+        try:
+            for batch in batches:
+                with contextlib.suppress(_StopForward):
+                    run_forward(work, batch, forward_fn, dev, data_hint=hint)
+                n = batch_size_of(batch)
+                examples += n
+                done += n
+                if progress is not None:
+                    progress(f"recalibrate {name}", done, total)
+        finally:
+            handle.remove()
+        mean, var = moments.mean, moments.variance()
+        _check_finite(name, mean, var)
+        stats[name] = (mean.float(), var.float())
+        with torch.no_grad():  # later layers see this layer in its final inference form
+            module.norm.running_mean.copy_(mean.to(module.norm.running_mean))
+            module.norm.running_var.copy_(var.to(module.norm.running_var))
+    skipped = [n for n in layers if n not in stats]
+    return RecalibrateResult(stats, "eval", examples, len(order), None, skipped)
+
+
+def _train_consistent(
+    work: nn.Module,
+    layers: dict[str, CorrectedNorm],
+    batches: Iterable[Batch],
+    batch_size: int,
+    forward_fn: ForwardFn | None,
+    dev: torch.device,
+    total_examples: int | None,
+    progress: Progress | None,
+    hint: str,
+) -> RecalibrateResult:
+    if batch_size < 2:
+        raise UsageError(
+            "training-consistent statistics with --batch-size 1 normalize each example by itself",
+            hint="pass the normalization batch size used in training (B >= 2), or use --upstream eval",
+        )
+    averages = {name: PopulationMoments(m.num_channels) for name, m in layers.items()}
+    examples = dropped = 0
+    with normalization_mode(work, "batch", batch_size):
+        for name, m in layers.items():
+            m.observer = lambda x, _mi, _vi, _mb, _vb, a=averages[name]: a.add(x)
+        for batch, cut in trimmed_batches(batches, batch_size):
+            dropped += cut
+            if batch is not None:
+                run_forward(work, batch, forward_fn, dev, data_hint=hint)
+                examples += batch_size_of(batch)
+            if progress is not None:
+                progress("recalibrate", examples + dropped, total_examples)
+    if examples == 0:
+        raise DataError(
+            f"no complete batch of {batch_size} examples in the data",
+            path=hint or None,
+            hint="give more data",
+        )
+    stats = {}
+    for name, avg in averages.items():
+        if avg.count:
+            mean, var = avg.mean, avg.variance()
+            _check_finite(name, mean, var)
+            stats[name] = (mean.float(), var.float())
+    skipped = [n for n in layers if n not in stats]
+    return RecalibrateResult(stats, "train", examples, 1, batch_size, skipped)
