@@ -12,7 +12,7 @@ keyword arguments. With ``out`` the result is written by suffix: ``.safetensors`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .atomic import check_output
 from .correction import rule_of_thumb
 from .corrections import Corrections, LayerCorrection, load_corrections, save_corrections
-from .errors import ModelLoadError, NoBatchNormError, UsageError
+from .errors import ModelLoadError, NoBatchNormError, OnnxError, UsageError
 from .layers import correct_model, corrected_layers, find_norm_layers
 from .models import LoadedModel, load_model, save_checkpoint
 
@@ -357,3 +357,267 @@ def corrections_from_model(model: nn.Module, *, method: str, **meta: Any) -> Cor
         for n, m in corrected_layers(model).items()
     }
     return Corrections(layers, method, **meta)
+
+
+# ---------------------------------------------------------------- commands that read data
+def open_data(data: Any, spec: Any = None) -> Any:
+    """A :class:`~bncorrect.data.Dataset` from a path (or the object itself when it is already data)."""
+    from .data import load_data
+
+    if isinstance(data, str | Path):
+        return load_data(data, spec)
+    return data
+
+
+def _loader(
+    dataset: Any, batch_size: int, *, shuffle: bool, seed: int, num_workers: int, max_examples: int | None
+) -> tuple[Iterable[Any], int | None, str]:
+    """Batches over ``dataset`` (a Dataset is wrapped in a seeded DataLoader; anything else is used as is)."""
+    from .data import Dataset, make_loader
+
+    if isinstance(dataset, Dataset):
+        loader = make_loader(
+            dataset,
+            batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            num_workers=num_workers,
+            max_examples=max_examples,
+        )
+        total = len(dataset) if max_examples is None else min(len(dataset), max_examples)
+        return loader, total, dataset.description
+    return dataset, None, type(dataset).__name__
+
+
+def _require_torch(source: Source, command: str) -> LoadedModel:
+    if isinstance(source, OnnxModel):
+        raise OnnxError(
+            f"{command} runs on PyTorch models for now",
+            path=source.path,
+            hint=f"run {command} on the PyTorch checkpoint and `bncorrect apply {source.path.name} "
+            "CORRECTIONS.safetensors -o corrected.onnx` (layers are matched by parameter names)",
+        )
+    return source
+
+
+def estimate(
+    model: ModelLike,
+    data: Any,
+    train_batch_size: int,
+    *,
+    out: str | Path | None = None,
+    layer_batch_size: Mapping[str, int] | None = None,
+    recalibrate_first: bool = False,
+    upstream: str = "eval",
+    max_examples: int | None = None,
+    device: str = "auto",
+    num_workers: int = 0,
+    seed: int = 0,
+    data_spec: Any = None,
+    forward_fn: Any = None,
+    sample_budget: int | None = None,
+    progress: Any = None,
+    export: ExportOptions | None = None,
+    **load_options: Any,
+) -> Outcome:
+    """Offline EvalNorm: per-layer alpha/beta minimising L_aux over a data pass (DESIGN §3).
+
+    With ``recalibrate_first`` the running statistics are first replaced by exact population statistics
+    (:func:`recalibrate`), and alpha/beta are estimated against them.
+    """
+    from .estimate import DEFAULT_SAMPLE_BUDGET, estimate_alpha_beta
+    from .passes import lcm
+
+    if out is not None:
+        out = Path(out)
+    source = _require_torch(open_model(model, **load_options), "estimate")
+    if out is not None:
+        _check_out(out, source)
+    channels = correctable_channels(source)
+    dataset = open_data(data, data_spec)
+    recal = None
+    if recalibrate_first:
+        recal = _recalibrate_stats(
+            source,
+            dataset,
+            upstream,
+            train_batch_size,
+            max_examples,
+            device,
+            num_workers,
+            seed,
+            forward_fn,
+            progress,
+        )
+        _apply_stats(source.model, recal.stats)
+    sizes = [*(layer_batch_size or {}).values(), train_batch_size]
+    multiple = lcm(sizes)
+    batch = multiple * max(1, 64 // multiple)
+    loader, total, description = _loader(
+        dataset, batch, shuffle=True, seed=seed, num_workers=num_workers, max_examples=max_examples
+    )
+    result = estimate_alpha_beta(
+        source.model,
+        loader,
+        train_batch_size,
+        layer_batch_size=layer_batch_size,
+        forward_fn=forward_fn,
+        device=device,
+        seed=seed,
+        sample_budget=sample_budget or DEFAULT_SAMPLE_BUDGET,
+        total_examples=total,
+        progress=progress,
+        data_hint=description,
+    )
+    layers = {
+        ly.name: LayerCorrection(
+            torch.tensor(ly.alpha),
+            torch.tensor(ly.beta),
+            None if recal is None else recal.stats[ly.name][0],
+            None if recal is None else recal.stats[ly.name][1],
+        )
+        for ly in result.layers
+        if ly.name in channels
+    }
+    metrics: dict[str, Any] = {
+        "examples": result.examples,
+        "dropped": result.dropped,
+        "seed": seed,
+        "layers": {ly.name: {"l_aux_ema": ly.l_aux_ema, "l_aux": ly.l_aux} for ly in result.layers},
+    }
+    if layer_batch_size:
+        metrics["layer_batch_size"] = dict(layer_batch_size)
+    if recal is not None:
+        metrics["recalibrated"] = recal.upstream
+    corrections = Corrections(
+        layers,
+        "evalnorm-offline" + ("+recalibrate" if recal is not None else ""),
+        train_batch_size,
+        source.sha256,
+        description,
+        metrics,
+    )
+    if export is not None and export.example_input is None and export.input_shape is None:
+        export.example_input = _first_input(loader)
+    outcome = _finish(source, corrections, out, export)
+    outcome.report["estimate"] = result
+    if recal is not None:
+        outcome.report["recalibrate"] = recal
+    return outcome
+
+
+def _first_input(batches: Iterable[Any]) -> Tensor | None:
+    from .passes import first_tensor
+
+    for batch in batches:
+        t = first_tensor(batch)
+        return None if t is None else t[:2].detach().cpu().clone()
+    return None
+
+
+def _apply_stats(model: nn.Module, stats: Mapping[str, tuple[Tensor, Tensor]]) -> None:
+    layers = {ly.name: ly.module for ly in find_norm_layers(model)}
+    with torch.no_grad():
+        for name, (mean, var) in stats.items():
+            inner = getattr(layers[name], "norm", layers[name])
+            inner.running_mean.copy_(mean.to(inner.running_mean))
+            inner.running_var.copy_(var.to(inner.running_var))
+
+
+def _recalibrate_stats(
+    source: LoadedModel,
+    dataset: Any,
+    upstream: str,
+    batch_size: int | None,
+    max_examples: int | None,
+    device: str,
+    num_workers: int,
+    seed: int,
+    forward_fn: Any,
+    progress: Any,
+) -> Any:
+    from .recalibrate import recalibrate_stats
+
+    if upstream == "train":
+        if batch_size is None:
+            raise UsageError(
+                "--upstream train needs --batch-size B (the normalization batch size in training)"
+            )
+        loader_batch = batch_size * max(1, 64 // batch_size)
+    else:
+        loader_batch = 128
+    loader, total, description = _loader(
+        dataset,
+        loader_batch,
+        shuffle=upstream == "train",
+        seed=seed,
+        num_workers=num_workers,
+        max_examples=max_examples,
+    )
+    return recalibrate_stats(
+        source.model,
+        loader,
+        upstream=upstream,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        forward_fn=forward_fn,
+        device=device,
+        total_examples=total,
+        progress=progress,
+        data_hint=description,
+    )
+
+
+def recalibrate(
+    model: ModelLike,
+    data: Any,
+    *,
+    out: str | Path | None = None,
+    upstream: str = "eval",
+    batch_size: int | None = None,
+    max_examples: int | None = None,
+    device: str = "auto",
+    num_workers: int = 0,
+    seed: int = 0,
+    data_spec: Any = None,
+    forward_fn: Any = None,
+    progress: Any = None,
+    export: ExportOptions | None = None,
+    **load_options: Any,
+) -> Outcome:
+    """Replace every BN layer's running statistics by exact population statistics over ``data``."""
+    if out is not None:
+        out = Path(out)
+    source = _require_torch(open_model(model, **load_options), "recalibrate")
+    if out is not None:
+        _check_out(out, source)
+    channels = correctable_channels(source)
+    dataset = open_data(data, data_spec)
+    recal = _recalibrate_stats(
+        source, dataset, upstream, batch_size, max_examples, device, num_workers, seed, forward_fn, progress
+    )
+    existing = {n: (m.alpha, m.beta) for n, m in corrected_layers(source.model).items()}
+    zero = torch.tensor(0.0)
+    layers = {
+        name: LayerCorrection(*existing.get(name, (zero, zero)), mean, var)
+        for name, (mean, var) in recal.stats.items()
+        if name in channels
+    }
+    description = getattr(dataset, "description", type(dataset).__name__)
+    corrections = Corrections(
+        layers,
+        f"recalibrate-{upstream}",
+        batch_size,
+        source.sha256,
+        description,
+        {"examples": recal.examples, "passes": recal.passes, "upstream": upstream},
+    )
+    if (
+        export is not None
+        and export.example_input is None
+        and export.input_shape is None
+        and hasattr(dataset, "__getitem__")
+    ):
+        export.example_input = torch.stack([dataset[i][0] for i in range(min(2, len(dataset)))])
+    outcome = _finish(source, corrections, out, export)
+    outcome.report["recalibrate"] = recal
+    return outcome

@@ -362,6 +362,292 @@ def apply(
     _report_written(outcome, json_out)
 
 
+# ---------------------------------------------------------------- data options and progress
+DataOpt = Annotated[
+    Path,
+    typer.Option(
+        "--data",
+        help="Data: folder of images (class sub-folders or flat), .npz (x, y), .pt {'x','y'}, "
+        ".safetensors, .npy.",
+    ),
+]
+MaxExamplesOpt = Annotated[
+    int | None, typer.Option(help="Use at most N examples (after shuffling with --seed).")
+]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps or auto.")]
+WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for shuffling and sampling (results are reproducible).")]
+ResizeOpt = Annotated[str | None, typer.Option(help="Images: resize the shorter side to N, or to H,W.")]
+CropOpt = Annotated[str | None, typer.Option(help="Images: center crop to N or H,W.")]
+MeanOpt = Annotated[str | None, typer.Option(help="Images: per-channel mean (default ImageNet's).")]
+StdOpt = Annotated[str | None, typer.Option(help="Images: per-channel std (default ImageNet's).")]
+NoNormOpt = Annotated[bool, typer.Option("--no-normalize", help="Images: keep pixel values in [0, 1].")]
+ChannelsOpt = Annotated[int, typer.Option(help="Images: 3 (RGB) or 1 (grayscale).")]
+PreprocessOpt = Annotated[
+    str | None, typer.Option(help="Images: 'module:function' taking a PIL image and returning a tensor.")
+]
+SkipBadOpt = Annotated[
+    bool,
+    typer.Option(
+        "--skip-bad-files", help="Images: skip unreadable files (and list them) instead of failing."
+    ),
+]
+
+
+def _data_spec(
+    resize: str | None,
+    crop: str | None,
+    mean: str | None,
+    std: str | None,
+    no_normalize: bool,
+    channels: int,
+    preprocess: str | None,
+    skip_bad_files: bool,
+) -> Any:
+    from .data import DataSpec, parse_floats, parse_size
+
+    return DataSpec(
+        resize=parse_size(resize) if resize else None,
+        crop=parse_size(crop) if crop else None,
+        mean=parse_floats(mean) if mean else None,
+        std=parse_floats(std) if std else None,
+        normalize=not no_normalize,
+        channels=channels,
+        preprocess=preprocess,
+        skip_bad_files=skip_bad_files,
+    )
+
+
+class _ProgressBar:
+    """Rich progress bars on stderr, one task per description; the library calls it as a function."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("examples"),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=False,
+            disable=not enabled,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, description: str, completed: int, total: int | None) -> None:
+        if description not in self.tasks:
+            self.tasks[description] = self.progress.add_task(description, total=total)
+        self.progress.update(self.tasks[description], completed=completed, total=total)
+
+    def __enter__(self) -> _ProgressBar:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+
+def _parse_layer_batch_sizes(items: list[str] | None) -> dict[str, int]:
+    from .errors import UsageError
+
+    out: dict[str, int] = {}
+    for item in items or []:
+        pattern, sep, value = item.rpartition("=")
+        if not sep or not pattern or not value.strip().isdigit():
+            raise UsageError(
+                f"--layer-batch-size {item!r} is not PATTERN=B", hint="e.g. --layer-batch-size 'head.*=16'"
+            )
+        out[pattern] = int(value)
+    return out
+
+
+def _warn_skipped(dataset_or_outcome: Any) -> None:
+    for name in getattr(dataset_or_outcome, "skipped", []) or []:
+        err_console.print(f"[yellow]skipped unreadable file:[/] {name}")
+
+
+@app.command()
+def estimate(
+    model: ModelArg,
+    data: DataOpt,
+    train_batch_size: Annotated[
+        int,
+        typer.Option(
+            "--train-batch-size",
+            "-B",
+            help="Examples per normalization batch in training (per GPU / ghost batch).",
+        ),
+    ],
+    output: OutOpt = None,
+    layer_batch_size: Annotated[
+        list[str] | None,
+        typer.Option(help="PATTERN=B: layers (glob on names) that normalized over B examples. Repeatable."),
+    ] = None,
+    recalibrate: Annotated[
+        bool, typer.Option("--recalibrate", help="First replace running statistics by exact population ones.")
+    ] = False,
+    upstream: Annotated[
+        str, typer.Option(help="With --recalibrate: 'eval' or 'train' (see recalibrate).")
+    ] = "eval",
+    max_examples: MaxExamplesOpt = None,
+    device: DeviceOpt = "auto",
+    num_workers: WorkersOpt = 0,
+    seed: SeedOpt = 0,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustOpt = False,
+    non_strict: NonStrictOpt = False,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    no_normalize: NoNormOpt = False,
+    channels: ChannelsOpt = 3,
+    preprocess: PreprocessOpt = None,
+    skip_bad_files: SkipBadOpt = False,
+    input_shape: InputShapeOpt = None,
+    opset: OpsetOpt = None,
+    no_verify: NoVerifyOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Offline EvalNorm: estimate per-layer alpha/beta over a data pass (minimising L_aux)."""
+    from . import api
+
+    spec = _data_spec(resize, crop, mean, std, no_normalize, channels, preprocess, skip_bad_files)
+    dataset = api.open_data(data, spec)
+    _warn_skipped(dataset)
+    with _ProgressBar(enabled=not json_out) as bar:
+        outcome = api.estimate(
+            model,
+            dataset,
+            train_batch_size,
+            out=output,
+            layer_batch_size=_parse_layer_batch_sizes(layer_batch_size),
+            recalibrate_first=recalibrate,
+            upstream=upstream,
+            max_examples=max_examples,
+            device=device,
+            num_workers=num_workers,
+            seed=seed,
+            progress=bar,
+            export=_export_options(input_shape, opset, no_verify),
+            **_load_options(arch, arch_kwargs, trust_pickle, non_strict),
+        )
+    _warn_load(outcome.source)
+    result = outcome.report["estimate"]
+    if json_out:
+        data_out = result.as_dict()
+        data_out["output"] = None if outcome.output is None else str(outcome.output)
+        data_out["method"] = outcome.corrections.method
+        _print_json(data_out)
+        return
+    table = Table(title=f"EvalNorm offline estimate, B = {train_batch_size} ({result.examples} examples)")
+    for col in ("layer", "B", "alpha", "beta", "L_aux EMA", "L_aux corrected", "change"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for ly in result.layers:
+        change = (ly.l_aux - ly.l_aux_ema) / ly.l_aux_ema if ly.l_aux_ema > 0 else 0.0
+        table.add_row(
+            ly.name,
+            str(ly.train_batch_size),
+            f"{ly.alpha:.4f}",
+            f"{ly.beta:.4f}",
+            f"{ly.l_aux_ema:.4g}",
+            f"{ly.l_aux:.4g}",
+            f"{100 * change:+.1f}%",
+        )
+    out_console.print(table)
+    if result.dropped:
+        err_console.print(
+            f"[dim]{result.dropped} examples did not fill a whole normalization batch; not used.[/]"
+        )
+    _report_written(outcome, json_out)
+
+
+@app.command()
+def recalibrate(
+    model: ModelArg,
+    data: DataOpt,
+    output: OutOpt = None,
+    upstream: Annotated[
+        str,
+        typer.Option(
+            help="'eval': each layer's statistics with earlier layers already recalibrated "
+            "(inference-consistent); 'train': training-mode normalization over batches of --batch-size "
+            "(PreciseBN)."
+        ),
+    ] = "eval",
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Normalization batch size for --upstream train.")
+    ] = None,
+    max_examples: MaxExamplesOpt = None,
+    device: DeviceOpt = "auto",
+    num_workers: WorkersOpt = 0,
+    seed: SeedOpt = 0,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustOpt = False,
+    non_strict: NonStrictOpt = False,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    no_normalize: NoNormOpt = False,
+    channels: ChannelsOpt = 3,
+    preprocess: PreprocessOpt = None,
+    skip_bad_files: SkipBadOpt = False,
+    input_shape: InputShapeOpt = None,
+    opset: OpsetOpt = None,
+    no_verify: NoVerifyOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Replace running statistics by exact population statistics over a data pass."""
+    from . import api
+
+    spec = _data_spec(resize, crop, mean, std, no_normalize, channels, preprocess, skip_bad_files)
+    dataset = api.open_data(data, spec)
+    _warn_skipped(dataset)
+    with _ProgressBar(enabled=not json_out) as bar:
+        outcome = api.recalibrate(
+            model,
+            dataset,
+            out=output,
+            upstream=upstream,
+            batch_size=batch_size,
+            max_examples=max_examples,
+            device=device,
+            num_workers=num_workers,
+            seed=seed,
+            progress=bar,
+            export=_export_options(input_shape, opset, no_verify),
+            **_load_options(arch, arch_kwargs, trust_pickle, non_strict),
+        )
+    _warn_load(outcome.source)
+    recal = outcome.report["recalibrate"]
+    if json_out:
+        _print_json(
+            {
+                "upstream": recal.upstream,
+                "examples": recal.examples,
+                "passes": recal.passes,
+                "output": None if outcome.output is None else str(outcome.output),
+                "layers": [
+                    {"name": n, "running_mean": m.tolist(), "running_var": v.tolist()}
+                    for n, (m, v) in recal.stats.items()
+                ],
+            }
+        )
+        return
+    table = Table(title=f"Recalibrated statistics (upstream {recal.upstream}, {recal.examples} examples)")
+    for col in ("layer", "|mean| avg", "var avg"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for name, (mean_t, var_t) in recal.stats.items():
+        table.add_row(name, f"{float(mean_t.abs().mean()):.4g}", f"{float(var_t.mean()):.4g}")
+    out_console.print(table)
+    _report_written(outcome, json_out)
+
+
 # ---------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the app, turning library errors into exit codes."""
@@ -380,13 +666,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/]")
         return 130
-    except Exception as e:  # click usage errors and genuine bugs
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
+    except Exception as e:  # usage errors of the CLI framework, and genuine bugs
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
+            e.show()  # click/typer usage error: prints usage and the message
             return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
+        if type(e).__name__ == "Abort":
             return 1
         if _DEBUG["on"]:
             raise

@@ -135,7 +135,7 @@ def save_corrections(corrections: Corrections, path: str | Path) -> Path:
         for label in _FIELDS:
             t = getattr(lc, label)
             if t is not None:
-                tensors[f"{name}.{label}"] = t.detach().to(torch.float32).cpu().contiguous()
+                tensors[f"{name}.{label}"] = t.detach().to(torch.float32).cpu().clone().contiguous()
     metadata = {
         "format": FORMAT,
         "method": corrections.method,

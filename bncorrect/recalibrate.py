@@ -171,8 +171,6 @@ def _inference_consistent(
     order = _execution_order(work, layers, first, forward_fn, dev, hint)
     stats: dict[str, tuple[Tensor, Tensor]] = {}
     examples = 0
-    total = None if total_examples is None else total_examples * len(order)
-    done = 0
     for name in order:
         module = layers[name]
         moments = PopulationMoments(module.num_channels)
@@ -187,11 +185,9 @@ def _inference_consistent(
             for batch in batches:
                 with contextlib.suppress(_StopForward):
                     run_forward(work, batch, forward_fn, dev, data_hint=hint)
-                n = batch_size_of(batch)
-                examples += n
-                done += n
+                examples += batch_size_of(batch)
                 if progress is not None:
-                    progress(f"recalibrate {name}", done, total)
+                    progress(f"recalibrate {name}", examples, total_examples)
         finally:
             handle.remove()
         mean, var = moments.mean, moments.variance()
