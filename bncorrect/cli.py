@@ -8,6 +8,7 @@ traceback instead.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,7 +29,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-out_console = Console(soft_wrap=True)
+# Piped output (files, CI logs, tests) gets a wide table instead of rich's 80-column default.
+_WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "140"))
+out_console = Console(soft_wrap=True, width=_WIDTH)
 err_console = Console(stderr=True, soft_wrap=True)
 _DEBUG = {"on": False}
 
@@ -181,17 +184,22 @@ def _outcome_json(outcome: Any, extra: dict[str, Any] | None = None) -> dict[str
 
 
 # ---------------------------------------------------------------- commands
+def _version(value: bool) -> None:
+    if value:
+        out_console.print(f"bncorrect {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)
+    ] = False,
 ) -> None:
     """Fix BatchNorm after training."""
     if debug:
         _DEBUG["on"] = True
-    if version:
-        out_console.print(f"bncorrect {__version__}")
-        raise typer.Exit(0)
 
 
 @app.command()
@@ -213,17 +221,10 @@ def inspect(
         _print_json({"model": str(model), "layers": layers})
         return
     table = Table(title=f"BatchNorm layers of {model}")
-    for col in (
-        "name",
-        "type",
-        "channels",
-        "eps",
-        "momentum",
-        "|running mean|",
-        "running var",
-        "correctable",
-    ):
-        table.add_column(col, justify="right" if col not in ("name", "type", "correctable") else "left")
+    headers = ("layer", "type", "C", "eps", "momentum", "|running mean|", "running var (min)", "correctable")
+    for col in headers:
+        left = col in ("layer", "type", "correctable")
+        table.add_column(col, justify="left" if left else "right", overflow="fold")
     for ly in layers:
         var = "-"
         if "running_var_mean" in ly:
@@ -652,8 +653,9 @@ def recalibrate(
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the app, turning library errors into exit codes."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if "--debug" in args:
-        _DEBUG["on"] = True
+    _DEBUG["on"] = "--debug" in args
+    if _DEBUG["on"]:  # accepted anywhere on the command line, not only before the command
+        args = ["--debug", *[a for a in args if a != "--debug"]]
     try:
         rc = app(args=args, prog_name="bncorrect", standalone_mode=False)
     except BncorrectError as e:
