@@ -4,12 +4,13 @@ The model runs once over the data with training-mode normalization in groups of 
 everything else in eval behaviour; no running-stat, parameter or gradient update: the pass runs on a deep
 copy under ``torch.no_grad``). At every BN layer the input ``x`` and its statistics are observed:
 
-- :class:`SampleReservoir` keeps a bounded uniform sample of (example, channel) rows (S positions of each,
-  sorted) with their per-example and per-group statistics, so memory does not grow with the data;
-- :class:`EvalNormEstimator` minimises L_aux over (alpha, beta) in [0, 1]^2 on that sample with a
-  coarse-to-fine grid (a 21 x 21 grid, then three 11 x 11 refinements), each candidate evaluated from the
-  sorted samples in O(log S) per row (:func:`bncorrect.correction.l_aux_sorted`): the minimiser over the
-  whole square, not a local one, and no second pass over the data.
+- :class:`SampleReservoir` keeps a bounded uniform sample of (example, channel) rows (S positions of each)
+  with their per-example and per-group statistics, so memory does not grow with the data;
+- :class:`EvalNormEstimator` minimises L_aux over (alpha, beta) in [0, 1]^2 on (a random subset of at
+  most ``solve_rows`` rows of) that sample with a coarse-to-fine grid (11 x 11, then five 7 x 7
+  refinements), each candidate evaluated from the sorted samples in O(log S) per row
+  (:func:`bncorrect.correction.l_aux_sorted`): the minimiser over the whole square, not a local one, and
+  no second pass over the data.
 
 The data loop lives in :func:`estimate_alpha_beta`; the estimators only see plain tensors.
 """
@@ -32,6 +33,8 @@ from .passes import Batch, ForwardFn, Progress, lcm, resolve_device, run_forward
 DEFAULT_SAMPLE_BUDGET = 1 << 19
 #: Default number of spatial positions sampled per (example, channel).
 DEFAULT_POSITIONS = 64
+#: Default number of (example, channel) rows the grid search evaluates L_aux on.
+DEFAULT_SOLVE_ROWS = 4096
 
 
 class SampleReservoir:
@@ -53,14 +56,6 @@ class SampleReservoir:
 
     def add(self, x: Tensor, mu_i: Tensor, var_i: Tensor, mu_b: Tensor, var_b: Tensor) -> None:
         n = x.shape[0]
-        flat = x.detach().reshape(n, self.channels, -1)
-        size = flat.shape[2]
-        s = min(size, self.positions)
-        if self.values is None:
-            self.values = torch.zeros(self.capacity, self.channels, s, dtype=torch.float32)
-        if s < size:
-            pos = torch.randperm(size, generator=self.generator)[:s].to(flat.device)
-            flat = flat.index_select(2, pos)
         idx = torch.arange(self.seen, self.seen + n)
         draw = (torch.rand(n, generator=self.generator, dtype=torch.float64) * (idx + 1)).long()
         slots = torch.where(idx < self.capacity, idx, draw)
@@ -69,33 +64,40 @@ class SampleReservoir:
             if slot < self.capacity:
                 keep[slot] = row
         self.seen += n
+        self.filled = min(self.capacity, self.seen)
         if not keep:
             return
-        rows = torch.tensor(list(keep.values()))
+        rows = torch.tensor(list(keep.values()), device=x.device)
         dest = torch.tensor(list(keep.keys()))
-        values = flat.index_select(0, rows.to(flat.device)).float().cpu()
-        self.values[dest] = values.sort(dim=-1).values
+        # only the kept rows are gathered: once the reservoir is full most batches cost almost nothing
+        flat = x.detach().index_select(0, rows).reshape(len(keep), self.channels, -1)
+        size = flat.shape[2]
+        s = min(size, self.positions)
+        if self.values is None:
+            self.values = torch.zeros(self.capacity, self.channels, s, dtype=torch.float32)
+        if s < size:
+            pos = torch.randperm(size, generator=self.generator)[:s].to(flat.device)
+            flat = flat.index_select(2, pos)
+        self.values[dest] = flat.float().cpu()
         for k, t in enumerate((mu_i, var_i, mu_b, var_b)):
-            self.stats[k, dest] = t.detach().index_select(0, rows.to(t.device)).double().cpu()
-        self.filled = min(self.capacity, self.seen)
+            self.stats[k, dest] = t.detach().index_select(0, rows).double().cpu()
 
-    def arrays(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """(sorted values, prefix sums, mu_b, var_b, mu_i, var_i) of the kept rows, float64."""
+    def arrays(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(values, mu_b, var_b, mu_i, var_i) of the kept rows; values unsorted, float32."""
         if self.values is None or self.filled == 0:
             raise DataError("no activations were observed")
-        values = self.values[: self.filled].double()
-        prefix = torch.cat([torch.zeros(*values.shape[:2], 1, dtype=values.dtype), values.cumsum(-1)], dim=-1)
         mu_i, var_i, mu_b, var_b = (t[: self.filled] for t in self.stats)
-        return values, prefix, mu_b, var_b, mu_i, var_i
+        return self.values[: self.filled], mu_b, var_b, mu_i, var_i
 
 
 def minimise_on_grid(
-    objective: Callable[[Tensor, Tensor], Tensor], *, coarse: int = 21, levels: int = 3, fine: int = 11
+    objective: Callable[[Tensor, Tensor], Tensor], *, coarse: int = 11, levels: int = 5, fine: int = 7
 ) -> tuple[float, float, float]:
     """Minimise ``objective(alpha (K,), beta (K,)) -> (K,)`` over [0, 1]^2, coarse-to-fine.
 
-    Returns (alpha, beta, value). The first grid covers the square; each refinement covers +/- one step of
-    the previous grid around its best point with ``fine`` points per axis.
+    Returns (alpha, beta, value). The first grid covers the square (step 0.1 by default); each refinement
+    covers +/- one step of the previous grid around its best point with ``fine`` points per axis, so the
+    final resolution is 0.1 / 3^5 ~ 4e-4 after 121 + 5 * 49 evaluations.
     """
     lo_a, hi_a, lo_b, hi_b, n = 0.0, 1.0, 0.0, 1.0, coarse
     best = (0.0, 0.0, float("inf"))
@@ -156,6 +158,7 @@ class EvalNormEstimator:
         *,
         sample_budget: int = DEFAULT_SAMPLE_BUDGET,
         positions: int = DEFAULT_POSITIONS,
+        solve_rows: int = DEFAULT_SOLVE_ROWS,
         generator: torch.Generator,
     ) -> None:
         self.name = name
@@ -165,7 +168,9 @@ class EvalNormEstimator:
         self.train_batch_size = train_batch_size
         self.sample_budget = sample_budget
         self.positions = positions
+        self.solve_rows = solve_rows
         self.generator = generator
+        self._pick: Tensor | None = None  # the rows the solve uses, fixed once drawn
         self.reservoir: SampleReservoir | None = None
 
     def observe(self, x: Tensor, mu_i: Tensor, var_i: Tensor, mu_b: Tensor, var_b: Tensor) -> None:
@@ -190,13 +195,30 @@ class EvalNormEstimator:
             self.reservoir = SampleReservoir(c, capacity, s, self.generator)
         self.reservoir.add(x, mu_i, var_i, mu_b, var_b)
 
-    def objective(self) -> Callable[[Tensor, Tensor], Tensor]:
-        """L_aux on the sample as a function of candidate (alpha, beta) vectors."""
+    def objective(self, dtype: torch.dtype = torch.float64) -> Callable[[Tensor, Tensor], Tensor]:
+        """L_aux on the sample as a function of candidate (alpha, beta) vectors.
+
+        At most ``solve_rows`` (example, channel) rows of the sample are used, drawn at random (the mean
+        over rows is unbiased); every evaluation reads only those rows' sorted values.
+        """
         if self.reservoir is None:
             raise DataError(f"layer {self.name} saw no data (is it used in the forward pass?)")
-        values, prefix, mu_b, var_b, mu_i, var_i = self.reservoir.arrays()
-        rows = values.shape[0] * values.shape[1]
-        chunk = max(1, (1 << 22) // max(1, rows))
+        values, mu_b, var_b, mu_i, var_i = self.reservoir.arrays()
+        r, c, _ = values.shape
+        channel = torch.arange(c).repeat(r)
+        flat = [values.reshape(r * c, -1)] + [t.reshape(r * c) for t in (mu_b, var_b, mu_i, var_i)]
+        if r * c > self.solve_rows:
+            pick = self._pick if self._pick is not None else torch.randperm(r * c, generator=self.generator)
+            self._pick = pick
+            flat = [t[pick[: self.solve_rows]] for t in flat]
+            channel = channel[pick[: self.solve_rows]]
+        values, mu_b, var_b, mu_i, var_i = (t.unsqueeze(0).to(dtype) for t in flat)
+        values = values.sort(dim=-1).values
+        prefix = torch.cat([torch.zeros(*values.shape[:2], 1, dtype=dtype), values.cumsum(-1)], dim=-1)
+        rm = self.running_mean[channel].to(dtype)
+        rv = self.running_var[channel].to(dtype)
+        rows = values.shape[1]
+        chunk = max(1, (1 << 21) // max(1, rows))
 
         def f(alpha: Tensor, beta: Tensor) -> Tensor:
             out = [
@@ -207,30 +229,34 @@ class EvalNormEstimator:
                     var_b,
                     mu_i,
                     var_i,
-                    self.running_mean,
-                    self.running_var,
+                    rm,
+                    rv,
                     self.eps,
                     alpha[i : i + chunk],
                     beta[i : i + chunk],
                 )
                 for i in range(0, alpha.numel(), chunk)
             ]
-            return torch.cat(out)
+            return torch.cat(out).double()
 
         return f
 
     def solve(self) -> LayerEstimate:
-        f = self.objective()
-        alpha, beta, value = minimise_on_grid(f)
-        ema = float(f(torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))[0])
+        """Grid-search (alpha, beta) in float32, then report L_aux at the result and at EMA in float64."""
+        fast = self.objective(torch.float32)
+        alpha, beta, _ = minimise_on_grid(fast)
+        exact = self.objective(torch.float64)
+        values = exact(
+            torch.tensor([alpha, 0.0], dtype=torch.float64), torch.tensor([beta, 0.0], dtype=torch.float64)
+        )
         res = self.reservoir
         assert res is not None
         return LayerEstimate(
             name=self.name,
             alpha=alpha,
             beta=beta,
-            l_aux_ema=ema,
-            l_aux=value,
+            l_aux_ema=float(values[1]),
+            l_aux=float(values[0]),
             train_batch_size=self.train_batch_size,
             examples=res.seen,
             sampled_rows=res.filled,
@@ -276,6 +302,7 @@ def estimate_alpha_beta(
     seed: int = 0,
     sample_budget: int = DEFAULT_SAMPLE_BUDGET,
     positions: int = DEFAULT_POSITIONS,
+    solve_rows: int = DEFAULT_SOLVE_ROWS,
     total_examples: int | None = None,
     progress: Progress | None = None,
     data_hint: str = "",
@@ -312,6 +339,7 @@ def estimate_alpha_beta(
             sizes[name],
             sample_budget=sample_budget,
             positions=positions,
+            solve_rows=solve_rows,
             generator=gen,
         )
         for name, m in layers.items()
