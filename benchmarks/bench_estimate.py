@@ -29,7 +29,7 @@ from bncorrect.estimate import estimate_alpha_beta
 
 
 def resnet_like(width: int = 32) -> nn.Module:
-    """A small ResNet-style CIFAR net: conv-BN-ReLU stem, 3 stages of 2 residual blocks, BN after every conv."""
+    """Small ResNet-style CIFAR net: conv-BN-ReLU stem, 3 stages of 2 residual blocks, BN after each conv."""
 
     class Block(nn.Module):
         def __init__(self, cin: int, cout: int, stride: int) -> None:
@@ -121,16 +121,17 @@ def main() -> None:
             timings[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in timings.items()}
     print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
     )
     print(
-        f"model: ResNet-style CIFAR net (20 BN layers), {n} examples of 3x32x32, B = {b}, {args.repeats} repeats"
+        f"model: ResNet-style CIFAR net (20 BN layers), {n} examples of 3x32x32, B = {b}, "
+        f"{args.repeats} repeats"
     )
     for k, v in med.items():
         print(f"  {k:18s} median {v:7.3f} s")
-    print(
-        f"ratio estimate / train-mode forward (batches of B={b}): {med['estimate'] / med[f'train fwd B={b}']:.2f}"
-    )
+    ratio_b = med["estimate"] / med[f"train fwd B={b}"]
+    print(f"ratio estimate / train-mode forward (batches of B={b}): {ratio_b:.2f}")
     print(
         f"ratio estimate / train-mode forward (batches of 64):   {med['estimate'] / med['train fwd 64']:.2f}"
     )
