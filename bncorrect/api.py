@@ -621,3 +621,55 @@ def recalibrate(
     outcome = _finish(source, corrections, out, export)
     outcome.report["recalibrate"] = recal
     return outcome
+
+
+def diagnose(
+    model: ModelLike,
+    data: Any,
+    train_batch_size: int,
+    *,
+    corrections: str | Path | Corrections | None = None,
+    plot: str | Path | None = None,
+    histogram_layer: str | None = None,
+    max_examples: int | None = None,
+    device: str = "auto",
+    num_workers: int = 0,
+    seed: int = 0,
+    data_spec: Any = None,
+    forward_fn: Any = None,
+    progress: Any = None,
+    **load_options: Any,
+) -> Any:
+    """Per-layer gap between eval-mode and training-mode normalization (and after ``corrections``)."""
+    from .diagnose import diagnose_model, plot_diagnosis
+
+    source = _require_torch(open_model(model, **load_options), "diagnose")
+    channels = correctable_channels(source)
+    coeffs = None
+    if corrections is not None:
+        corr_path = None if isinstance(corrections, Corrections) else Path(corrections)
+        corr = load_corrections(corr_path) if corr_path is not None else corrections
+        corr.validate(channels, source=corr_path)
+        coeffs = {n: (lc.alpha, lc.beta) for n, lc in corr.layers.items()}
+    if plot is not None:
+        plot = check_output(plot, source.path if source.path.exists() else None)
+    dataset = open_data(data, data_spec)
+    batch = train_batch_size * max(1, 64 // train_batch_size)
+    loader, total, description = _loader(
+        dataset, batch, shuffle=True, seed=seed, num_workers=num_workers, max_examples=max_examples
+    )
+    result = diagnose_model(
+        source.model,
+        loader,
+        train_batch_size,
+        corrections=coeffs,
+        histogram=histogram_layer if histogram_layer else plot is not None,
+        forward_fn=forward_fn,
+        device=device,
+        total_examples=total,
+        progress=progress,
+        data_hint=description,
+    )
+    if plot is not None:
+        plot_diagnosis(result, str(plot))
+    return result

@@ -649,6 +649,87 @@ def recalibrate(
     _report_written(outcome, json_out)
 
 
+@app.command()
+def diagnose(
+    model: ModelArg,
+    data: DataOpt,
+    train_batch_size: Annotated[
+        int, typer.Option("--train-batch-size", "-B", help="Examples per normalization batch in training.")
+    ],
+    corrections: Annotated[
+        Path | None, typer.Option(help="Also measure the gap after this corrections file.")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write a PNG: per-layer gap, and one channel's histograms.")
+    ] = None,
+    histogram_layer: Annotated[
+        str | None, typer.Option(help="Layer for the histograms (default: the one with the largest gap).")
+    ] = None,
+    max_examples: MaxExamplesOpt = None,
+    device: DeviceOpt = "auto",
+    num_workers: WorkersOpt = 0,
+    seed: SeedOpt = 0,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustOpt = False,
+    non_strict: NonStrictOpt = False,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    no_normalize: NoNormOpt = False,
+    channels: ChannelsOpt = 3,
+    preprocess: PreprocessOpt = None,
+    skip_bad_files: SkipBadOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """How far eval-mode normalization is from training-mode normalization, per BN layer."""
+    from . import api
+
+    spec = _data_spec(resize, crop, mean, std, no_normalize, channels, preprocess, skip_bad_files)
+    dataset = api.open_data(data, spec)
+    _warn_skipped(dataset)
+    with _ProgressBar(enabled=not json_out) as bar:
+        result = api.diagnose(
+            model,
+            dataset,
+            train_batch_size,
+            corrections=corrections,
+            plot=plot,
+            histogram_layer=histogram_layer,
+            max_examples=max_examples,
+            device=device,
+            num_workers=num_workers,
+            seed=seed,
+            progress=bar,
+            **_load_options(arch, arch_kwargs, trust_pickle, non_strict),
+        )
+    if json_out:
+        data_out = result.as_dict()
+        data_out["plot"] = None if plot is None else str(plot)
+        _print_json(data_out)
+        return
+    table = Table(
+        title=f"Eval vs training normalization, B = {train_batch_size} ({result.examples} examples)"
+    )
+    cols = ["layer", "mean L1 eval"]
+    if corrections is not None:
+        cols.append("mean L1 corrected")
+    cols += ["range eval/train", "bound", "eval outside bound"]
+    for col in cols:
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for ly in result.layers:
+        row = [ly.name, f"{ly.l1_eval:.4f}"]
+        if corrections is not None:
+            row.append("-" if ly.l1_corrected is None else f"{ly.l1_corrected:.4f}")
+        row += [f"{ly.range_ratio:.2f}", f"±{ly.bound:.3g}", f"{100 * ly.outside_bound:.2f}%"]
+        table.add_row(*row)
+    out_console.print(table)
+    out_console.print(f"[bold]Recommendation:[/] {result.recommendation}")
+    if plot is not None:
+        err_console.print(f"[green]Wrote[/] {plot}")
+
+
 # ---------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the app, turning library errors into exit codes."""
