@@ -15,53 +15,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import torch
+from common import interleaved, machine, resnet_like
 from torch import nn
 
 from bncorrect.estimate import estimate_alpha_beta
-
-
-def resnet_like(width: int = 32) -> nn.Module:
-    """Small ResNet-style CIFAR net: conv-BN-ReLU stem, 3 stages of 2 residual blocks, BN after each conv."""
-
-    class Block(nn.Module):
-        def __init__(self, cin: int, cout: int, stride: int) -> None:
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.short = (
-                nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                if stride != 1 or cin != cout
-                else nn.Identity()
-            )
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = torch.relu(self.bn1(self.conv1(x)))
-            return torch.relu(self.bn2(self.conv2(h)) + self.short(x))
-
-    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
-    cin = width
-    for i, cout in enumerate((width, 2 * width, 4 * width)):
-        layers += [Block(cin, cout, 1 if i == 0 else 2), Block(cout, cout, 1)]
-        cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 10)]
-    model = nn.Sequential(*layers)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model.eval()
 
 
 def stream(n: int, batch: int, seed: int = 0) -> Iterator[tuple[torch.Tensor]]:
@@ -88,8 +50,8 @@ def run_estimate(model: nn.Module, n: int, b: int) -> None:
 def peak_rss_mb(n: int, b: int) -> float:
     code = (
         "import resource, sys; sys.path.insert(0, 'benchmarks');"
-        "import bench_estimate as be;"
-        f"be.run_estimate(be.resnet_like(), {n}, {b});"
+        "import bench_estimate as be, common;"
+        f"be.run_estimate(common.resnet_like(), {n}, {b});"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -106,24 +68,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = resnet_like()
     n, b = args.examples, args.b
-    timings: dict[str, list[float]] = {"estimate": [], f"train fwd B={b}": [], "train fwd 64": []}
     jobs = {
         "estimate": lambda: run_estimate(model, n, b),
         f"train fwd B={b}": lambda: train_forward(model, n, b),
         "train fwd 64": lambda: train_forward(model, n, 64),
     }
-    for fn in jobs.values():  # warm-up
-        fn()
-    for _ in range(args.repeats):
-        for name, fn in jobs.items():
-            t = time.perf_counter()
-            fn()
-            timings[name].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in timings.items()}
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}"
-    )
+    med = interleaved(jobs, args.repeats)
+    print(f"machine: {machine()}")
     print(
         f"model: ResNet-style CIFAR net (20 BN layers), {n} examples of 3x32x32, B = {b}, "
         f"{args.repeats} repeats"
