@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from . import correction as C
-from .errors import DataError, UsageError
-from .layers import correct_model, corrected_layers, normalization_mode
-from .passes import Batch, ForwardFn, Progress, batch_size_of, resolve_device, run_forward, trimmed_batches
+from .errors import UsageError
+from .layers import correct_model, corrected_layers
+from .passes import Batch, ForwardFn, Observer, Progress, resolve_device, training_mode_pass
 
 HISTOGRAM_VALUES = 200_000
 
@@ -193,7 +193,6 @@ def diagnose_model(
 
     examples = _run(
         work,
-        layers,
         batches,
         train_batch_size,
         forward_fn,
@@ -233,7 +232,6 @@ def diagnose_model(
 
 def _run(
     work: nn.Module,
-    layers: Mapping[str, nn.Module],
     batches: Iterable[Batch],
     b: int,
     forward_fn: ForwardFn | None,
@@ -241,30 +239,22 @@ def _run(
     total: int | None,
     progress: Progress | None,
     hint: str,
-    observers: Mapping[str, object],
+    observers: Mapping[str, Observer],
     label: str,
 ) -> int:
-    examples = dropped = 0
-    with normalization_mode(work, "batch", b):
-        for name, m in layers.items():
-            m.observer = observers.get(name)  # type: ignore[assignment]
-        try:
-            for batch, cut in trimmed_batches(batches, b):
-                dropped += cut
-                if batch is not None:
-                    run_forward(work, batch, forward_fn, dev, data_hint=hint)
-                    examples += batch_size_of(batch)
-                if progress is not None:
-                    progress(label, examples + dropped, total)
-        finally:
-            for m in layers.values():
-                m.observer = None  # type: ignore[attr-defined]
-    if examples == 0:
-        raise DataError(
-            f"no complete normalization batch of {b} examples in the data",
-            path=hint or None,
-            hint="give more data",
-        )
+    sizes = dict.fromkeys(corrected_layers(work), b)
+    examples, _ = training_mode_pass(
+        work,
+        batches,
+        sizes,
+        observers,
+        forward_fn=forward_fn,
+        device=dev,
+        label=label,
+        total_examples=total,
+        progress=progress,
+        data_hint=hint,
+    )
     return examples
 
 
@@ -297,7 +287,7 @@ def _histogram(
             parts["corr"].append(corrected[:, channel].reshape(-1).float().cpu())
         kept[0] += parts["train"][-1].numel()
 
-    _run(work, layers, batches, b, forward_fn, dev, total, progress, hint, {layer: observe}, "histogram")
+    _run(work, batches, b, forward_fn, dev, total, progress, hint, {layer: observe}, "histogram")
     return Histogram(
         layer,
         channel,

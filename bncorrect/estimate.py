@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from . import correction as C
 from .errors import DataError, NoBatchNormError, NumericalError, UsageError
-from .layers import correct_model, corrected_layers, layer_batch_sizes, normalization_mode
-from .passes import Batch, ForwardFn, Progress, lcm, resolve_device, run_forward, trimmed_batches
+from .layers import correct_model, corrected_layers, layer_batch_sizes
+from .passes import Batch, ForwardFn, Progress, resolve_device, training_mode_pass
 
 #: Default number of sampled activation values kept per layer (float32): 2^19 values = 2 MiB.
 DEFAULT_SAMPLE_BUDGET = 1 << 19
@@ -328,7 +328,6 @@ def estimate_alpha_beta(
     work.to(dev)
     layers = corrected_layers(work)
     sizes = layer_batch_sizes(list(layers), train_batch_size, layer_batch_size)
-    multiple = lcm(sizes.values())
     gen = torch.Generator().manual_seed(seed)
     estimators = {
         name: EvalNormEstimator(
@@ -344,28 +343,17 @@ def estimate_alpha_beta(
         )
         for name, m in layers.items()
     }
-    examples = dropped = 0
-    with normalization_mode(work, "batch", sizes):
-        for name, m in layers.items():
-            m.observer = estimators[name].observe
-        for batch, cut in trimmed_batches(batches, multiple):
-            dropped += cut
-            if batch is not None:
-                run_forward(work, batch, forward_fn, dev, data_hint=data_hint)
-                examples += multiple * (_n(batch) // multiple)
-            if progress is not None:
-                progress("estimate", examples + dropped, total_examples)
-    if examples == 0:
-        raise DataError(
-            f"no complete normalization batch of {multiple} examples in the data ({dropped} examples seen)",
-            path=data_hint or None,
-            hint="give more data or a smaller --train-batch-size",
-        )
+    examples, dropped = training_mode_pass(
+        work,
+        batches,
+        sizes,
+        {name: est.observe for name, est in estimators.items()},
+        forward_fn=forward_fn,
+        device=dev,
+        label="estimate",
+        total_examples=total_examples,
+        progress=progress,
+        data_hint=data_hint,
+    )
     results = [est.solve() for est in estimators.values()]
     return EstimateResult(results, train_batch_size, examples, dropped, seed, sizes)
-
-
-def _n(batch: Batch) -> int:
-    from .passes import batch_size_of
-
-    return batch_size_of(batch)

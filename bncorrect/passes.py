@@ -132,3 +132,53 @@ def run_forward(
             hint="check that the data matches the model's expected input (channels, size, preprocessing: "
             "--resize/--crop/--mean/--std), or pass a forward_fn for models with several inputs",
         ) from e
+
+
+Observer = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], None]
+
+
+def training_mode_pass(
+    work: nn.Module,
+    batches: Iterable[Batch],
+    group_sizes: Mapping[str, int],
+    observers: Mapping[str, Observer],
+    *,
+    forward_fn: ForwardFn | None,
+    device: torch.device,
+    label: str,
+    total_examples: int | None = None,
+    progress: Progress | None = None,
+    data_hint: str = "",
+) -> tuple[int, int]:
+    """One pass with every CorrectedNorm of ``work`` in training-mode normalization over its group size.
+
+    Each batch is cut to a multiple of the least common multiple of the group sizes. ``observers`` (by
+    layer name) see ``(x, mu_i, var_i, mu_b, var_b)`` at every call. Everything is restored afterwards,
+    also on failure. Returns (examples used, examples dropped); DataError when no whole group was seen.
+    """
+    from .layers import corrected_layers, normalization_mode
+
+    layers = corrected_layers(work)
+    multiple = lcm(group_sizes.values())
+    examples = dropped = 0
+    with normalization_mode(work, "batch", group_sizes):
+        try:
+            for name, m in layers.items():
+                m.observer = observers.get(name)
+            for batch, cut in trimmed_batches(batches, multiple):
+                dropped += cut
+                if batch is not None:
+                    run_forward(work, batch, forward_fn, device, data_hint=data_hint)
+                    examples += batch_size_of(batch)
+                if progress is not None:
+                    progress(label, examples + dropped, total_examples)
+        finally:
+            for m in layers.values():
+                m.observer = None
+    if examples == 0:
+        raise DataError(
+            f"no complete normalization batch of {multiple} examples in the data ({dropped} examples seen)",
+            path=data_hint or None,
+            hint="give more data or a smaller batch size",
+        )
+    return examples, dropped

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from .errors import DataError, NumericalError, UsageError
-from .layers import CorrectedNorm, correct_model, corrected_layers, normalization_mode
-from .passes import Batch, ForwardFn, Progress, batch_size_of, resolve_device, run_forward, trimmed_batches
+from .layers import CorrectedNorm, correct_model, corrected_layers
+from .passes import Batch, ForwardFn, Progress, batch_size_of, resolve_device, run_forward, training_mode_pass
 
 Upstream = Literal["eval", "train"]
 
@@ -217,23 +217,18 @@ def _train_consistent(
             hint="pass the normalization batch size used in training (B >= 2), or use --upstream eval",
         )
     averages = {name: PopulationMoments(m.num_channels) for name, m in layers.items()}
-    examples = dropped = 0
-    with normalization_mode(work, "batch", batch_size):
-        for name, m in layers.items():
-            m.observer = lambda x, _mi, _vi, _mb, _vb, a=averages[name]: a.add(x)
-        for batch, cut in trimmed_batches(batches, batch_size):
-            dropped += cut
-            if batch is not None:
-                run_forward(work, batch, forward_fn, dev, data_hint=hint)
-                examples += batch_size_of(batch)
-            if progress is not None:
-                progress("recalibrate", examples + dropped, total_examples)
-    if examples == 0:
-        raise DataError(
-            f"no complete batch of {batch_size} examples in the data",
-            path=hint or None,
-            hint="give more data",
-        )
+    examples, _ = training_mode_pass(
+        work,
+        batches,
+        dict.fromkeys(layers, batch_size),
+        {name: (lambda x, _mi, _vi, _mb, _vb, a=avg: a.add(x)) for name, avg in averages.items()},
+        forward_fn=forward_fn,
+        device=dev,
+        label="recalibrate",
+        total_examples=total_examples,
+        progress=progress,
+        data_hint=hint,
+    )
     stats = {}
     for name, avg in averages.items():
         if avg.count:
