@@ -1,0 +1,442 @@
+"""Export a (corrected) PyTorch model to ONNX, verify the graph against PyTorch, and ``--min-effect``.
+
+One code path: the model is exported *without* its corrections (the :class:`~bncorrect.layers.CorrectedNorm`
+wrappers are stripped on a deep copy) by ``torch.onnx.export(dynamo=True, optimize=False)``, which keeps the
+BatchNormalization nodes and names their parameters after the PyTorch modules (``layer1.0.bn1.running_mean``).
+Constants are then folded with onnxscript's folder (the exporter's default optimizer would also fold BN into
+the Conv), and the BN nodes are rewritten by :func:`bncorrect.onnx_rewrite.rewrite` — the same rewrite used
+for foreign graphs — matched by those parameter names. The written file is checked in onnxruntime against
+the corrected PyTorch model before it is moved into place.
+
+Needs ``onnxscript`` (the dynamo exporter's dependency) at export time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, nn
+
+from . import correction as C
+from .errors import OnnxError, VerificationError
+from .layers import corrected_layers, strip_corrections
+from .onnx_rewrite import (
+    RewriteReport,
+    find_bn_nodes,
+    load_onnx,
+    match_layers,
+    rewrite,
+    staged_save,
+)
+
+__all__ = [
+    "ExportReport",
+    "MinEffectReport",
+    "export_onnx",
+    "export_plain",
+    "min_effect_filter",
+    "run_onnx",
+    "verify_onnx",
+]
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` wrote and how closely it matches PyTorch."""
+
+    path: Path
+    opset: int
+    max_abs_diff: float | None
+    rel_diff: float | None
+    rewritten: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    rewrite: RewriteReport | None = None
+
+    def summary(self) -> dict[str, object]:
+        """JSON-friendly report."""
+        return {
+            "path": str(self.path),
+            "opset": self.opset,
+            "max_abs_diff": self.max_abs_diff,
+            "rel_diff": self.rel_diff,
+            "rewritten": list(self.rewritten),
+            "kept": list(self.kept),
+        }
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """torch.onnx prints progress to stdout and logs warnings; a library stays silent."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels, strict=True):
+            lg.setLevel(lv)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def export_plain(
+    model: nn.Module,
+    example_input: Tensor | Sequence[Tensor],
+    *,
+    opset: int | None = None,
+    dynamic_batch: bool = True,
+) -> onnx.ModelProto:
+    """Export ``model`` (as it is, in eval mode) with its BatchNormalization nodes kept, constants folded."""
+    try:
+        import onnx_ir.passes.common as ir_passes
+        import onnxscript.optimizer as script_optimizer
+        from onnx_ir import serde
+    except ImportError as e:
+        raise OnnxError(
+            f"ONNX export needs onnxscript ({e})",
+            hint="pip install onnxscript (torch.onnx's dynamo exporter uses it)",
+        ) from None
+    args = tuple(example_input) if isinstance(example_input, list | tuple) else (example_input,)
+    dynamic_shapes = tuple({0: torch.export.Dim("batch")} for _ in args) if dynamic_batch else None
+    try:
+        with _quiet():
+            program = torch.onnx.export(
+                model,
+                args,
+                dynamo=True,
+                optimize=False,
+                opset_version=opset,
+                dynamic_shapes=dynamic_shapes,
+                verbose=False,
+            )
+            ir_model = program.model
+            script_optimizer.fold_constants(ir_model)
+            ir_passes.RemoveUnusedNodesPass()(ir_model)
+            proto = serde.serialize_model(ir_model)
+    except OnnxError:
+        raise
+    except Exception as e:
+        raise OnnxError(
+            f"torch.onnx.export failed: {type(e).__name__}: {_first_line(e)}",
+            hint="check that the model runs on the example input; models with data-dependent control flow "
+            "may "
+            "need --no-dynamic-batch or a different --opset",
+        ) from None
+    got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and got != opset:
+        try:
+            proto = onnx.version_converter.convert_version(proto, opset)
+        except Exception:  # the dynamo exporter's graphs start at opset 18; older opsets: legacy exporter
+            proto = _export_legacy(model, args, opset, dynamic_batch)
+    return proto
+
+
+def _export_legacy(
+    model: nn.Module, args: tuple[Tensor, ...], opset: int, dynamic_batch: bool
+) -> onnx.ModelProto:
+    """TorchScript-based exporter for opsets the dynamo exporter cannot write; BN kept with
+    ``training=TrainingMode.PRESERVE`` (the model is in eval mode, so BN exports in inference form)."""
+    names = [f"input_{i}" if len(args) > 1 else "input" for i in range(len(args))]
+    buf = io.BytesIO()
+    try:
+        with _quiet():
+            torch.onnx.export(
+                model,
+                args,
+                buf,
+                dynamo=False,
+                opset_version=opset,
+                training=torch.onnx.TrainingMode.PRESERVE,
+                input_names=names,
+                dynamic_axes={n: {0: "batch"} for n in names} if dynamic_batch else None,
+            )
+    except Exception as e:
+        raise OnnxError(
+            f"exporting to opset {opset} failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}",
+            hint="use --opset 18 or newer (or leave --opset out)",
+        ) from None
+    return onnx.load_from_string(buf.getvalue())
+
+
+def export_onnx(
+    model: nn.Module,
+    example_input: Tensor,
+    path: str | Path,
+    *,
+    opset: int | None = None,
+    dynamic_batch: bool = True,
+    verify: bool = True,
+    rtol: float = 1e-4,
+    external_data: bool | None = None,
+) -> ExportReport:
+    """Export ``model`` (which may contain CorrectedNorm wrappers) to ``path`` with its normalization
+    rewritten as corrected-BN subgraphs, and (``verify``) check it against the corrected PyTorch model.
+
+    The model is exported in eval mode on deep copies; the caller's model is not changed. Verification runs
+    the written graph in onnxruntime and the corrected model on ``example_input``; it raises
+    :class:`VerificationError` when max|onnx - torch| / max|torch| exceeds ``rtol``, and then ``path`` is not
+    written.
+    """
+    path = Path(path)
+    reference = copy.deepcopy(model).eval()
+    plain = strip_corrections(copy.deepcopy(reference)).eval()
+    coefs = {
+        name: (m.alpha.detach().cpu(), m.beta.detach().cpu())
+        for name, m in corrected_layers(reference).items()
+        if not m.is_identity()
+    }
+    proto = export_plain(plain, example_input, opset=opset, dynamic_batch=dynamic_batch)
+    alpha: dict[str, Tensor] = {}
+    beta: dict[str, Tensor] = {}
+    if coefs:
+        try:
+            mapping = match_layers(proto, list(coefs))
+        except OnnxError as e:
+            raise OnnxError(
+                "the exported graph's BatchNormalization nodes do not match the corrected layers: "
+                f"{e.message}",
+                hint="layers whose forward is not plain BatchNorm (e.g. FrozenBatchNorm2d, BN fused with an "
+                "activation) export as other ops and cannot be corrected in ONNX; correct only plain BN "
+                "layers",
+            ) from None
+        for torch_name, node_name in mapping.items():
+            alpha[node_name], beta[node_name] = coefs[torch_name]
+    corrected, report = rewrite(proto, alpha, beta)
+    if report.skipped:
+        raise OnnxError(
+            "some corrected layers cannot be rewritten in the exported graph: "
+            + "; ".join(f"{n}: {r}" for n, r in report.skipped),
+            hint="this is unexpected for a fresh export; please report it",
+        )
+    node_to_torch = {ly.name: ly.torch_name or ly.name for ly in find_bn_nodes(proto)}
+    got_opset = next(o.version for o in corrected.opset_import if o.domain in ("", "ai.onnx"))
+    max_abs = rel = None
+    with staged_save(corrected, path, external_data=external_data) as tmp:
+        if verify:
+            max_abs, rel = _compare(tmp, reference, example_input)
+            if not rel <= rtol:
+                raise VerificationError(
+                    "the exported graph differs from the corrected PyTorch model: "
+                    f"max |diff| = {max_abs:.3g}, "
+                    f"{rel:.3g} relative to the output scale (limit {rtol:g})",
+                    path=path,
+                    hint="nothing was written; re-run with --no-verify to keep the graph anyway, and please "
+                    "report "
+                    "the model",
+                )
+    return ExportReport(
+        path=path,
+        opset=int(got_opset),
+        max_abs_diff=max_abs,
+        rel_diff=rel,
+        rewritten=[node_to_torch.get(n, n) for n in report.rewritten],
+        kept=[node_to_torch.get(n, n) for n in report.kept],
+        rewrite=report,
+    )
+
+
+def _flatten(out: Any) -> list[np.ndarray]:
+    if isinstance(out, Tensor):
+        return [out.detach().cpu().float().numpy() if out.is_floating_point() else out.detach().cpu().numpy()]
+    if isinstance(out, Mapping):
+        return [a for v in out.values() for a in _flatten(v)]
+    if isinstance(out, list | tuple):
+        return [a for v in out for a in _flatten(v)]
+    return []
+
+
+def run_onnx(
+    model: str | Path | onnx.ModelProto,
+    inputs: Tensor | np.ndarray | Sequence[Any] | Mapping[str, Any],
+    *,
+    outputs: list[str] | None = None,
+    threads: int | None = None,
+) -> list[np.ndarray]:
+    """Run a graph in onnxruntime (CPU) on ``inputs`` (one array, a sequence in graph-input order, or a
+    mapping by input name)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    try:
+        sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise OnnxError(
+            f"onnxruntime cannot load the graph ({str(e).strip().splitlines()[0]})",
+            path=None if isinstance(model, onnx.ModelProto) else model,
+        ) from None
+    names = [i.name for i in sess.get_inputs()]
+    types = {i.name: i.type for i in sess.get_inputs()}
+
+    def arr(v: Any, name: str) -> np.ndarray:
+        a = v.detach().cpu().numpy() if isinstance(v, Tensor) else np.asarray(v)
+        want = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(double)": np.float64}.get(
+            types[name]
+        )
+        return a.astype(want) if want is not None and a.dtype != want else a
+
+    if isinstance(inputs, Mapping):
+        feed = {k: arr(v, k) for k, v in inputs.items()}
+    elif isinstance(inputs, list | tuple):
+        feed = {n: arr(v, n) for n, v in zip(names, inputs, strict=False)}
+    else:
+        feed = {names[0]: arr(inputs, names[0])}
+    try:
+        return list(sess.run(outputs, feed))
+    except Exception as e:
+        raise OnnxError(
+            f"onnxruntime failed to run the graph ({str(e).strip().splitlines()[0]})",
+            path=None if isinstance(model, onnx.ModelProto) else model,
+            hint="check the input shape and type against the graph's inputs",
+        ) from None
+
+
+def _compare(
+    graph: str | Path | onnx.ModelProto, torch_model: nn.Module, example_input: Tensor | Sequence[Tensor]
+) -> tuple[float, float]:
+    args = tuple(example_input) if isinstance(example_input, list | tuple) else (example_input,)
+    was_training = torch_model.training
+    torch_model.eval()
+    try:
+        with torch.no_grad():
+            ref = _flatten(torch_model(*args))
+    finally:
+        torch_model.train(was_training)
+    got = run_onnx(graph, list(args))
+    if len(got) != len(ref):
+        raise VerificationError(f"the graph has {len(got)} outputs, the PyTorch model {len(ref)}")
+    max_abs = 0.0
+    scale = 0.0
+    for g, r in zip(got, ref, strict=True):
+        if g.shape != r.shape:
+            raise VerificationError(f"output shape {g.shape} differs from PyTorch's {r.shape}")
+        if not r.size:
+            continue
+        max_abs = max(max_abs, float(np.max(np.abs(g.astype(np.float64) - r.astype(np.float64)))))
+        scale = max(scale, float(np.max(np.abs(r))))
+    return max_abs, max_abs / max(scale, 1e-12)
+
+
+def verify_onnx(
+    path_or_model: str | Path | onnx.ModelProto,
+    torch_model: nn.Module,
+    example_input: Tensor | Sequence[Tensor],
+    rtol: float = 1e-4,
+) -> float:
+    """Run the graph in onnxruntime and ``torch_model`` (eval mode) on ``example_input``; return the max
+    absolute difference, raising :class:`VerificationError` when it exceeds ``rtol`` times max|torch|."""
+    source = None if isinstance(path_or_model, onnx.ModelProto) else path_or_model
+    graph = path_or_model if source is None else load_onnx(source)
+    max_abs, rel = _compare(graph, torch_model, example_input)
+    if not rel <= rtol:
+        raise VerificationError(
+            f"the graph differs from the PyTorch model: max |diff| = {max_abs:.3g}, {rel:.3g} relative to "
+            "the "
+            f"output scale (limit {rtol:g})",
+            path=source,
+            hint="make sure the graph was exported from this model with these corrections",
+        )
+    return max_abs
+
+
+# ------------------------------------------------------------------------------------------- min effect
+
+
+@dataclass
+class MinEffectReport:
+    """Per-layer effect of the correction on the data: ``effects[name]`` is max|corrected - plain| of the
+    layer's output divided by the RMS of its plain output (the layer's input taken from the uncorrected
+    graph); layers below ``tol`` are ``kept`` plain (foldable), the others ``corrected``."""
+
+    tol: float
+    effects: dict[str, float]
+    max_abs: dict[str, float]
+    kept: list[str]
+    corrected: list[str]
+
+    def filter(self, coefs: Mapping[str, Any]) -> dict[str, Any]:
+        """``coefs`` without the layers that stay plain (pass the result to :func:`rewrite`)."""
+        return {k: v for k, v in coefs.items() if k in self.corrected}
+
+    def summary(self) -> dict[str, object]:
+        """JSON-friendly report."""
+        return {
+            "tol": self.tol,
+            "effects": dict(self.effects),
+            "max_abs": dict(self.max_abs),
+            "kept": list(self.kept),
+            "corrected": list(self.corrected),
+        }
+
+
+def min_effect_filter(
+    model: onnx.ModelProto,
+    alpha: Mapping[str, Any],
+    beta: Mapping[str, Any],
+    data: Tensor | np.ndarray | Sequence[Any] | Mapping[str, Any],
+    tol: float,
+    *,
+    running_stats: Mapping[str, tuple[Any, Any]] | None = None,
+) -> MinEffectReport:
+    """Which layers' correction changes their output by less than ``tol`` (relative, see
+    :class:`MinEffectReport`) on ``data`` — a batch for the graph's inputs. Keys are BN node names, as in
+    :func:`bncorrect.onnx_rewrite.rewrite`; layers with new ``running_stats`` are always corrected."""
+    layers = {ly.name: ly for ly in find_bn_nodes(model)}
+    names = [n for n in dict.fromkeys([*alpha, *beta]) if n in layers and layers[n].correctable]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    taps = []
+    for n in names:
+        x = model.graph.node[layers[n].node_index].input[0]
+        if x not in {o.name for o in probe.graph.output}:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(x))
+            # an empty ValueInfo leaves the type to onnxruntime
+        taps.append(x)
+    values = run_onnx(probe, data, outputs=taps) if taps else []
+    from .onnx_rewrite import _Index  # parameter values, resolved the way the rewrite resolves them
+
+    index = _Index(model)
+    effects: dict[str, float] = {}
+    max_abs: dict[str, float] = {}
+    for n, xv in zip(names, values, strict=True):
+        node = model.graph.node[layers[n].node_index]
+        p = {
+            k: torch.tensor(np.array(index.resolve(i, k)[0], dtype=np.float32))
+            for k, i in zip(("scale", "bias", "mean", "var"), node.input[1:5], strict=True)
+        }
+        x = torch.from_numpy(np.asarray(xv, dtype=np.float32))
+        a = alpha.get(n, 0.0)
+        b = beta.get(n, a)
+        a_t = torch.as_tensor(np.asarray(a.detach().cpu() if isinstance(a, Tensor) else a, dtype=np.float32))
+        b_t = torch.as_tensor(np.asarray(b.detach().cpu() if isinstance(b, Tensor) else b, dtype=np.float32))
+        eps = layers[n].eps
+        plain = C.normalize(x, p["mean"], p["var"], eps, p["scale"], p["bias"])
+        corr = C.corrected_batch_norm(x, p["mean"], p["var"], p["scale"], p["bias"], eps, a_t, b_t)
+        diff = float((corr - plain).abs().max()) if x.numel() else 0.0
+        rms = float(plain.pow(2).mean().sqrt()) if x.numel() else 1.0
+        max_abs[n] = diff
+        effects[n] = diff / max(rms, 1e-12)
+    forced = set(running_stats or {})
+    kept = [n for n in names if effects[n] < tol and n not in forced]
+    corrected = [n for n in names if n not in kept]
+    return MinEffectReport(tol=tol, effects=effects, max_abs=max_abs, kept=kept, corrected=corrected)

@@ -1,0 +1,1142 @@
+r"""Rewrite ``BatchNormalization`` nodes of an ONNX graph into the corrected layer of DESIGN §2.
+
+Every BN node that gets a non-zero correction is replaced, in place, by a small subgraph with that layer's
+alpha/beta and running statistics baked in as initializers. Its output keeps the BN's output name, so the
+rest of the graph, the graph inputs/outputs and every other node stay byte-for-byte what they were.
+Layers with alpha = beta = 0 keep their original node (runtimes still fold it into the preceding Conv);
+with new running statistics only (``recalibrate``) the node stays a plain BN fed with the new statistics.
+
+The subgraph (input ``x`` of shape (N, C, *spatial), statistics computed in float32 — fp16/bf16 inputs are
+cast up and the result cast back — or float64 for double graphs)::
+
+    opset >= 17:  _, mu_i, r_i = LayerNormalization(x, 1, axis=2, epsilon=0)     both moments, one read
+                  var_i = 1 / r_i^2                                               (N, C, 1, ..) small tensors
+    opset <  17:  mu_i = ReduceMean(x);  var_i = ReduceMean((x - mu_i)^2)         exact two-pass variance
+    d       = mu_i - mu_E
+    mu_hat  = mu_E + alpha * d
+    var_hat = beta * var_i + beta * (1 - beta) * d^2 + (1 - beta) * var_E
+    y = BatchNormalization(x viewed as (1, N*C, *spatial),
+                           scale = Tile(gamma, N), B = Tile(b, N),
+                           mean = mu_hat, var = var_hat, epsilon = eps)           viewed back as (N, C, ...)
+      = gamma * (x - mu_hat) / sqrt(var_hat + eps) + b                            one read + one write
+
+The last step is the per-(N, C) affine ``y = x * s + t`` of DESIGN §2 done by BatchNormalization's fast
+kernel over a (1, N*C, ...) view (Reshape is free), which also does the ``+ eps``/``rsqrt``/scaling.
+With beta = 0 the variance is not computed at all (one ReduceMean). For (N, C) inputs (mu_i = x,
+var_i = 0) the layer is elementwise: ``y = gamma*(1-alpha)*d / sqrt((1-beta)*var_E + eps +
+beta*(1-beta)*d^2) + b`` with ``d = x - mu_E``. ``benchmarks/bench_onnx_inference.py`` measures this
+against a naive subgraph, and the one-pass variance E[x^2] - E[x]^2, cheaper again, is not used: in
+float32 it loses 2e-4 (relative) of the variance when |mean| = 10 std and everything at 1000 std.
+
+Graph surgery uses raw ``onnx`` protobuf and ``onnx.helper`` throughout: the rewrite is local (one node
+becomes a short run of nodes at the same position), and protobuf in, protobuf out keeps every untouched
+node, initializer and metadata entry byte-identical, which an IR round trip does not promise. Each
+rewrite is pattern -> check (a reason or None) -> build; skipped nodes and their reasons are reported and
+the result passes ``onnx.checker.check_model(full_check=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import NoBatchNormError, OnnxError
+
+__all__ = [
+    "FOLDED_BN_HINT",
+    "Builder",
+    "LayerPlan",
+    "OnnxNormLayer",
+    "RewriteReport",
+    "checker_error",
+    "find_bn_nodes",
+    "load_onnx",
+    "match_layers",
+    "require_bn_nodes",
+    "rewrite",
+    "save_onnx",
+    "staged_save",
+]
+
+#: doc_string prefix of every node this module creates (so a rewritten graph is recognised as such).
+MARK = "bncorrect:"
+#: model metadata key listing what was rewritten.
+META_KEY = "bncorrect"
+MIN_OPSET = 9
+#: above this size a model is saved with external data (protobuf cannot serialize 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+FOLDED_BN_HINT = (
+    "BatchNorm was folded into the preceding Conv/Gemm when the model was exported, so the running "
+    "statistics bncorrect needs are gone. Re-export with BN kept: torch.onnx.export(model, args, path, "
+    "dynamo=True, optimize=False) or the legacy exporter with training=torch.onnx.TrainingMode.PRESERVE "
+    "or do_constant_folding=False; or let bncorrect export the PyTorch model (`bncorrect apply MODEL.pt "
+    "CORRECTIONS -o OUT.onnx`)"
+)
+
+_BN = "BatchNormalization"
+_PARAMS = ("scale", "bias", "mean", "var")
+_TORCH_SUFFIX = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+
+Coefficient = Any  # float | torch.Tensor | np.ndarray (kept loose: torch is not imported here)
+
+
+# --------------------------------------------------------------------------------------------- file I/O
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """Read an ONNX model, external data included; :class:`OnnxError` naming the file on anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxError("file not found", path=path, hint="check the path")
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except FileNotFoundError as e:
+        raise OnnxError(
+            f"external data file missing ({e.filename or e})",
+            path=path,
+            hint="keep the model's external data file(s) next to it, under the names it was saved with",
+        ) from None
+    except Exception as e:  # protobuf DecodeError, ValidationError, OSError: all mean "not a model"
+        if "should be stored in" in str(e) or "external" in str(e).lower():
+            raise OnnxError(
+                f"external data missing or unreadable ({e})",
+                path=path,
+                hint="keep the model's external data file(s) next to it, under the names it was saved with",
+            ) from None
+        raise OnnxError(
+            f"not a readable ONNX model ({type(e).__name__}: {e})",
+            path=path,
+            hint="pass a .onnx file written by an ONNX exporter",
+        ) from None
+    if not model.HasField("graph") or not model.opset_import:
+        raise OnnxError("not an ONNX model (no graph or no opset)", path=path, hint="pass a valid .onnx file")
+    return model
+
+
+def _model_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for t in _all_tensors(model):
+        total += len(t.raw_data) + 4 * len(t.float_data) + 8 * (len(t.int64_data) + len(t.double_data))
+        total += 4 * len(t.int32_data)
+    return total + sum(len(n.SerializeToString()) for n in model.graph.node[:64])
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+
+
+@contextlib.contextmanager
+def staged_save(
+    model: onnx.ModelProto, path: str | Path, *, external_data: bool | None = None
+) -> Iterator[Path]:
+    """Write ``model`` to a temporary location beside ``path`` and yield that path; move it into place only
+    when the ``with`` body succeeds (so a failed verification leaves no half-written output)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise OnnxError(
+            f"folder {path.parent} does not exist", path=path, hint=f"create it: mkdir -p {path.parent}"
+        )
+    if external_data is None:
+        external_data = _model_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tmp = tmpdir / path.name
+        data_name = f"{path.name}.data"
+        if external_data:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)  # save_model converts tensors in place
+            onnx.save_model(
+                copy,
+                str(tmp),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+            )
+        else:
+            onnx.save_model(model, str(tmp))
+        yield tmp
+        if external_data and (tmpdir / data_name).exists():
+            os.replace(tmpdir / data_name, path.parent / data_name)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OnnxError(
+            f"cannot write the model ({e})", path=path, hint="check the folder is writable"
+        ) from None
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def save_onnx(model: onnx.ModelProto, path: str | Path, *, external_data: bool | None = None) -> Path:
+    """Write ``model`` atomically. ``external_data`` None: only models above ~1.8 GB get their tensors in
+    ``<name>.data`` beside the file (protobuf cannot hold 2 GB); True/False forces it."""
+    path = Path(path)
+    with staged_save(model, path, external_data=external_data):
+        pass
+    return path
+
+
+# ------------------------------------------------------------------------------------------ graph index
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return int(o.version)
+    raise OnnxError("the model imports no ai.onnx opset", hint="pass a valid ONNX model")
+
+
+class _Index:
+    """Producers, consumers, constants and ranks of the main graph."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        g = model.graph
+        self.model = model
+        self.producer: dict[str, int] = {}
+        for i, node in enumerate(g.node):
+            for o in node.output:
+                if o:
+                    self.producer[o] = i
+        self.init: dict[str, TensorProto] = {t.name: t for t in g.initializer}
+        self.graph_inputs = {v.name for v in g.input}
+        self.graph_outputs = {v.name for v in g.output}
+        self.types: dict[str, onnx.TypeProto] = {}
+        for v in [*g.input, *g.value_info, *g.output]:
+            self.types[v.name] = v.type
+        self._inferred = False
+
+    def consumers(self, name: str) -> int:
+        n = sum(1 for node in self.model.graph.node for i in node.input if i == name)
+        return n + (name in self.graph_outputs)
+
+    def tensor_type(self, name: str) -> onnx.TypeProto | None:
+        t = self.types.get(name)
+        if (t is None or not t.tensor_type.HasField("shape")) and not self._inferred:
+            self._infer()
+            t = self.types.get(name)
+        return t
+
+    def _infer(self) -> None:
+        self._inferred = True
+        if _model_bytes(self.model) > EXTERNAL_DATA_THRESHOLD:
+            return
+        try:
+            inferred = onnx.shape_inference.infer_shapes(self.model, strict_mode=False, data_prop=False)
+        except Exception:  # shape inference is a best effort here; unknown rank has its own subgraph
+            return
+        for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+            old = self.types.get(v.name)
+            if old is None or not old.tensor_type.HasField("shape"):
+                self.types[v.name] = v.type
+
+    def rank(self, name: str) -> int | None:
+        t = self.tensor_type(name)
+        if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+            return None
+        return len(t.tensor_type.shape.dim)
+
+    def dims(self, name: str) -> tuple[int | str | None, ...] | None:
+        t = self.tensor_type(name)
+        if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+            return None
+        return tuple(
+            int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None)
+            for d in t.tensor_type.shape.dim
+        )
+
+    def elem_type(self, name: str, fallback: int) -> int:
+        t = self.types.get(name)
+        if t is not None and t.HasField("tensor_type") and t.tensor_type.elem_type:
+            return int(t.tensor_type.elem_type)
+        return fallback
+
+    def resolve(self, name: str, label: str) -> tuple[np.ndarray | None, str | None]:
+        """The constant behind tensor ``name`` (through Identity/Constant nodes): (array, None) or
+        (None, reason)."""
+        seen = set()
+        while True:
+            if name in self.init:
+                try:
+                    return numpy_helper.to_array(self.init[name]), None
+                except Exception as e:
+                    return None, f"{label} initializer {name!r} cannot be read ({e})"
+            idx = self.producer.get(name)
+            if idx is None:
+                if name in self.graph_inputs:
+                    return None, f"{label} ({name!r}) is a graph input fed at run time, not a constant"
+                return None, f"{label} ({name!r}) is not produced by any node or initializer"
+            if idx in seen:
+                return None, f"{label} ({name!r}) is produced by a cycle"
+            seen.add(idx)
+            node = self.model.graph.node[idx]
+            if node.op_type == "Identity" and node.domain in ("", "ai.onnx"):
+                name = node.input[0]
+                continue
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                value = _constant_value(node)
+                if value is None:
+                    return None, f"{label} comes from Constant node {node.name!r} of an unsupported kind"
+                return value, None
+            who = node.name or f"<unnamed {node.op_type} node producing {name!r}>"
+            return None, (
+                f"{label} ({name!r}) is computed by node {who!r} ({node.op_type}), not stored as a constant; "
+                "fold constants first (e.g. onnxscript.optimizer.fold_constants or onnxsim)"
+            )
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for a in node.attribute:
+        if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, dtype=np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), dtype=np.float32)
+    return None
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _is_ours(node: onnx.NodeProto) -> bool:
+    return node.doc_string.startswith(MARK)
+
+
+# --------------------------------------------------------------------------------------- finding layers
+
+
+@dataclass
+class OnnxNormLayer:
+    """One BatchNormalization node of an ONNX graph."""
+
+    name: str
+    node_index: int
+    channels: int
+    eps: float
+    rank: int | None
+    param_names: dict[str, str]
+    correctable: bool
+    reason: str | None
+    torch_name: str | None
+    dtype: str | None = None
+
+    def summary(self) -> dict[str, object]:
+        """JSON-friendly description."""
+        return {
+            "name": self.name,
+            "type": _BN,
+            "channels": self.channels,
+            "eps": self.eps,
+            "rank": self.rank,
+            "dtype": self.dtype,
+            "correctable": self.correctable,
+            "reason": self.reason,
+            "torch_name": self.torch_name,
+            "params": dict(self.param_names),
+        }
+
+
+def _torch_name(param_names: Mapping[str, str], node: onnx.NodeProto) -> str | None:
+    """PyTorch module path from parameter names like ``layer1.0.bn1.running_mean`` (all must agree)."""
+    prefixes = set()
+    for key, value in param_names.items():
+        suffix = "." + _TORCH_SUFFIX[key]
+        if value.endswith(suffix) and len(value) > len(suffix):
+            prefixes.add(value[: -len(suffix)])
+    if len(prefixes) == 1:
+        return prefixes.pop()
+    for (
+        p
+    ) in node.metadata_props:  # torch.onnx dynamo exporter: ['', 'layer1', 'layer1.0', 'layer1.0.bn1', op]
+        if p.key == "pkg.torch.onnx.name_scopes":
+            with contextlib.suppress(ValueError, SyntaxError):
+                import ast
+
+                scopes = ast.literal_eval(p.value)
+                if isinstance(scopes, list) and len(scopes) >= 2 and scopes[-2]:
+                    return str(scopes[-2])
+    return None
+
+
+def _layer_names(model: onnx.ModelProto) -> dict[int, str]:
+    """Stable unique names for BN nodes: the node name, or ``BatchNormalization:<output>`` when unnamed;
+    ``#k`` appended when several nodes share a name."""
+    g = model.graph
+    counts: dict[str, int] = {}
+    for node in g.node:
+        if node.name:
+            counts[node.name] = counts.get(node.name, 0) + 1
+    out: dict[int, str] = {}
+    seen: dict[str, int] = {}
+    for i, node in enumerate(g.node):
+        if node.op_type != _BN or node.domain not in ("", "ai.onnx") or _is_ours(node):
+            continue
+        base = node.name or f"{_BN}:{node.output[0]}"
+        if counts.get(base, 0) > 1:
+            k = seen.get(base, 0)
+            seen[base] = k + 1
+            base = f"{base}#{k}"
+        out[i] = base
+    return out
+
+
+def _check_layer(index: _Index, node: onnx.NodeProto, opset: int) -> tuple[dict[str, np.ndarray], str | None]:
+    """The check of pattern -> check -> rewrite: (parameter arrays, why it cannot be corrected or None)."""
+    if opset < MIN_OPSET:
+        return {}, f"opset {opset} < {MIN_OPSET}: convert with onnx.version_converter first"
+    if len(node.input) < 5:
+        return {}, "node has fewer than 5 inputs"
+    if int(_attr(node, "training_mode", 0)) != 0:
+        return {}, "training_mode=1: the node normalizes with batch statistics; export the model in eval mode"
+    if int(_attr(node, "spatial", 1)) != 1:
+        return {}, "spatial=0 (per-activation BN) is not supported"
+    extra = [o for o in node.output[1:] if o]
+    if extra:
+        return {}, (
+            f"the node has training outputs ({', '.join(extra)}), i.e. it runs in training mode; "
+            "export the model in eval mode"
+        )
+    params: dict[str, np.ndarray] = {}
+    for key, name in zip(_PARAMS, node.input[1:5], strict=True):
+        value, reason = index.resolve(name, key)
+        if reason is not None or value is None:
+            return params, reason
+        params[key] = value
+    c = params["mean"].size
+    if any(v.ndim != 1 or v.size != c for v in params.values()):
+        return params, f"parameters of unexpected shapes { ({k: v.shape for k, v in params.items()}) }"
+    if not all(np.issubdtype(v.dtype, np.floating) for v in params.values()):
+        return params, "parameters are not floating point"
+    if not all(np.isfinite(v).all() for v in params.values()):
+        return params, "parameters contain NaN or Inf"
+    if (params["var"] < 0).any():
+        return params, "running variance has negative entries"
+    x_type = index.elem_type(node.input[0], _np_elem_type(params["mean"]))
+    if x_type not in _FLOAT_TYPES:
+        return params, f"input of type {TensorProto.DataType.Name(x_type)} is not floating point"
+    return params, None
+
+
+def _np_elem_type(a: np.ndarray) -> int:
+    return int(helper.np_dtype_to_tensor_dtype(a.dtype))
+
+
+def find_bn_nodes(model: onnx.ModelProto) -> list[OnnxNormLayer]:
+    """Every BatchNormalization node of the main graph (not the ones bncorrect itself wrote), in order."""
+    index = _Index(model)
+    opset = _opset(model)
+    names = _layer_names(model)
+    layers = []
+    for i, name in names.items():
+        node = model.graph.node[i]
+        params, reason = _check_layer(index, node, opset)
+        param_names = dict(zip(_PARAMS, node.input[1:5], strict=False))
+        channels = next((int(v.size) for v in params.values()), 0)
+        rank = index.rank(node.input[0])
+        x_type = index.elem_type(node.input[0], TensorProto.FLOAT)
+        layers.append(
+            OnnxNormLayer(
+                name=name,
+                node_index=i,
+                channels=channels,
+                eps=float(_attr(node, "epsilon", 1e-5)),
+                rank=rank,
+                param_names=param_names,
+                correctable=reason is None,
+                reason=reason,
+                torch_name=_torch_name(param_names, node),
+                dtype=TensorProto.DataType.Name(x_type).lower(),
+            )
+        )
+    return layers
+
+
+def _nested_bn_count(model: onnx.ModelProto) -> int:
+    def count(nodes: Iterable[onnx.NodeProto]) -> int:
+        n = 0
+        for node in nodes:
+            n += node.op_type == _BN
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    n += count(a.g.node)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    n += sum(count(g.node) for g in a.graphs)
+        return n
+
+    inner = sum(count(f.node) for f in model.functions)
+    for node in model.graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                inner += count(a.g.node)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                inner += sum(count(g.node) for g in a.graphs)
+    return inner
+
+
+def require_bn_nodes(model: onnx.ModelProto, *, source: str | Path | None = None) -> list[OnnxNormLayer]:
+    """:func:`find_bn_nodes`, raising :class:`NoBatchNormError` with the right explanation when empty."""
+    layers = find_bn_nodes(model)
+    if layers:
+        return layers
+    g = model.graph
+    if any(_is_ours(n) for n in g.node):
+        raise NoBatchNormError(
+            "this graph was already rewritten by bncorrect and has no plain BatchNormalization node left",
+            path=source,
+            hint="apply corrections to the original (uncorrected) ONNX graph",
+        )
+    if _nested_bn_count(model):
+        raise NoBatchNormError(
+            "the BatchNormalization nodes are inside local functions or control-flow subgraphs",
+            path=source,
+            hint="inline them first (onnx.inliner.inline_local_functions) or re-export without functions",
+        )
+    convs = sum(n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") for n in g.node)
+    what = (
+        f"the graph has {convs} Conv/Gemm/MatMul nodes and no BatchNormalization node"
+        if convs
+        else ("the graph has no BatchNormalization node")
+    )
+    raise NoBatchNormError(
+        what,
+        path=source,
+        hint=FOLDED_BN_HINT
+        if convs
+        else (
+            "bncorrect corrects BatchNorm layers; this model has none (or its BN was folded away: "
+            + FOLDED_BN_HINT
+            + ")"
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- matching
+
+_STRIP_PREFIXES = ("p_", "b_", "model_", "module_", "_orig_mod_")
+
+
+def _norm_key(name: str) -> str:
+    key = re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_")
+    return key
+
+
+def _param_keys(layer: OnnxNormLayer) -> set[str]:
+    """Normalised module paths recoverable from the parameter names (``b_layer1_0_bn1_running_mean`` ->
+    ``layer1_0_bn1``)."""
+    keys = set()
+    for key, value in layer.param_names.items():
+        v = _norm_key(value)
+        suffix = "_" + _TORCH_SUFFIX[key]
+        if v.endswith(suffix) and len(v) > len(suffix):
+            stem = v[: -len(suffix)]
+            keys.add(stem)
+            for p in _STRIP_PREFIXES:
+                if stem.startswith(p) and len(stem) > len(p):
+                    keys.add(stem[len(p) :])
+    if layer.torch_name:
+        keys.add(_norm_key(layer.torch_name))
+    return keys
+
+
+def match_layers(
+    model: onnx.ModelProto, names: Iterable[str], *, source: str | Path | None = None
+) -> dict[str, str]:
+    """Map layer names from a corrections file (ONNX node names or PyTorch module paths such as
+    ``layer1.0.bn1``) to BN node names. Exact node names win, then PyTorch paths recovered from the BN
+    parameter names (``layer1.0.bn1.running_mean``), then the same compared with punctuation folded
+    (``b_layer1_0_bn1_running_mean``). :class:`OnnxError` lists unknown and ambiguous names."""
+    layers = require_bn_nodes(model, source=source)
+    by_node = {ly.name: ly for ly in layers}
+    out: dict[str, str] = {}
+    unknown: list[str] = []
+    ambiguous: list[str] = []
+    for name in names:
+        cands = {ly.name for ly in layers if ly.name == name or ly.torch_name == name}
+        if not cands:
+            key = _norm_key(name)
+            cands = {ly.name for ly in layers if key in _param_keys(ly) or _norm_key(ly.name) == key}
+        if not cands:
+            unknown.append(name)
+        elif len(cands) > 1:
+            ambiguous.append(f"{name} -> {', '.join(sorted(cands))}")
+        else:
+            out[name] = cands.pop()
+    taken: dict[str, list[str]] = {}
+    for k, v in out.items():
+        taken.setdefault(v, []).append(k)
+    ambiguous += [f"{' and '.join(ks)} -> {v}" for v, ks in taken.items() if len(ks) > 1]
+    if unknown or ambiguous:
+        parts = []
+        if unknown:
+            parts.append(
+                f"not found in the graph: {', '.join(unknown[:8])}" + (" ..." if len(unknown) > 8 else "")
+            )
+        if ambiguous:
+            parts.append(f"ambiguous: {'; '.join(ambiguous[:8])}" + (" ..." if len(ambiguous) > 8 else ""))
+        known = ", ".join(
+            f"{ly.name}" + (f" ({ly.torch_name})" if ly.torch_name and ly.torch_name != ly.name else "")
+            for ly in list(by_node.values())[:6]
+        )
+        raise OnnxError(
+            "cannot match the corrections to the graph's BatchNormalization nodes: " + "; ".join(parts),
+            path=source,
+            hint=f"the graph's BN layers are: {known}{' ...' if len(by_node) > 6 else ''}. Use a corrections "
+            "file made for the PyTorch model this graph was exported from, or name layers by ONNX node name",
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------- building
+
+
+class Builder:
+    """Emits the nodes and initializers of one layer's subgraph (opset-aware helpers, unique names)."""
+
+    def __init__(
+        self, prefix: str, opset: int, taken: set[str], shared: dict[str, str], stats_type: int
+    ) -> None:
+        self.prefix = prefix
+        self.opset = opset
+        self.taken = taken
+        self.shared = shared  # key -> initializer name, reused across layers
+        self.stats_type = stats_type
+        self.np_dtype = helper.tensor_dtype_to_np_dtype(stats_type)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self.shared_inits: list[TensorProto] = []
+
+    def fresh(self, hint: str) -> str:
+        base = f"{self.prefix}/{hint}"
+        name, k = base, 1
+        while name in self.taken:
+            name = f"{base}_{k}"
+            k += 1
+        self.taken.add(name)
+        return name
+
+    def const(self, hint: str, value: Any, dtype: Any = None) -> str:
+        arr = np.asarray(value, dtype=self.np_dtype if dtype is None else dtype)
+        name = self.fresh(hint)
+        self.inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def shared_const(self, key: str, value: Any, dtype: Any) -> str:
+        full = f"bncorrect/{key}"
+        if full not in self.shared:
+            arr = np.asarray(value, dtype=dtype)
+            name = full
+            k = 1
+            while name in self.taken:
+                name = f"{full}_{k}"
+                k += 1
+            self.taken.add(name)
+            self.shared[full] = name
+            self.shared_inits.append(numpy_helper.from_array(arr, name))
+        return self.shared[full]
+
+    def shape(self, values: list[int]) -> str:
+        return self.shared_const(
+            "shape_" + "_".join(str(v).replace("-", "m") for v in values), values, np.int64
+        )
+
+    def op(
+        self,
+        op_type: str,
+        inputs: list[str],
+        hint: str | None = None,
+        *,
+        out: str | None = None,
+        n_out: int = 1,
+        **attrs: Any,
+    ) -> str:
+        outs = (
+            [out]
+            if out is not None and n_out == 1
+            else [self.fresh(f"{hint or op_type}") for _ in range(n_out)]
+        )
+        node = helper.make_node(op_type, inputs, outs, name=self.fresh(f"{hint or op_type}_node"), **attrs)
+        node.doc_string = f"{MARK} corrected BatchNormalization (DESIGN §2), part of {self.prefix}"
+        self.nodes.append(node)
+        return outs[0]
+
+    def ops(
+        self, op_type: str, inputs: list[str], n_out: int, hint: str | None = None, **attrs: Any
+    ) -> list[str]:
+        outs = [self.fresh(f"{hint or op_type}_{k}") for k in range(n_out)]
+        node = helper.make_node(op_type, inputs, outs, name=self.fresh(f"{hint or op_type}_node"), **attrs)
+        node.doc_string = f"{MARK} corrected BatchNormalization (DESIGN §2), part of {self.prefix}"
+        self.nodes.append(node)
+        return outs
+
+    def reduce(self, op_type: str, x: str, axes: list[int], keepdims: int, hint: str | None = None) -> str:
+        axes_as_input = self.opset >= (13 if op_type == "ReduceSum" else 18)
+        if axes_as_input:
+            return self.op(op_type, [x, self.shape(axes)], hint, keepdims=keepdims)
+        return self.op(op_type, [x], hint, axes=axes, keepdims=keepdims)
+
+    def batch_size(self, x: str, dim: int | str | None = None) -> str:
+        """(1,) int64 tensor holding N = x.shape[0]: a constant when static, one Shape node per symbolic
+        batch dimension (shared by every layer whose input has that dimension), else per layer."""
+        if isinstance(dim, int) and dim > 0:
+            return self.shared_const(f"N_{dim}", [dim], np.int64)
+        key = f"N:{dim}" if isinstance(dim, str) and dim else None
+        if key is not None and key in self.shared:
+            return self.shared[key]
+        if self.opset >= 15:
+            out = self.op("Shape", [x], "N", start=0, end=1)
+        else:
+            shape = self.op("Shape", [x], "shape")
+            if self.opset >= 10:
+                out = self.op("Slice", [shape, self.shape([0]), self.shape([1])], "N")
+            else:
+                out = self.op("Slice", [shape], "N", starts=[0], ends=[1])
+        if key is not None:
+            self.shared[key] = out
+        return out
+
+
+@dataclass
+class LayerPlan:
+    """Everything a subgraph builder needs for one layer (arrays in float64)."""
+
+    name: str
+    x: str
+    y: str
+    rank: int | None
+    x_type: int
+    stats_type: int
+    eps: float
+    gamma: np.ndarray
+    bias: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+    alpha: np.ndarray  # () or (C,)
+    beta: np.ndarray
+    shape: tuple[int | str | None, ...] | None = None  # x's dims when known: int, symbol or None
+
+    @property
+    def batch_dim(self) -> int | str | None:
+        return self.shape[0] if self.shape else None
+
+    def spatial_dims(self, rank: int) -> tuple[int, ...] | None:
+        """Static spatial dims when all are known and the graph's rank is used as is."""
+        if self.shape is None or len(self.shape) != rank or self.rank is None:
+            return None
+        dims = self.shape[2:]
+        return tuple(int(d) for d in dims) if all(isinstance(d, int) and d > 0 for d in dims) else None
+
+    @property
+    def channels(self) -> int:
+        return int(self.mean.size)
+
+    def per_channel(self, v: np.ndarray, rank: int) -> np.ndarray:
+        """Shape a () or (C,) array to broadcast against (N, C, 1, ...) of ``rank`` dims."""
+        v = np.asarray(v, dtype=np.float64)
+        return v if v.ndim == 0 else v.reshape((-1,) + (1,) * (rank - 2))
+
+
+BuildFn = Callable[[Builder, LayerPlan], None]
+
+
+def _cast_in(b: Builder, p: LayerPlan) -> str:
+    return p.x if p.x_type == p.stats_type else b.op("Cast", [p.x], "x_f", to=p.stats_type)
+
+
+def _finish(b: Builder, p: LayerPlan, y: str, op_type: str, inputs: list[str], **attrs: Any) -> None:
+    """Emit the last op so that its result (cast back to the input type if needed) is named ``p.y``."""
+    if p.x_type == p.stats_type:
+        b.op(op_type, inputs, y, out=p.y, **attrs)
+    else:
+        r = b.op(op_type, inputs, y, **attrs)
+        b.op("Cast", [r], "y_cast", out=p.y, to=p.x_type)
+
+
+def build_rank2(b: Builder, p: LayerPlan) -> None:
+    """(N, C) input: mu_i = x, var_i = 0, everything elementwise on small tensors."""
+    a, be = p.alpha, p.beta
+    x = _cast_in(b, p)
+    d = b.op("Sub", [x, b.const("mean", p.mean)], "d")
+    g1 = b.const("gamma_1ma", p.gamma * (1.0 - a))
+    num = b.op("Mul", [d, g1], "num")
+    c0 = (1.0 - be) * p.var + p.eps
+    bb = be * (1.0 - be)
+    if not np.any(bb):
+        scaled = b.op("Mul", [num, b.const("inv_std", 1.0 / np.sqrt(c0))], "scaled")
+    else:
+        dd = b.op("Mul", [d, d], "d2")
+        v = b.op("Add", [b.op("Mul", [dd, b.const("bb", bb)], "bb_d2"), b.const("c0", c0)], "var_hat_eps")
+        scaled = b.op("Div", [num, b.op("Sqrt", [v], "std_hat")], "scaled")
+    _finish(b, p, "y", "Add", [scaled, b.const("bias", p.bias)])
+
+
+def _stats(b: Builder, p: LayerPlan, x: str, r: int) -> tuple[str, str | None, bool]:
+    """(mu_i, v, is_inv_std) of shape (N, C, 1, ...): ``v`` is 1/sqrt(var_i) (LayerNormalization, opset
+    >= 17) or var_i (exact two-pass, older opsets); None when beta = 0 (no variance needed)."""
+    axes = list(range(2, r))
+    if not np.any(p.beta):
+        return b.reduce("ReduceMean", x, axes, 1, "mu_i"), None, False
+    if b.opset >= 17:
+        spatial = p.spatial_dims(r)
+        if spatial is not None:  # a full-shape scale: onnxruntime's broadcast-scale path is ~10x slower
+            ones = b.shared_const("ones_" + "x".join(map(str, spatial)), np.ones(spatial), b.np_dtype)
+        else:
+            one = numpy_helper.from_array(np.ones(1, dtype=b.np_dtype))
+            ones = b.op("ConstantOfShape", [b.op("Shape", [x], "spatial_shape", start=2)], "ones", value=one)
+        _, mu, inv_std = b.ops("LayerNormalization", [x, ones], 3, "stats", axis=2, epsilon=0.0)
+        return mu, inv_std, True
+    mu = b.reduce("ReduceMean", x, axes, 1, "mu_i")
+    xc = b.op("Sub", [x, mu], "x_centered")
+    return mu, b.reduce("ReduceMean", b.op("Mul", [xc, xc], "x_centered_sq"), axes, 1, "var_i"), False
+
+
+def build_fast(b: Builder, p: LayerPlan) -> None:
+    """The formulation of the module docstring (rank >= 3, or rank unknown)."""
+    x = _cast_in(b, p)
+    rank = p.rank
+    if rank is None:  # view as (N, C, L): works for any rank >= 2 ((N, C) becomes L = 1: var_i = 0)
+        x = b.op("Reshape", [x, b.shape([0, 0, -1])], "x_ncl")
+        r = 3
+    else:
+        r = rank
+    pc = lambda v: p.per_channel(v, r)  # noqa: E731
+    a, be = p.alpha, p.beta
+    mu, v, is_inv_std = _stats(b, p, x, r)
+    flat = b.shape([-1])
+    n = b.batch_size(x, p.batch_dim)
+    if np.any(a):  # mu_hat = mu_E + alpha * (mu_i - mu_E)
+        ca = b.const("alpha", pc(a))
+        mu_hat = b.op(
+            "Add", [b.op("Mul", [mu, ca], "alpha_mu"), b.const("mean_1ma", pc((1.0 - a) * p.mean))], "mu_hat"
+        )
+        m_in = b.op("Reshape", [mu_hat, flat], "mu_hat_flat")
+    else:
+        m_in = b.op("Tile", [b.const("mean", p.mean), n], "mu_hat_flat")
+    if v is not None:  # var_hat = beta * var_i + beta (1 - beta) d^2 + (1 - beta) var_E
+        if is_inv_std:
+            beta_var = b.op("Div", [b.const("beta", pc(be)), b.op("Mul", [v, v], "inv_var")], "beta_var_i")
+        else:
+            beta_var = b.op("Mul", [v, b.const("beta", pc(be))], "beta_var_i")
+        terms = [beta_var]
+        bb = be * (1.0 - be)
+        if np.any(bb):
+            d = b.op("Sub", [mu, b.const("mean", pc(p.mean))], "d")
+            terms.append(b.op("Mul", [b.op("Mul", [d, d], "d2"), b.const("bb", pc(bb))], "bb_d2"))
+        ce = (1.0 - be) * p.var
+        if np.any(ce):
+            terms.append(b.const("var_1mb", pc(ce)))
+        var_hat = b.op("Sum", terms, "var_hat") if len(terms) > 1 else terms[0]
+        v_in = b.op("Reshape", [var_hat, flat], "var_hat_flat")
+    else:
+        v_in = b.op("Tile", [b.const("var", p.var), n], "var_hat_flat")
+    g_in = b.op("Tile", [b.const("gamma", p.gamma), n], "gamma_tiled")
+    b_in = b.op("Tile", [b.const("bias", p.bias), n], "bias_tiled")
+    xv = b.op("Reshape", [x, b.shape([1, -1] + [0] * (r - 2))], "x_view")
+    yv = b.op(_BN, [xv, g_in, b_in, m_in, v_in], "y_view", epsilon=float(p.eps))
+    back = b.shape([-1, p.channels] + [0] * (r - 2)) if rank is not None else b.op("Shape", [p.x], "x_shape")
+    _finish(b, p, "y", "Reshape", [yv, back])
+
+
+def build_default(b: Builder, p: LayerPlan) -> None:
+    """Pick the subgraph for the layer's rank."""
+    if p.rank == 2:
+        build_rank2(b, p)
+    else:
+        build_fast(b, p)
+
+
+# ---------------------------------------------------------------------------------------------- rewrite
+
+
+@dataclass
+class RewriteReport:
+    """What :func:`rewrite` did: node names rewritten, kept as plain BN, skipped (with the reason)."""
+
+    rewritten: list[str] = field(default_factory=list)
+    recalibrated: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    opset: int = 0
+    formulation: str = "layernorm-stats + bn-view"
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, object]:
+        """JSON-friendly report."""
+        return {
+            "rewritten": list(self.rewritten),
+            "recalibrated": list(self.recalibrated),
+            "kept": list(self.kept),
+            "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
+            "opset": self.opset,
+            "formulation": self.formulation,
+            "notes": list(self.notes),
+        }
+
+
+def _coef(value: Any, name: str, label: str, channels: int, source: str | Path | None) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim > 1 or (arr.ndim == 1 and arr.size != channels):
+        raise OnnxError(
+            f"{label} for layer {name} has shape {list(arr.shape)} but the layer has {channels} channels",
+            path=source,
+            hint="use a scalar or a vector of length C per layer (a corrections file made for this model)",
+        )
+    if arr.ndim == 1 and arr.size and np.all(arr == arr.flat[0]):
+        arr = np.asarray(arr.flat[0])
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0) or np.any(arr > 1):
+        raise OnnxError(f"{label} for layer {name} must lie in [0, 1], got {arr.tolist()}", path=source)
+    return arr
+
+
+def _stat(value: Any, name: str, label: str, channels: int, source: str | Path | None) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    arr = np.asarray(value, dtype=np.float64)
+    if (
+        arr.shape != (channels,)
+        or not np.all(np.isfinite(arr))
+        or (label == "running_var" and np.any(arr < 0))
+    ):
+        raise OnnxError(
+            f"{label} for layer {name} must be a finite vector of length {channels}"
+            + (" with no negative entry" if label == "running_var" else "")
+            + f", got shape {list(arr.shape)}",
+            path=source,
+        )
+    return arr
+
+
+def rewrite(
+    model: onnx.ModelProto,
+    alpha: Mapping[str, Coefficient],
+    beta: Mapping[str, Coefficient],
+    *,
+    running_stats: Mapping[str, tuple[Any, Any]] | None = None,
+    source: str | Path | None = None,
+) -> tuple[onnx.ModelProto, RewriteReport]:
+    """Return a copy of ``model`` with the named BN nodes corrected, and a report.
+
+    Keys of ``alpha``/``beta``/``running_stats`` are BN node names (see :func:`find_bn_nodes`; map
+    PyTorch names with :func:`match_layers`). A layer missing from ``beta`` gets beta = alpha; missing
+    from ``alpha`` gets 0. alpha = beta = 0 keeps the node untouched, or (with ``running_stats``) keeps
+    a plain BN fed with the new statistics. ``source`` is the file name used in error messages.
+    """
+    return _rewrite(model, alpha, beta, running_stats=running_stats, source=source, build=build_default)
+
+
+def _rewrite(
+    model: onnx.ModelProto,
+    alpha: Mapping[str, Coefficient],
+    beta: Mapping[str, Coefficient],
+    *,
+    running_stats: Mapping[str, tuple[Any, Any]] | None = None,
+    source: str | Path | None = None,
+    build: BuildFn = build_default,
+    formulation: str | None = None,
+    check: bool = True,
+) -> tuple[onnx.ModelProto, RewriteReport]:
+    layers = require_bn_nodes(model, source=source)
+    opset = _opset(model)
+    report = RewriteReport(opset=opset)
+    report.formulation = formulation or (
+        "LayerNormalization statistics + BatchNormalization over a (1, N*C, ...) view"
+        if opset >= 17
+        else "two-pass ReduceMean statistics + BatchNormalization over a (1, N*C, ...) view"
+    )
+    by_name = {ly.name: ly for ly in layers}
+    stats = dict(running_stats or {})
+    wanted = set(alpha) | set(beta) | set(stats)
+    unknown = sorted(wanted - set(by_name))
+    if unknown:
+        raise OnnxError(
+            f"no BatchNormalization node named {', '.join(unknown[:8])}"
+            + (" ..." if len(unknown) > 8 else ""),
+            path=source,
+            hint="name layers by ONNX node name, or map PyTorch names with match_layers()",
+        )
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    index = _Index(out)
+    taken = set(index.producer) | set(index.init) | index.graph_inputs | index.graph_outputs
+    taken |= {n.name for n in g.node if n.name} | {v.name for v in g.value_info}
+    shared: dict[str, str] = {}
+    replacements: dict[int, list[onnx.NodeProto]] = {}
+    new_inits: list[TensorProto] = []
+    dropped_params: set[str] = set()
+    for ly in layers:
+        if ly.name not in wanted:
+            report.kept.append(ly.name)
+            continue
+        node = g.node[ly.node_index]
+        params, reason = _check_layer(index, node, opset)
+        if reason is not None:
+            report.skipped.append((ly.name, reason))
+            continue
+        c = ly.channels
+        a_raw = alpha.get(ly.name)
+        b_raw = beta.get(ly.name)
+        a = _coef(0.0 if a_raw is None else a_raw, ly.name, "alpha", c, source)
+        b = _coef(a if b_raw is None else b_raw, ly.name, "beta", c, source)
+        mean = params["mean"].astype(np.float64)
+        var = params["var"].astype(np.float64)
+        if ly.name in stats:
+            rm, rv = stats[ly.name]
+            mean = _stat(rm, ly.name, "running_mean", c, source)
+            var = _stat(rv, ly.name, "running_var", c, source)
+        identity = not np.any(a) and not np.any(b)
+        if identity and ly.name not in stats:
+            report.kept.append(ly.name)
+            continue
+        x_type = index.elem_type(node.input[0], _np_elem_type(params["mean"]))
+        stats_type = TensorProto.DOUBLE if x_type == TensorProto.DOUBLE else TensorProto.FLOAT
+        b_ = Builder(ly.name + "/bncorrect", opset, taken, shared, stats_type)
+        if identity:  # recalibration only: stay a plain (foldable) BN with the new statistics
+            new = onnx.NodeProto()
+            new.CopyFrom(node)
+            ptype = helper.tensor_dtype_to_np_dtype(_np_elem_type(params["mean"]))
+            new.input[3] = b_.const("running_mean", mean, ptype)
+            new.input[4] = b_.const("running_var", var, ptype)
+            replacements[ly.node_index] = [new]
+            new_inits += b_.inits
+            dropped_params |= {node.input[3], node.input[4]}
+            report.recalibrated.append(ly.name)
+            continue
+        plan = LayerPlan(
+            name=ly.name,
+            x=node.input[0],
+            y=node.output[0],
+            rank=ly.rank,
+            x_type=x_type,
+            stats_type=stats_type,
+            eps=ly.eps,
+            gamma=params["scale"].astype(np.float64),
+            bias=params["bias"].astype(np.float64),
+            mean=mean,
+            var=var,
+            alpha=a,
+            beta=b,
+            shape=index.dims(node.input[0]),
+        )
+        build(b_, plan)
+        replacements[ly.node_index] = b_.nodes
+        new_inits += b_.shared_inits + b_.inits
+        dropped_params |= set(node.input[1:5])
+        report.rewritten.append(ly.name)
+    if not replacements:
+        return out, report
+    nodes = []
+    for i, node in enumerate(g.node):
+        nodes.extend(replacements.get(i, [node]))
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(new_inits)
+    _prune(out, dropped_params)
+    _record(out, report)
+    if check:
+        problem = checker_error(out)
+        if problem is not None:
+            if checker_error(model) is None:
+                raise OnnxError(
+                    f"the rewritten graph does not pass onnx.checker: {problem}",
+                    path=source,
+                    hint="this is a bncorrect bug; please report it with the model's opset and BN layer "
+                    "shapes",
+                )
+            report.notes.append(f"the input graph itself does not pass onnx.checker ({problem})")
+    return out, report
+
+
+def _prune(model: onnx.ModelProto, names: set[str]) -> None:
+    """Remove the rewritten nodes' parameter initializers / Constant / Identity nodes no longer used."""
+    g = model.graph
+    keep_inputs = {v.name for v in g.input} | {v.name for v in g.output}
+    while True:
+        used = {i for n in g.node for i in n.input} | keep_inputs
+        dead = [
+            k
+            for k, n in enumerate(g.node)
+            if not _is_ours(n)
+            and n.op_type in ("Constant", "Identity")
+            and n.output[0] in names
+            and n.output[0] not in used
+        ]
+        if not dead:
+            break
+        for k in reversed(dead):
+            names |= set(g.node[k].input)
+            del g.node[k]
+    used = {i for n in g.node for i in n.input} | keep_inputs
+    kept = [t for t in g.initializer if t.name not in names or t.name in used]
+    if len(kept) != len(g.initializer):
+        del g.initializer[:]
+        g.initializer.extend(kept)
+    gone = names - used
+    vi = [v for v in g.value_info if v.name not in gone]
+    if len(vi) != len(g.value_info):
+        del g.value_info[:]
+        g.value_info.extend(vi)
+
+
+def _record(model: onnx.ModelProto, report: RewriteReport) -> None:
+    """Note in the model's metadata what bncorrect rewrote (appending to an earlier entry)."""
+    from . import __version__
+
+    entry: dict[str, Any] = {
+        "version": __version__,
+        "formulation": report.formulation,
+        "rewritten": [],
+        "recalibrated": [],
+    }
+    for p in model.metadata_props:
+        if p.key == META_KEY:
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                old = json.loads(p.value)
+                entry["rewritten"] += list(old.get("rewritten", []))
+                entry["recalibrated"] += list(old.get("recalibrated", []))
+    entry["rewritten"] += report.rewritten
+    entry["recalibrated"] += report.recalibrated
+    props = [p for p in model.metadata_props if p.key != META_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(props)
+    model.metadata_props.add(key=META_KEY, value=json.dumps(entry))
+
+
+def checker_error(model: onnx.ModelProto) -> str | None:
+    """What ``onnx.checker.check_model(full_check=True)`` objects to (None when it passes); models above
+    2 GB are checked through a temporary external-data copy."""
+    try:
+        if _model_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+            with tempfile.TemporaryDirectory() as d:
+                p = Path(d) / "model.onnx"
+                copy = onnx.ModelProto()
+                copy.CopyFrom(model)
+                onnx.save_model(copy, str(p), save_as_external_data=True, location="model.onnx.data")
+                onnx.checker.check_model(str(p), full_check=True)
+        else:
+            onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        return str(e).strip()
+    return None

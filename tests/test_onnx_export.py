@@ -1,0 +1,196 @@
+"""Export of corrected PyTorch models to ONNX, verification, cross-format apply and --min-effect
+(bncorrect.onnx_export)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from bncorrect import onnx_export
+from bncorrect.corrections import Corrections, LayerCorrection, load_corrections, save_corrections
+from bncorrect.errors import OnnxError, VerificationError
+from bncorrect.layers import correct_model
+from bncorrect.onnx_export import export_onnx, export_plain, min_effect_filter, run_onnx, verify_onnx
+from bncorrect.onnx_rewrite import find_bn_nodes, load_onnx, match_layers, rewrite
+
+
+class Net(nn.Module):
+    """Conv2d+BN+ReLU blocks, BatchNorm1d on (N, C, L) and on (N, C)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+        )
+        self.mix = nn.Conv1d(8, 6, 1)
+        self.bn1d = nn.BatchNorm1d(6)
+        self.fc = nn.Linear(6, 5, bias=False)
+        self.head = nn.BatchNorm1d(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.features(x).flatten(2)
+        y = torch.relu(self.bn1d(self.mix(y)))
+        return self.head(self.fc(y.mean(2)))
+
+
+def trained_net(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    net = Net()
+    net.train()
+    with torch.no_grad():
+        for _ in range(4):
+            net(torch.randn(8, 3, 6, 6) * 2 + 1)
+    return net.eval()
+
+
+ALPHA = {"features.1": 0.3, "features.4": torch.linspace(0.1, 0.8, 8), "bn1d": 0.5, "head": 0.2}
+BETA = {"features.1": 0.1, "features.4": 0.4, "bn1d": torch.linspace(0.9, 0.2, 6), "head": 0.7}
+
+
+@pytest.fixture(scope="module")
+def corrected() -> Net:
+    return correct_model(trained_net(), ALPHA, BETA)
+
+
+@pytest.fixture(scope="module")
+def exported(
+    corrected: Net, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, onnx_export.ExportReport]:
+    path = tmp_path_factory.mktemp("export") / "net.onnx"
+    return path, export_onnx(corrected, torch.randn(1, 3, 6, 6), path)
+
+
+def test_export_verifies_and_rewrites_every_corrected_layer(exported, corrected: Net) -> None:
+    path, report = exported
+    assert report.path == path and path.is_file()
+    assert report.max_abs_diff is not None and report.rel_diff is not None and report.rel_diff <= 1e-4
+    assert sorted(report.rewritten) == sorted(ALPHA)
+    model = load_onnx(path)
+    onnx.checker.check_model(model, full_check=True)
+    assert find_bn_nodes(model) == []  # every BN rewritten
+    # dynamic batch: another batch size runs and matches PyTorch
+    x = torch.randn(5, 3, 6, 6)
+    with torch.no_grad():
+        ref = corrected(x).numpy()
+    got = run_onnx(path, x)[0]
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert verify_onnx(path, corrected, x) <= 1e-4 * np.abs(ref).max()
+    assert not [p for p in path.parent.iterdir() if p.name != "net.onnx"]  # no temp files left
+
+
+def test_export_does_not_touch_the_callers_model(corrected: Net) -> None:
+    from bncorrect.layers import CorrectedNorm
+
+    assert isinstance(corrected.features[1], CorrectedNorm) and not corrected.training
+
+
+def test_export_older_opset_and_identity_layers(tmp_path: Path) -> None:
+    net = correct_model(
+        trained_net(1), {"features.1": 0.4, "features.4": 0.0, "bn1d": 0.0, "head": 0.3}, None
+    )
+    report = export_onnx(net, torch.randn(2, 3, 6, 6), tmp_path / "net13.onnx", opset=13)
+    assert report.opset == 13 and report.rel_diff is not None and report.rel_diff <= 1e-4
+    assert sorted(report.rewritten) == ["features.1", "head"] and sorted(report.kept) == [
+        "bn1d",
+        "features.4",
+    ]
+    model = load_onnx(tmp_path / "net13.onnx")
+    assert sorted(ly.torch_name for ly in find_bn_nodes(model)) == [
+        "bn1d",
+        "features.4",
+    ]  # plain BN, foldable
+
+
+def test_verification_failure_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    net = correct_model(trained_net(2), 0.3)
+    monkeypatch.setattr(onnx_export, "_compare", lambda *a, **k: (1.0, 0.5))
+    with pytest.raises(VerificationError, match="nothing was written"):
+        export_onnx(net, torch.randn(2, 3, 6, 6), tmp_path / "bad.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_onnx_detects_a_different_model(exported) -> None:
+    path, _ = exported
+    other = correct_model(trained_net(3), 0.9)
+    with pytest.raises(VerificationError, match="differs"):
+        verify_onnx(path, other, torch.randn(2, 3, 6, 6))
+
+
+def test_cross_format_apply_round_trip(tmp_path: Path) -> None:
+    """Corrections estimated on the PyTorch model, applied to that model's ONNX export."""
+    net = trained_net(4)
+    corrections = Corrections(
+        layers={
+            "features.1": LayerCorrection(torch.tensor(0.25), torch.tensor(0.5)),
+            "features.4": LayerCorrection(torch.linspace(0, 1, 8), torch.tensor(0.3)),
+            "head": LayerCorrection(torch.tensor(0.6), torch.tensor(0.1)),
+        },
+        method="test",
+    )
+    save_corrections(corrections, tmp_path / "c.safetensors")
+    graph = export_plain(net, torch.randn(1, 3, 6, 6))  # what a user exports with BN kept
+    loaded = load_corrections(tmp_path / "c.safetensors")
+    mapping = match_layers(graph, list(loaded.layers))
+    assert set(mapping) == {"features.1", "features.4", "head"}
+    alpha, beta = loaded.coefficients()
+    out, report = rewrite(
+        graph, {mapping[k]: v for k, v in alpha.items()}, {mapping[k]: v for k, v in beta.items()}
+    )
+    assert sorted(report.rewritten) == sorted(mapping.values())
+    assert len(report.kept) == 1  # bn1d: not in the file
+    reference = correct_model(trained_net(4), *[{k: v for k, v in d.items()} for d in loaded.coefficients()])
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        ref = reference(x).numpy()
+    assert np.abs(run_onnx(out, x)[0] - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+class FrozenBN(nn.Module):
+    """torchvision-style FrozenBatchNorm2d: exports as Mul/Add, not as a BN node."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        for k, v in (
+            ("weight", torch.ones(c)),
+            ("bias", torch.zeros(c)),
+            ("running_mean", torch.zeros(c)),
+            ("running_var", torch.ones(c)),
+        ):
+            self.register_buffer(k, v)
+        self.eps = 1e-5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+
+def test_layers_that_do_not_export_as_bn_are_reported(tmp_path: Path) -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), FrozenBN(4)).eval()
+    correct_model(net, 0.2)
+    with pytest.raises(OnnxError, match="FrozenBatchNorm2d"):
+        export_onnx(net, torch.randn(1, 3, 8, 8), tmp_path / "f.onnx")
+    assert not (tmp_path / "f.onnx").exists()
+
+
+def test_min_effect_keeps_layers_whose_correction_is_negligible() -> None:
+    net = trained_net(5)
+    graph = export_plain(net, torch.randn(1, 3, 6, 6))
+    names = {ly.torch_name: ly.name for ly in find_bn_nodes(graph)}
+    alpha = {names["features.1"]: 1e-7, names["features.4"]: 0.5, names["head"]: 0.4}
+    report = min_effect_filter(graph, alpha, alpha, torch.randn(8, 3, 6, 6), tol=1e-3)
+    assert report.kept == [names["features.1"]]
+    assert sorted(report.corrected) == sorted([names["features.4"], names["head"]])
+    assert report.effects[names["features.1"]] < 1e-3 < report.effects[names["features.4"]]
+    _out, rep = rewrite(graph, report.filter(alpha), report.filter(alpha))
+    assert names["features.1"] in rep.kept and len(rep.rewritten) == 2
