@@ -75,7 +75,7 @@ def open_model(model: ModelLike, **load_options: Any) -> Source:
     path = Path(model)
     if path.suffix.lower() == ".onnx":
         from .models import file_sha256
-        from .onnx_graph import load_onnx
+        from .onnx_rewrite import load_onnx
 
         if not path.is_file():
             raise ModelLoadError("model file not found", path=path, hint="check the path")
@@ -86,24 +86,10 @@ def open_model(model: ModelLike, **load_options: Any) -> Source:
 def layer_summaries(source: Source) -> list[dict[str, Any]]:
     """One dict per BN layer (name, type, channels, eps, momentum, correctable, reason, stats)."""
     if isinstance(source, OnnxModel):
-        from .onnx_graph import find_bn_nodes
+        from .onnx_rewrite import find_bn_nodes
 
-        return [_onnx_summary(ly) for ly in find_bn_nodes(source.proto)]
+        return [ly.summary() for ly in find_bn_nodes(source.proto)]
     return [ly.summary() for ly in find_norm_layers(source.model)]
-
-
-def _onnx_summary(ly: Any) -> dict[str, Any]:
-    return {
-        "name": ly.name,
-        "type": "BatchNormalization",
-        "channels": ly.channels,
-        "eps": ly.eps,
-        "momentum": None,
-        "affine": True,
-        "correctable": ly.correctable,
-        "reason": ly.reason,
-        "torch_name": ly.torch_name,
-    }
 
 
 def correctable_channels(source: Source) -> dict[str, int]:
@@ -116,9 +102,9 @@ def correctable_channels(source: Source) -> dict[str, int]:
             reasons = "; ".join(f"{ly['name']}: {ly['reason']}" for ly in layers[:5])
             raise NoBatchNormError(f"no BatchNorm layer can be corrected ({reasons})", path=path)
         if isinstance(source, OnnxModel):
-            from .onnx_graph import no_bn_message
+            from .onnx_rewrite import require_bn_nodes
 
-            raise NoBatchNormError(no_bn_message(source.proto), path=path)
+            require_bn_nodes(source.proto, source=path)  # raises the folded-BN / no-BN explanation
         raise NoBatchNormError(
             "the model has no BatchNorm layer",
             path=path,
@@ -233,9 +219,9 @@ def _finish(
         out = _check_out(out, source)
     report: dict[str, Any] = {}
     if isinstance(source, OnnxModel):
-        from .onnx_graph import match_layers, rewrite
+        from .onnx_rewrite import match_layers, rewrite
 
-        mapping = match_layers(source.proto, list(corrections.layers))
+        mapping = match_layers(source.proto, list(corrections.layers), source=corrections_source)
         report["matched"] = mapping
         node_corr = Corrections(
             {mapping[n]: lc for n, lc in corrections.layers.items()},
@@ -253,7 +239,7 @@ def _finish(
             for n, lc in node_corr.layers.items()
             if lc.running_mean is not None and lc.running_var is not None
         }
-        corrected, rw = rewrite(source.proto, alpha, beta, running_stats=stats or None)
+        corrected, rw = rewrite(source.proto, alpha, beta, running_stats=stats or None, source=source.path)
         report["rewrite"] = rw
         outcome = Outcome(node_corr, corrected, source, None, report)
         if out is not None:
@@ -288,7 +274,7 @@ def _check_out(out: str | Path, source: Source) -> Path:
 
 
 def _write_onnx_source(outcome: Outcome, out: Path) -> Path:
-    from .onnx_graph import save_onnx
+    from .onnx_rewrite import save_onnx
 
     if out.suffix.lower() == ".safetensors":
         return save_corrections(outcome.corrections, out)
@@ -312,7 +298,7 @@ def write_output(outcome: Outcome, out: str | Path, export: ExportOptions | None
         return save_checkpoint(outcome.model, out, source=source, meta=meta)
     export = export or ExportOptions()
     example = _example_input(export, source)
-    from .onnx_graph import export_onnx
+    from .onnx_export import export_onnx
 
     report = export_onnx(
         outcome.model,

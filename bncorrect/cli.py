@@ -145,11 +145,13 @@ def _report_written(outcome: Any, json_out: bool) -> None:
         diff = getattr(export, "max_abs_diff", None)
         if diff is not None:
             err_console.print(f"  verified against PyTorch: max abs diff {diff:.3g}")
-    rw = outcome.report.get("rewrite")
+    rw = outcome.report.get("rewrite") or getattr(export, "rewrite", None)
     if rw is not None:
-        skipped = getattr(rw, "skipped", [])
-        for item in skipped:
-            err_console.print(f"  [yellow]kept as plain BN:[/] {item}")
+        err_console.print(
+            f"  {len(rw.rewritten)} BN nodes rewritten, {len(rw.kept)} kept as plain BN (alpha = beta = 0)"
+        )
+        for name, reason in rw.skipped:
+            err_console.print(f"  [yellow]not corrected:[/] {name}: {reason}")
 
 
 def _coefficient_table(outcome: Any, title: str) -> Table:

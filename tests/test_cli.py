@@ -287,3 +287,54 @@ def test_subprocess_exit_codes(cli_subprocess, toy_files):
     assert res.code == 0 and json.loads(res.out)["layers"][0]["alpha"] == pytest.approx(0.1)
     res = cli_subprocess("rule", toy_files["state_dict"])
     assert res.code == 2 and "Traceback" not in res.err
+
+
+def test_onnx_export_inspect_and_cross_format_apply(cli, toy_files):
+    import onnxruntime as ort
+
+    from bncorrect import apply_to_module
+
+    d = toy_files["dir"]
+    shape = "2,3,8,8"
+    res = cli(
+        "weight",
+        toy_files["state_dict"],
+        "--arch",
+        toy_files["arch"],
+        "--alpha",
+        0,
+        "-o",
+        d / "plain.onnx",
+        "--input-shape",
+        shape,
+    )
+    assert res.code == 0, res.err
+    res = cli("inspect", d / "plain.onnx", "--json")
+    layers = json.loads(res.out)["layers"]
+    assert [ly["torch_name"] for ly in layers] == ["1", "5", "10"] and all(ly["correctable"] for ly in layers)
+    res = cli(
+        "estimate",
+        toy_files["state_dict"],
+        "--arch",
+        toy_files["arch"],
+        "--data",
+        toy_files["data"],
+        "-B",
+        2,
+        "-o",
+        d / "est.safetensors",
+    )
+    assert res.code == 0, res.err
+    res = cli("apply", d / "plain.onnx", d / "est.safetensors", "-o", d / "corrected.onnx", "--json")
+    assert res.code == 0, res.err
+    assert set(json.loads(res.out)["matched"]) == {"1", "5", "10"}
+    model = apply_to_module(toys.conv_net(seed=0), load_corrections(d / "est.safetensors"))
+    x = toys.data(16, seed=9)[0]
+    sess = ort.InferenceSession(str(d / "corrected.onnx"))
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-5)
+    # a state-dict model cannot become ONNX without an example input shape
+    res = cli("rule", toy_files["state_dict"], "--arch", toy_files["arch"], "-B", 2, "-o", d / "x.onnx")
+    _assert_clean_error(res, "--input-shape")
+    assert not (d / "x.onnx").exists()
