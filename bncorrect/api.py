@@ -659,3 +659,94 @@ def diagnose(
     if plot is not None:
         plot_diagnosis(result, str(plot))
     return result
+
+
+def sweep_alpha(
+    model: ModelLike,
+    data: Any,
+    *,
+    alphas: Sequence[float] | None = None,
+    beta_mode: Any = "equal",
+    train_batch_size: int | None = None,
+    corrections: str | Path | Corrections | None = None,
+    metric: str = "nll",
+    output_key: str | int | None = None,
+    out: str | Path | None = None,
+    plot: str | Path | None = None,
+    report: str | Path | None = None,
+    max_examples: int | None = None,
+    device: str = "auto",
+    num_workers: int = 0,
+    seed: int = 0,
+    data_spec: Any = None,
+    forward_fn: Any = None,
+    progress: Any = None,
+    export: ExportOptions | None = None,
+    **load_options: Any,
+) -> Outcome:
+    """Inference example weighing: evaluate a grid of global alphas (plus EMA, the rule 1/B^2 and an
+    optional corrections file) on labelled data and choose the best for ``metric``; with ``out`` the chosen
+    correction is written. ``outcome.report["sweep"]`` is the :class:`~bncorrect.sweep.SweepResult`."""
+    from .sweep import Candidate, plot_sweep, write_report
+    from .sweep import sweep_alpha as run_sweep
+
+    source = _require_torch(open_model(model, **load_options), "sweep-alpha")
+    for path in (out, plot, report):
+        if path is not None:
+            check_output(path, source.path if source.path.exists() else None)
+    if out is not None:
+        _check_out(out, source)
+    channels = correctable_channels(source)
+    extra = []
+    if corrections is not None:
+        corr_path = None if isinstance(corrections, Corrections) else Path(corrections)
+        corr = load_corrections(corr_path) if corr_path is not None else corrections
+        corr.validate(channels, source=corr_path)
+        extra.append(Candidate.from_corrections(corr))
+    dataset = open_data(data, data_spec)
+    if getattr(dataset, "has_labels", True) is False:
+        from .errors import DataError
+
+        raise DataError(
+            "sweep-alpha needs labels, and this data has none",
+            path=getattr(dataset, "path", None),
+            hint="give .npz/.pt/.safetensors with a 'y' array, or image folders with one folder per class",
+        )
+    loader, total, description = _loader(
+        dataset, 256, shuffle=False, seed=seed, num_workers=num_workers, max_examples=max_examples
+    )
+    result = run_sweep(
+        source.model,
+        loader,
+        alphas,
+        beta_mode=beta_mode,
+        train_batch_size=train_batch_size,
+        extra_candidates=extra,
+        metric=metric,
+        output_key=output_key,
+        forward_fn=forward_fn,
+        device=device,
+        total_examples=total,
+        progress=progress,
+        data_hint=description,
+    )
+    best = result.best
+    chosen = Corrections.uniform(
+        list(channels),
+        float(best.alpha or 0.0),
+        float(best.beta if best.beta is not None else best.alpha or 0.0),
+        method=f"example-weighing-sweep ({metric})",
+        train_batch_size=train_batch_size,
+        model_sha256=source.sha256,
+    )
+    chosen.data = description
+    chosen.metrics = {"metric": metric, "best": best.as_dict(), "n_examples": result.n_examples}
+    if export is not None and export.example_input is None and export.input_shape is None:
+        export.example_input = _first_input(loader)
+    outcome = _finish(source, chosen, out, export)
+    outcome.report["sweep"] = result
+    if plot is not None:
+        outcome.report["plot"] = plot_sweep(result, plot)
+    if report is not None:
+        outcome.report["report"] = write_report(result, report)
+    return outcome

@@ -651,6 +651,110 @@ def recalibrate(
     _report_written(outcome, json_out)
 
 
+@app.command("sweep-alpha")
+def sweep_alpha(
+    model: ModelArg,
+    data: DataOpt,
+    alphas: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated alphas to try, e.g. 0,0.01,0.05,0.1 (default: 0 … 0.5)."),
+    ] = None,
+    alpha_range: Annotated[
+        str | None,
+        typer.Option(help="START:STOP:N evenly spaced alphas, e.g. 0:0.3:16 (instead of --alphas)."),
+    ] = None,
+    beta_mode: Annotated[
+        str, typer.Option(help="beta for each alpha: 'equal' (= alpha), 'zero', or a fixed number in [0, 1].")
+    ] = "equal",
+    metric: Annotated[str, typer.Option(help="Choose alpha by: nll, top1 or top5.")] = "nll",
+    train_batch_size: Annotated[
+        int | None, typer.Option("--train-batch-size", "-B", help="Also evaluate the rule alpha = 1/B^2.")
+    ] = None,
+    corrections: Annotated[
+        Path | None, typer.Option(help="Also evaluate this corrections file (e.g. from estimate).")
+    ] = None,
+    output_key: Annotated[
+        str | None, typer.Option(help="For models returning a tuple/dict: the index or key of the logits.")
+    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of every metric against alpha.")] = None,
+    report: Annotated[Path | None, typer.Option(help="Write the JSON report to this file.")] = None,
+    output: OutOpt = None,
+    max_examples: MaxExamplesOpt = None,
+    device: DeviceOpt = "auto",
+    num_workers: WorkersOpt = 0,
+    seed: SeedOpt = 0,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustOpt = False,
+    non_strict: NonStrictOpt = False,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    no_normalize: NoNormOpt = False,
+    channels: ChannelsOpt = 3,
+    preprocess: PreprocessOpt = None,
+    skip_bad_files: SkipBadOpt = False,
+    input_shape: InputShapeOpt = None,
+    opset: OpsetOpt = None,
+    no_verify: NoVerifyOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Choose one inference example weight alpha for every BN layer on labelled validation data."""
+    from . import api
+    from .sweep import alphas_from_options, parse_beta_mode
+
+    grid = alphas_from_options(alphas, alpha_range, train_batch_size)
+    key: str | int | None = output_key
+    if output_key is not None and output_key.lstrip("-").isdigit():
+        key = int(output_key)
+    spec = _data_spec(resize, crop, mean, std, no_normalize, channels, preprocess, skip_bad_files)
+    dataset = api.open_data(data, spec)
+    _warn_skipped(dataset)
+    with _ProgressBar(enabled=not json_out) as bar:
+        outcome = api.sweep_alpha(
+            model,
+            dataset,
+            alphas=grid,
+            beta_mode=parse_beta_mode(beta_mode),
+            train_batch_size=train_batch_size,
+            corrections=corrections,
+            metric=metric,
+            output_key=key,
+            out=output,
+            plot=plot,
+            report=report,
+            max_examples=max_examples,
+            device=device,
+            num_workers=num_workers,
+            seed=seed,
+            progress=bar,
+            export=_export_options(input_shape, opset, no_verify),
+            **_load_options(arch, arch_kwargs, trust_pickle, non_strict),
+        )
+    _warn_load(outcome.source)
+    result = outcome.report["sweep"]
+    if json_out:
+        data_out = result.as_report()
+        data_out["output"] = None if outcome.output is None else str(outcome.output)
+        _print_json(data_out)
+        return
+    out_console.print(result.table())
+    best = result.best
+    lo, hi = best.top1_ci95
+    out_console.print(
+        f"{result.n_examples} validation examples. Chosen by {metric}: "
+        f"alpha = {best.alpha:g}, beta = {best.beta:g} "
+        f"(nll {best.nll:.4f}, top-1 {100 * best.top1:.2f}%, 95% interval {100 * lo:.1f}-{100 * hi:.1f}%)."
+    )
+    for note in result.notes:
+        err_console.print(f"[dim]{note}[/]")
+    for label, path in (("plot", plot), ("report", report)):
+        if path is not None:
+            err_console.print(f"[green]Wrote[/] {label} {path}")
+    _report_written(outcome, json_out)
+
+
 @app.command()
 def diagnose(
     model: ModelArg,
