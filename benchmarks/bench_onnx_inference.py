@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import sys
@@ -159,6 +160,7 @@ def build_floor(b: Builder, p: LayerPlan) -> None:
 # ------------------------------------------------------------------------------------------------ timing
 
 SPIN = True
+OPT_LEVEL = "all"
 
 
 def session(model: onnx.ModelProto, threads: int):
@@ -168,7 +170,10 @@ def session(model: onnx.ModelProto, threads: int):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    }[OPT_LEVEL]
     so.log_severity_level = 3
     if not SPIN:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -200,6 +205,48 @@ def bench(
     return times
 
 
+def numerics(size: int = 56) -> None:
+    """Relative error of the per-example variance in float32 inside onnxruntime, for |mean| / std = rho:
+    one pass (E[x^2] - E[x]^2, ReduceMean + ReduceSumSquare), LayerNormalization's statistics (the chosen
+    formulation, opset >= 17) and the exact two-pass form (opset < 17)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    n, c = 4, 16
+    axes = numpy_helper.from_array(np.array([2, 3], np.int64), "axes")
+    ones = numpy_helper.from_array(np.ones((size, size), np.float32), "ones")
+    nodes = [
+        helper.make_node("ReduceMean", ["x", "axes"], ["mu"], keepdims=1),
+        helper.make_node("ReduceSumSquare", ["x", "axes"], ["ss"], keepdims=1),
+        helper.make_node("LayerNormalization", ["x", "ones"], ["ln_y", "ln_mu", "ln_r"], axis=2, epsilon=0.0),
+        helper.make_node("Sub", ["x", "mu"], ["xc"]),
+        helper.make_node("Mul", ["xc", "xc"], ["xc2"]),
+        helper.make_node("ReduceMean", ["xc2", "axes"], ["var2p"], keepdims=1),
+    ]
+    outs = ["mu", "ss", "ln_r", "var2p"]
+    graph = helper.make_graph(
+        nodes,
+        "numerics",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, c, size, size])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, [n, c, 1, 1]) for o in outs],
+        [axes, ones],
+    )
+    sess = session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), 1)
+    print(f"per-example variance over {size}x{size}, float32, relative error (max over {n}x{c} rows)")
+    print("| abs(mean) / std | one pass E[x^2]-E[x]^2 | LayerNormalization (chosen) | two-pass |")
+    print("|---|---|---|---|")
+    for rho in (1, 10, 30, 100, 1000):
+        x = (np.random.default_rng(0).standard_normal((n, c, size, size)) + rho).astype(np.float32)
+        exact = x.astype(np.float64).var(axis=(2, 3), keepdims=True)
+        mu, ss, r, var2p = sess.run(outs, {"x": x})
+        one_pass = ss.astype(np.float64) / (size * size) - mu.astype(np.float64) ** 2
+        ln = 1.0 / r.astype(np.float64) ** 2
+
+        def err(v: np.ndarray, exact: np.ndarray = exact) -> str:
+            return f"{np.max(np.abs(v - exact) / exact):.1e}"
+
+        print(f"| {rho} | {err(one_pass)} | {err(ln)} | {err(var2p)} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=112, help="input height = width (default 112)")
@@ -218,15 +265,28 @@ def main() -> None:
         help="session.intra_op.allow_spinning=0 (on a shared machine a spinning worker thread "
         "competes with the main thread)",
     )
+    ap.add_argument(
+        "--opt-level",
+        choices=["all", "extended"],
+        default="all",
+        help="onnxruntime graph optimization level: 'all' (default; includes the NCHWc layout transform "
+        "that fuses Conv+BN+ReLU into blocked-layout kernels) or 'extended' (no layout transform)",
+    )
+    ap.add_argument("--numerics", action="store_true", help="only print the variance-precision table")
     args = ap.parse_args()
-    global SPIN
+    if args.numerics:
+        numerics()
+        return
+    global SPIN, OPT_LEVEL
     SPIN = not args.no_spin
+    OPT_LEVEL = args.opt_level
     import onnxruntime as ort
 
     print(
         f"# {datetime.date.today()}  onnxruntime {ort.__version__}  onnx {onnx.__version__}  torch "
         f"{torch.__version__}  {platform.processor() or platform.machine()}  threads={args.threads}  "
-        f"input 3x{args.size}x{args.size}  alpha=beta={args.alpha}"
+        f"input 3x{args.size}x{args.size}  alpha=beta={args.alpha}  opt-level={args.opt_level}  "
+        f"spinning={'off' if args.no_spin else 'on'}  cpus={os.cpu_count()}"
     )
     nets = {"resnet": ("ResNet-style", resnet_style), "mobilenet": ("MobileNet-style", mobilenet_style)}
     rows = []

@@ -177,7 +177,7 @@ def _export_legacy(
 
 def export_onnx(
     model: nn.Module,
-    example_input: Tensor,
+    example_input: Tensor | Sequence[Tensor],
     path: str | Path,
     *,
     opset: int | None = None,
@@ -195,8 +195,9 @@ def export_onnx(
     written.
     """
     path = Path(path)
-    reference = copy.deepcopy(model).eval()
+    reference = copy.deepcopy(model).cpu().eval()
     plain = strip_corrections(copy.deepcopy(reference)).eval()
+    example_input = _to_cpu(example_input)
     coefs = {
         name: (m.alpha.detach().cpu(), m.beta.detach().cpu())
         for name, m in corrected_layers(reference).items()
@@ -250,6 +251,14 @@ def export_onnx(
         kept=[node_to_torch.get(n, n) for n in report.kept],
         rewrite=report,
     )
+
+
+def _to_cpu(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return x.detach().cpu()
+    if isinstance(x, list | tuple):
+        return type(x)(_to_cpu(v) for v in x)
+    return x
 
 
 def _flatten(out: Any) -> list[np.ndarray]:
