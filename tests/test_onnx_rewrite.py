@@ -468,3 +468,16 @@ def test_match_refuses_unknown_and_ambiguous_names() -> None:
     with pytest.raises(OnnxError, match="ambiguous"):
         match_layers(folded, ["a_b_c"])
     assert match_layers(folded, ["a.b_c"]) == {"a.b_c": "n0"}
+
+
+def test_bn_output_that_is_a_graph_output_keeps_its_name() -> None:
+    model, p = bn_graph(4, 18)
+    g = model.graph
+    g.node.pop()  # drop the trailing Identity: the BN output "y" becomes the graph output
+    g.output[0].name = "y"
+    check(model)
+    out, _ = rewrite(model, {"bn": 0.3}, {"bn": 0.3})
+    check(out)
+    assert [o.name for o in out.graph.output] == ["y"]
+    x = input_for(4)
+    assert np.allclose(run(out, {"x": x}, output="y"), reference(x, p, 0.3, 0.3), atol=1e-4, rtol=1e-4)
