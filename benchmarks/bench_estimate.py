@@ -23,7 +23,7 @@ import torch
 from common import interleaved, machine, resnet_like
 from torch import nn
 
-from bncorrect.estimate import estimate_alpha_beta
+from bncorrect.estimation import estimate_alpha_beta
 
 
 def stream(n: int, batch: int, seed: int = 0) -> Iterator[tuple[torch.Tensor]]:

@@ -16,7 +16,7 @@ import torch
 from common import interleaved, machine, resnet_like
 from fvcore.nn.precise_bn import update_bn_stats
 
-from bncorrect.recalibrate import recalibrate_stats
+from bncorrect.recalibration import recalibrate_stats
 
 
 def main() -> None:

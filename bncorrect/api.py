@@ -411,7 +411,7 @@ def estimate(
     With ``recalibrate_first`` the running statistics are first replaced by exact population statistics
     (:func:`recalibrate`), and alpha/beta are estimated against them.
     """
-    from .estimate import DEFAULT_SAMPLE_BUDGET, estimate_alpha_beta
+    from .estimation import DEFAULT_SAMPLE_BUDGET, estimate_alpha_beta
     from .passes import lcm
 
     if out is not None:
@@ -522,7 +522,7 @@ def _recalibrate_stats(
     forward_fn: Any,
     progress: Any,
 ) -> Any:
-    from .recalibrate import recalibrate_stats
+    from .recalibration import recalibrate_stats
 
     if upstream == "train":
         if batch_size is None:
@@ -627,7 +627,7 @@ def diagnose(
     **load_options: Any,
 ) -> Any:
     """Per-layer gap between eval-mode and training-mode normalization (and after ``corrections``)."""
-    from .diagnose import diagnose_model, plot_diagnosis
+    from .diagnosis import diagnose_model, plot_diagnosis
 
     source = _require_torch(open_model(model, **load_options), "diagnose")
     channels = correctable_channels(source)

@@ -1,6 +1,6 @@
 """How far eval-mode normalization is from training-mode normalization, per BN layer (``diagnose``).
 
-One pass over the data with training-mode normalization in groups of B (as in :mod:`bncorrect.estimate`:
+One pass over the data with training-mode normalization in groups of B (as in :mod:`bncorrect.estimation`:
 deep copy, ``torch.no_grad``, dropout in eval). At every BN layer, with ``x`` its input::
 
     train = (x - mu_B) / sqrt(var_B + eps)           what training produced (groups of B examples)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from bncorrect.errors import DataError, NumericalError, UsageError
-from bncorrect.estimate import SampleReservoir, estimate_alpha_beta, minimise_on_grid
+from bncorrect.estimation import SampleReservoir, estimate_alpha_beta, minimise_on_grid
 
 from . import toys
 from .reference import l_aux_reference
@@ -68,7 +68,7 @@ def test_estimate_reaches_brute_force_grid_minimum(b):
 def test_estimates_fall_as_b_grows():
     """With running statistics equal to the data's, small normalization batches call for more of the
     example's own statistics than large ones."""
-    from bncorrect.recalibrate import recalibrate_stats
+    from bncorrect.recalibration import recalibrate_stats
 
     model = toys.conv_net(seed=3)
     x, _ = toys.data(256, seed=4)

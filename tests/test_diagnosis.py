@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bncorrect.diagnose import diagnose_model, plot_diagnosis, recommend
+from bncorrect.diagnosis import diagnose_model, plot_diagnosis, recommend
 
 from . import toys
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from bncorrect.errors import DataError, UsageError
-from bncorrect.recalibrate import PopulationMoments, recalibrate_stats
+from bncorrect.recalibration import PopulationMoments, recalibrate_stats
 
 from . import toys
 
