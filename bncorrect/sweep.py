@@ -1216,6 +1216,7 @@ def plot_sweep(
     per-layer candidates marked; top1 with its 95% band. Headless (Agg), written atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     from .atomic import atomic_path, check_output
 
@@ -1257,14 +1258,17 @@ def plot_sweep(
         for i, r in enumerate(extras):
             ax.axhline(r.value(metric), color=f"C{3 + i % 6}", ls=":", lw=1.5, label=r.label)
         opt = result.best_row(metric)
-        ax.plot([opt.alpha], [opt.value(metric)], "s", mfc="none", mec="C1", ms=9, label=f"best for {metric}")
+        ax.plot(
+            [opt.alpha], [opt.value(metric)], "s", mfc="none", mec="C1", ms=10, label="best for the panel"
+        )
         if metric == result.metric:
             ax.plot([best.alpha], [best.value(metric)], "*", color="C3", ms=14, label="chosen")
         ax.set_ylabel(names[metric])
         ax.grid(True, alpha=0.3)
     xs_all = [r.alpha for r in result.rows if r.alpha is not None and r.alpha > 0]
-    if xs_all and max(xs_all) / min(xs_all) > 50:
-        axes[-1].set_xscale("symlog", linthresh=min(xs_all))
+    if xs_all and max(xs_all) / min(xs_all) >= 20:  # dense near 0: linear up to the smallest alpha, then log
+        axes[-1].set_xscale("symlog", linthresh=min(xs_all), linscale=0.5)
+        axes[-1].xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     axes[-1].set_xlabel("alpha (inference example weight, all BN layers)")
     handles, labels = [], []
     for ax in axes:
@@ -1272,10 +1276,12 @@ def plot_sweep(
             if lb not in labels:
                 handles.append(hd)
                 labels.append(lb)
-    axes[0].legend(handles, labels, fontsize=7, loc="best")
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4, frameon=False)
+    fig.subplots_adjust(left=0.11, right=0.97, top=0.93, bottom=0.11 + 0.025 * math.ceil(len(labels) / 4))
+    name = "" if best.label.startswith("alpha=") else f"{best.label}, "
     fig.suptitle(
-        f"{result.n_examples} examples; chosen by {result.metric}: {best.label} "
-        f"(alpha={best.alpha:g}, beta={best.beta:g})",
+        f"sweep-alpha on {result.n_examples} examples; chosen by {result.metric}: "
+        f"{name}alpha = {best.alpha:g}, beta = {best.beta:g}",
         fontsize=10,
     )
     with atomic_path(path) as tmp:

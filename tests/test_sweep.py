@@ -541,9 +541,7 @@ def test_outputs_refuse_a_missing_folder(result, tmp_path):
 
 # ------------------------------------------------------------------------------------------- samples
 def _sample(name: str):
-    folder = SAMPLES / name
-    if not (folder / "model.pt").is_file() or not (folder / "val.npz").is_file():
-        pytest.skip(f"sample checkpoint {folder} not built yet (scripts/make_samples.py)")
+    folder = SAMPLES / name  # committed; rebuilt by scripts/make_samples.py
     from bncorrect.data import load_data, make_loader
     from bncorrect.models import load_model
 
@@ -552,12 +550,12 @@ def _sample(name: str):
     return model, list(make_loader(dataset, 256)), len(dataset)
 
 
-# digits_b2 is not asserted here: trained by scripts/make_samples.py (seed 0) its NLL optimum is alpha = 0
-# (its top1 optimum is not): measured, reported, not a property of the sweep.
+# digits_b2 is not in this test: its NLL optimum is alpha = 0 while its top1 optimum is > 0 (metrics
+# disagree, as in Four Things Fig. 4); tests/test_samples_e2e.py covers it through the CLI.
 @pytest.mark.parametrize("dataset", ["mnist1d"])
 def test_small_batch_sample_prefers_positive_alpha(dataset):
     model, batches, n = _sample(f"{dataset}_b2")
-    res = sweep_alpha(model, batches, train_batch_size=2)
+    res = sweep_alpha(model, batches, [0.0, 0.05, 0.1, 0.2], train_batch_size=2)
     assert res.n_examples == n
     best = res.best_row("nll")
     assert best.alpha > 0 and best.nll < res.ema.nll
@@ -567,7 +565,7 @@ def test_small_batch_sample_prefers_positive_alpha(dataset):
 @pytest.mark.parametrize("dataset", ["digits", "mnist1d"])
 def test_large_batch_sample_optimum_near_zero(dataset):
     model, batches, _ = _sample(f"{dataset}_b32")
-    res = sweep_alpha(model, batches, train_batch_size=32)
+    res = sweep_alpha(model, batches, [0.0, 0.01, 0.02, 0.05, 0.1, 0.2], train_batch_size=32)
     best = res.best_row("nll")
     assert best.alpha <= 0.02
     assert best.nll <= res.ema.nll and res.ema.nll - best.nll < 0.02 * res.ema.nll
