@@ -9,21 +9,22 @@ widely (Four Things, Fig. 4).
 How the work is shared across the K candidates (see :func:`sweep_alpha`):
 
 - the data is read and decoded once: each batch is evaluated for every candidate while it is in memory;
-- *stacking*: the K candidates run in one forward pass, the batch repeated K times along the batch axis,
-  each BN layer normalizing row block k with candidate k's coefficients (:class:`_SweepNorm`); this pays
-  the per-forward overhead once instead of K times and gives the kernels bigger batches;
+- *stacking* (default): the K candidates run in one forward pass, the batch repeated K times along the
+  batch axis, each BN layer normalizing row block k with candidate k's coefficients (:class:`_SweepNorm`);
+  this pays the per-forward and per-op overhead once instead of K times;
 - *shared prefix*: the un-repeated batch enters the model and the first BN layer it reaches fans it out
   to the K blocks, so everything before the first BN layer (the stem convolution) and the first layer's
   per-example statistics are computed once, not K times;
 - *cache-sized passes* (CPU): a pass holds as many examples as keep its largest BN input near
   :data:`CPU_PASS_BYTES`, not the loader's batch size;
-- ``stack="auto"`` times stacked passes and one-candidate-at-a-time passes on the first batches and keeps
-  the faster: on CPU the two are close (the corrected layers dominate and their cost does not shrink by
-  stacking), on GPUs stacking amortises kernel launches.
+- ``stack="auto"`` instead times stacked and one-candidate-at-a-time passes on the first batches and
+  keeps the faster (a hedge for hardware not measured here; on CPU stacking with the shared prefix was
+  the fastest or within noise of it in every case of benchmarks/bench_sweep.py).
 
 What cannot be shared is the corrected layers' own work: every candidate other than EMA needs each BN
-layer's per-example statistics, which plain BN never computes, so a corrected pass costs 1.2-2.3x a plain
-one on CPU (measured), and a sweep costs about K corrected passes less what the points above save.
+layer's per-example statistics, which plain BN never computes, so a corrected pass costs 1.1-1.8x a plain
+one on CPU (measured), and a sweep costs about K corrected passes less what the points above save
+(benchmarks/README.md, "sweep-alpha").
 
 Stacking assumes the model treats the rows of a batch independently (true of any eval-mode network without
 cross-example operations). It is checked, not trusted: on the first batch a few examples are evaluated both
@@ -1070,7 +1071,7 @@ def sweep_alpha(
     output_key: str | int | None = None,
     forward_fn: ForwardFn | None = None,
     device: str | torch.device | None = "cpu",
-    stack: bool | Literal["auto"] = "auto",
+    stack: bool | Literal["auto"] = True,
     share_prefix: bool = True,
     stack_rows: int | None = None,
     total_examples: int | None = None,
@@ -1090,11 +1091,12 @@ def sweep_alpha(
     Evaluation strategy (results agree to float rounding; see the module docstring): ``stack=True``
     evaluates the K candidates in one stacked forward per piece of at most ``stack_rows`` rows (K x
     examples), after checking on the first batch that this reproduces one candidate at a time (falling back
-    otherwise); ``share_prefix`` first tries letting the first BN layer fan the batch out. ``stack=False``
-    runs one candidate at a time. ``stack="auto"`` (default) times both on the first batches and keeps the
-    faster. With ``stack_rows=None`` the size of a pass is chosen for the device: on CPU so that the largest
-    BN input of a pass is about :data:`CPU_PASS_BYTES` (also for one candidate at a time; a single
-    candidate always runs on the batches as given), on GPUs up to 8192 rows within half the free memory.
+    otherwise); ``share_prefix`` first tries letting the first BN layer fan the batch out. This is the
+    default, the fastest measured. ``stack=False`` runs one candidate at a time; ``stack="auto"`` times
+    both on the first batches and keeps the faster. With ``stack_rows=None`` the size of a pass is chosen
+    for the device: on CPU so that the largest BN input of a pass is about :data:`CPU_PASS_BYTES` (also for
+    one candidate at a time; a single candidate always runs on the batches as given), on GPUs up to 8192
+    rows within half the free memory.
     ``model`` itself is not modified (the sweep runs on a deep copy).
 
     Raises DataError for unlabelled data, labels outside the model's classes or an empty iterable,

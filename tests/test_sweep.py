@@ -294,7 +294,7 @@ def test_auto_times_both_modes_then_keeps_one(data):
     x, y = data
     model = toys.conv_net(seed=14)
     batches = split(x, y, 10)  # 7 batches: stacked, one at a time, stacked, one at a time, then the faster
-    res = sweep_alpha(model, batches, [0.0, 0.1, 0.3])
+    res = sweep_alpha(model, batches, [0.0, 0.1, 0.3], stack="auto")
     assert res.strategy in ("stacked+shared-prefix", "sequential")
     assert any(n.startswith("auto:") and f"kept {res.strategy}" in n for n in res.strategy_notes)
     for row in res.rows:
@@ -452,6 +452,10 @@ def test_other_errors(data):
         sweep_alpha(toys.conv_net(), batches, [0.0, 1.5])
     with pytest.raises(UsageError):
         sweep_alpha(toys.conv_net(), batches, [0.0], metric="accuracy")
+    with pytest.raises(UsageError):
+        sweep_alpha(toys.conv_net(), batches, [0.0], stack="yes")  # type: ignore[arg-type]
+    with pytest.raises(UsageError):
+        sweep_alpha(toys.conv_net(), batches, [0.0], stack_rows=0)
     with pytest.raises(UsageError, match="does not have"):
         sweep_alpha(toys.conv_net(), batches, [0.0], extra_candidates=[Candidate("bad", {"nope": 0.1})])
     with pytest.raises(UsageError):
