@@ -554,9 +554,7 @@ def _sample(name: str):
     return model, list(make_loader(dataset, 256)), len(dataset)
 
 
-# digits_b2 is not in this test: its NLL optimum is alpha = 0 while its top1 optimum is > 0 (metrics
-# disagree, as in Four Things Fig. 4); tests/test_samples_e2e.py covers it through the CLI.
-@pytest.mark.parametrize("dataset", ["mnist1d"])
+@pytest.mark.parametrize("dataset", ["digits", "mnist1d"])
 def test_small_batch_sample_prefers_positive_alpha(dataset):
     model, batches, n = _sample(f"{dataset}_b2")
     res = sweep_alpha(model, batches, [0.0, 0.05, 0.1, 0.2], train_batch_size=2)
