@@ -175,12 +175,19 @@ def apply(
     **load_options: Any,
 ) -> Outcome:
     """Apply a corrections file (or :class:`Corrections`) to MODEL."""
-    corr_path = None if isinstance(corrections, Corrections) else Path(corrections)
-    corr = load_corrections(corr_path) if corr_path is not None else corrections
+    corr, corr_path = _read_corrections(corrections)
     source = open_model(model, **load_options)
     if out is not None and corr_path is not None:
         check_output(out, corr_path)
     return _finish(source, corr, out, export, corrections_source=corr_path)
+
+
+def _read_corrections(corrections: str | Path | Corrections) -> tuple[Corrections, Path | None]:
+    """A :class:`Corrections` and the file it came from (None for an object passed in)."""
+    if isinstance(corrections, Corrections):
+        return corrections, None
+    path = Path(corrections)
+    return load_corrections(path), path
 
 
 def apply_to_module(
@@ -633,8 +640,7 @@ def diagnose(
     channels = correctable_channels(source)
     coeffs = None
     if corrections is not None:
-        corr_path = None if isinstance(corrections, Corrections) else Path(corrections)
-        corr = load_corrections(corr_path) if corr_path is not None else corrections
+        corr, corr_path = _read_corrections(corrections)
         corr.validate(channels, source=corr_path)
         coeffs = {n: (lc.alpha, lc.beta) for n, lc in corr.layers.items()}
     if plot is not None:
@@ -699,8 +705,7 @@ def sweep_alpha(
     channels = correctable_channels(source)
     extra = []
     if corrections is not None:
-        corr_path = None if isinstance(corrections, Corrections) else Path(corrections)
-        corr = load_corrections(corr_path) if corr_path is not None else corrections
+        corr, corr_path = _read_corrections(corrections)
         corr.validate(channels, source=corr_path)
         extra.append(Candidate.from_corrections(corr))
     dataset = open_data(data, data_spec)
