@@ -836,6 +836,78 @@ def diagnose(
         err_console.print(f"[green]Wrote[/] {plot}")
 
 
+@app.command()
+def demo(
+    out_dir: Annotated[
+        Path, typer.Option("--out-dir", "-o", help="Folder for the corrections files, plots and ONNX graphs.")
+    ] = Path("bncorrect-demo"),
+    samples: Annotated[
+        Path | None,
+        typer.Option(help="Folder of sample checkpoints (default: the repository's sample_checkpoints/)."),
+    ] = None,
+    dataset: Annotated[
+        list[str] | None, typer.Option(help="Sample dataset(s): digits, mnist1d (repeatable; default both).")
+    ] = None,
+    batch_size: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--train-batch-size", "-B", help="Samples trained with these B (repeatable; default 2 and 32)."
+        ),
+    ] = None,
+    fast: Annotated[bool, typer.Option(help="200 validation examples and 5 alphas (a quick look).")] = False,
+    device: DeviceOpt = "cpu",
+    seed: SeedOpt = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show the correction at work on the sample checkpoints (B = 2 beside B = 32): inspect, rule,
+    estimate, sweep-alpha and a verified ONNX export, then one comparison table."""
+    from .demo import METHODS, run_demo
+
+    with _ProgressBar(enabled=not json_out) as bar:
+        result = run_demo(
+            out_dir,
+            samples_dir=samples,
+            datasets=tuple(dataset) if dataset else ("digits", "mnist1d"),
+            batch_sizes=tuple(batch_size) if batch_size else (2, 32),
+            fast=fast,
+            device=device,
+            seed=seed,
+            progress=bar,
+        )
+    if json_out:
+        _print_json(result.as_dict())
+        return
+    table = Table(title="Validation NLL (top-1) by how BN normalizes at inference")
+    table.add_column("method")
+    for s in result.samples:
+        table.add_column(f"{s.name}\n(B = {s.train_batch_size}, {s.n_examples} ex.)", justify="right")
+    for method in METHODS:
+        cells = []
+        for s in result.samples:
+            m = s.methods[method]
+            alpha = "" if m.alpha is None or method.startswith(("EMA", "rule")) else f" a={m.alpha:g}"
+            cells.append(f"{m.nll:.4f} ({100 * m.top1:.1f}%){alpha}")
+        style = "dim" if method.startswith("train-mode") else None
+        table.add_row(method, *cells, style=style)
+    out_console.print(table)
+    out_console.print(
+        "The last row normalizes as training did, over groups of B validation examples: what the model "
+        "saw in training, noisy at small B and needing B examples at once, so a reference, not an "
+        "inference method. EvalNorm offline picked per-layer alphas of "
+        + ", ".join(
+            f"{s.evalnorm_alpha_range[0]:.2f}-{s.evalnorm_alpha_range[1]:.2f} ({s.name})"
+            for s in result.samples
+        )
+        + "."
+    )
+    for s in result.samples:
+        diff = "" if s.onnx_max_abs_diff is None else f" (verified, max abs diff {s.onnx_max_abs_diff:.2g})"
+        err_console.print(
+            f"[green]Wrote[/] {result.out_dir / s.name}/: rule, evalnorm, sweep plot and report, "
+            f"corrected.onnx{diff}"
+        )
+
+
 # ---------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the app, turning library errors into exit codes."""

@@ -1,0 +1,126 @@
+"""`bncorrect demo` end to end on the digits samples (fast path), checked against direct computations."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import bncorrect
+from bncorrect.demo import METHODS
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_checkpoints"
+N_FAST = 200
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    from bncorrect.cli import main
+
+    out = tmp_path_factory.mktemp("demo")
+    report = out / "stdout.json"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["demo", "--fast", "--dataset", "digits", "--out-dir", str(out), "--json"])
+    report.write_text(buf.getvalue())
+    return code, json.loads(buf.getvalue()) if code == 0 else None, out
+
+
+def _val(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    data = np.load(SAMPLES / name / "val.npz")
+    return torch.from_numpy(data["x"][:n]), torch.from_numpy(data["y"][:n])
+
+
+def _metrics(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    return float(F.cross_entropy(logits.double(), y)), float((logits.argmax(1) == y).double().mean())
+
+
+def test_demo_runs_both_batch_sizes_and_writes_its_files(demo_run):
+    code, data, out = demo_run
+    assert code == 0
+    assert [s["name"] for s in data["samples"]] == ["digits_b2", "digits_b32"]
+    for s in data["samples"]:
+        assert set(s["methods"]) == set(METHODS)
+        files = {k: Path(v) for k, v in s["files"].items()}
+        assert all(p.parent == out / s["name"] for p in files.values())
+        assert files["sweep_plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        onnx.checker.check_model(onnx.load(files["onnx"]), full_check=True)
+        assert s["onnx_max_abs_diff"] < 1e-4
+        report = json.loads(files["sweep_report"].read_text())
+        assert report["n_examples"] == N_FAST == s["n_examples"]
+        assert report["best"]["nll"] == pytest.approx(s["methods"]["best global alpha (NLL)"]["nll"])
+
+
+def test_demo_ema_and_rule_rows_match_direct_evaluation(demo_run):
+    _, data, _ = demo_run
+    for s in data["samples"]:
+        x, y = _val(s["name"], N_FAST)
+        model = bncorrect.load(SAMPLES / s["name"] / "model.pt")
+        with torch.no_grad():
+            nll, top1 = _metrics(model(x), y)
+        assert s["methods"]["EMA (plain BN)"]["nll"] == pytest.approx(nll, abs=1e-6)
+        assert s["methods"]["EMA (plain BN)"]["top1"] == pytest.approx(top1)
+        rule = bncorrect.load(SAMPLES / s["name"] / "model.pt")
+        bncorrect.correct_model(rule, 1.0 / s["train_batch_size"] ** 2)
+        with torch.no_grad():
+            nll, _ = _metrics(rule(x), y)
+        assert s["methods"]["rule 1/B^2"]["nll"] == pytest.approx(nll, abs=1e-6)
+
+
+def test_demo_training_mode_reference_matches_plain_train_mode_bn(demo_run):
+    """The reference row equals the model with its BN modules in train mode (momentum 0: running statistics
+    untouched), dropout in eval, forwarded in consecutive chunks of B."""
+    _, data, _ = demo_run
+    for s in data["samples"]:
+        b = s["train_batch_size"]
+        x, y = _val(s["name"], N_FAST)
+        keep = len(x) - len(x) % b
+        model = copy.deepcopy(bncorrect.load(SAMPLES / s["name"] / "model.pt")).eval()
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+                m.momentum = 0.0
+        with torch.no_grad():
+            logits = torch.cat([model(x[i : i + b]) for i in range(0, keep, b)])
+        nll, top1 = _metrics(logits, y[:keep])
+        ref = s["methods"]["train-mode BN, groups of B"]
+        assert ref["n"] == keep
+        assert ref["nll"] == pytest.approx(nll, abs=1e-6)
+        assert ref["top1"] == pytest.approx(top1)
+
+
+def test_demo_shows_the_papers_effect_at_b2_but_not_b32(demo_run):
+    _, data, _ = demo_run
+    b2, b32 = data["samples"]
+    assert b2["methods"]["best global alpha (NLL)"]["alpha"] > 0
+    assert b2["methods"]["EvalNorm offline"]["nll"] < b2["methods"]["EMA (plain BN)"]["nll"]
+    assert b32["methods"]["best global alpha (NLL)"]["alpha"] <= 0.05
+
+
+def test_demo_table_in_text_mode(tmp_path, cli):
+    res = cli("demo", "--fast", "--dataset", "digits", "-B", 2, "--out-dir", tmp_path / "d")
+    assert res.code == 0, res.err
+    for method in METHODS:
+        assert method in res.out
+    assert "digits_b2" in res.out and "digits_b32" not in res.out and "corrected.onnx" in res.err
+
+
+def test_demo_without_samples_says_where_to_get_them(tmp_path, cli):
+    res = cli("demo", "--samples", tmp_path / "nowhere", "--out-dir", tmp_path / "d")
+    assert res.code != 0
+    assert "make_samples.py" in res.err and "Traceback" not in res.err
+    res = cli("demo", "--dataset", "imagenet", "--out-dir", tmp_path / "d")
+    assert res.code == 2 and "digits, mnist1d" in res.err
+    res = cli("demo", "-B", 4, "--out-dir", tmp_path / "d")
+    assert res.code != 0 and "digits_b4" in res.err and "--batch-sizes 4" in res.err
+    assert not (tmp_path / "d").exists()  # nothing written when the samples are not all there
