@@ -1,0 +1,106 @@
+"""Swapping normalization layers in a model (timm-style), with the state carried over unchanged.
+
+:func:`replace_modules` walks a model recursively and replaces every module for which ``make`` returns a new
+one; the root itself may be replaced, so the (possibly new) root is returned, as timm's and torch's
+``convert_sync_batchnorm`` do. :func:`transfer_state` hands every parameter and buffer of the old layer to
+the new one *by name*, the same tensor objects (so an optimizer built before the swap keeps training them),
+and checks that both have exactly the same parameter and buffer names: a converted model's ``state_dict``
+has the same keys as the original, and a checkpoint of either loads into the other with ``strict=True``.
+Forward hooks and pre-hooks registered on a replaced layer are not carried over.
+
+:func:`convert_to_batchnorm` undoes every conversion of :mod:`bncorrect.nn`: each layer whose class names a
+``plain_type`` (GhostBatchNorm*, BatchRenorm*, BatchGroupNorm*) becomes that plain ``nn.BatchNorm*d`` with
+the same statistics and affine parameters. Every such layer's eval forward *is* plain BN with its running
+statistics, so the eval outputs are unchanged (and bncorrect's post-hoc tools see ordinary BN layers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..errors import NoBatchNormError
+
+__all__ = ["convert_to_batchnorm", "plain_batchnorm_types", "replace_modules", "transfer_state"]
+
+
+def plain_batchnorm_types() -> dict[type[nn.Module], int]:
+    """The plain torch BN classes the converters swap, with the input ranks their names stand for."""
+    return {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+
+
+def transfer_state(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """Give ``dst`` every parameter and buffer of ``src`` (same objects, by name) and its training flag."""
+    if set(src._parameters) != set(dst._parameters) or set(src._buffers) != set(dst._buffers):
+        raise ValueError(
+            f"{type(src).__name__} -> {type(dst).__name__}: parameter/buffer names differ "
+            f"({sorted(src._parameters)} {sorted(src._buffers)} vs {sorted(dst._parameters)} "
+            f"{sorted(dst._buffers)})"
+        )
+    for name, param in src._parameters.items():
+        dst._parameters[name] = param
+    for name, buf in src._buffers.items():
+        dst._buffers[name] = buf
+    dst._non_persistent_buffers_set = set(src._non_persistent_buffers_set)
+    dst.train(src.training)
+    return dst
+
+
+def replace_modules(
+    model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None]
+) -> tuple[nn.Module, list[str]]:
+    """Replace, recursively, every module for which ``make(name, module)`` returns a new module.
+
+    Replaced modules are not searched further. Returns the (possibly new) root and the replaced names.
+    """
+    replaced: list[str] = []
+
+    def visit(module: nn.Module, name: str) -> nn.Module:
+        new = make(name, module)
+        if new is not None:
+            replaced.append(name)
+            return new
+        for child_name, child in list(module.named_children()):
+            new_child = visit(child, f"{name}.{child_name}" if name else child_name)
+            if new_child is not child:
+                setattr(module, child_name, new_child)
+        return module
+
+    root = visit(model, "")
+    return root, replaced
+
+
+def _plain_copy(module: _BatchNorm) -> nn.Module:
+    plain_type: type[_BatchNorm] = type(module).plain_type  # type: ignore[attr-defined]
+    ref = module.running_mean if module.running_mean is not None else module.weight
+    new = plain_type(
+        module.num_features,
+        eps=module.eps,
+        momentum=module.momentum,
+        affine=module.affine,
+        track_running_stats=module.track_running_stats,
+        device=None if ref is None else ref.device,
+        dtype=None if ref is None else ref.dtype,
+    )
+    return transfer_state(module, new)
+
+
+def convert_to_batchnorm(model: nn.Module, *, strict: bool = True) -> nn.Module:
+    """Replace every :mod:`bncorrect.nn` BN-type layer by its plain ``nn.BatchNorm*d``; returns the model.
+
+    With ``strict``, a model without any such layer raises :class:`NoBatchNormError`.
+    """
+
+    def make(_name: str, module: nn.Module) -> nn.Module | None:
+        if isinstance(module, _BatchNorm) and getattr(type(module), "plain_type", None) is not None:
+            return _plain_copy(module)
+        return None
+
+    root, replaced = replace_modules(model, make)
+    if strict and not replaced:
+        raise NoBatchNormError(
+            "the model has no bncorrect.nn normalization layer to convert back to BatchNorm"
+        )
+    return root
