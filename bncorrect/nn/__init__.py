@@ -9,14 +9,19 @@ load into ``nn.BatchNorm*d`` and bncorrect's corrections apply (``convert_to_bat
 - Batch-Group Normalization (Four Things 3.4): :class:`BatchGroupNorm1d/2d/3d`, :func:`convert_to_batch_group`
 - Full Batch Normalization for linear nodes (FBN, sec. 3): :class:`FullBatchNorm`, :func:`input_moments`
 - Weight decay on gamma/beta (Four Things 3.3): :func:`param_groups`
+- Online EvalNorm estimation of alpha/beta during training (EvalNorm 3.4): :class:`OnlineEvalNorm`
+- Cross-Iteration BN with Taylor compensation (CBN): :class:`CrossIterationBatchNorm2d`,
+  :func:`convert_to_cross_iteration`
 """
 
 from __future__ import annotations
 
 from .batch_group import BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d, convert_to_batch_group
 from .convert import convert_to_batchnorm
+from .cross_iteration import CrossIterationBatchNorm2d, convert_to_cross_iteration
 from .full_batch import FullBatchNorm, Moments, conv_patches, input_moments
 from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, convert_to_ghost
+from .online import OnlineEvalNorm
 from .renorm import (
     PAPER_D_MAX,
     PAPER_R_MAX,
@@ -37,15 +42,18 @@ __all__ = [
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
+    "CrossIterationBatchNorm2d",
     "FullBatchNorm",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
     "Moments",
+    "OnlineEvalNorm",
     "Ramp",
     "conv_patches",
     "convert_to_batch_group",
     "convert_to_batchnorm",
+    "convert_to_cross_iteration",
     "convert_to_ghost",
     "convert_to_renorm",
     "input_moments",
