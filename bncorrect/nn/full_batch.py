@@ -199,8 +199,9 @@ class FullBatchNorm(nn.Module):
         self.register_buffer("input_cov", torch.zeros(d, d, dtype=torch.float64, device=dev))
         self.register_buffer("input_count", torch.zeros((), dtype=torch.long, device=dev))
         if affine:
-            self.weight = nn.Parameter(torch.ones(self.num_features, device=dev))
-            self.bias = nn.Parameter(torch.zeros(self.num_features, device=dev))
+            dt = self.layer.weight.dtype
+            self.weight = nn.Parameter(torch.ones(self.num_features, device=dev, dtype=dt))
+            self.bias = nn.Parameter(torch.zeros(self.num_features, device=dev, dtype=dt))
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
