@@ -10,9 +10,12 @@ whole batch). For example i in example group e(i) and channel c in channel group
     y[i, c]  = gamma_c * (x[i, c] - mu) / sqrt(var + eps) + beta_c
 
 Gc = C (one channel per group) and Ge = N is ``nn.BatchNorm``; Ge < N with Gc = C is Ghost BN; Ge = 1 is
-``nn.GroupNorm(Gc, C)``. The paper targets B = 2 with the channel groups of a tuned GroupNorm. (The
-authors' code, ceciliaresearch/four_things_batch_norm, groups the same way; this layer is an independent
-PyTorch implementation.) N must be a multiple of Ge and C of Gc, else :class:`~bncorrect.errors.UsageError`.
+``nn.GroupNorm(Gc, C)``. The paper targets B = 2 with the channel groups of a tuned GroupNorm. The
+section defers details to the authors' TensorFlow code (ceciliaresearch/four_things_batch_norm), which
+groups consecutive examples and consecutive channels in training exactly as above; it keeps per-channel
+moving averages of E[x] and E[x^2] and pools them per channel group at inference, whereas this layer keeps
+moving averages of the group statistics themselves (below), which makes inference plain BN. N must be a
+multiple of Ge and C of Gc, else :class:`~bncorrect.errors.UsageError`.
 
 Running statistics, kept per channel: ``running_mean[c]`` and ``running_var[c]`` are moving averages of the
 statistics channel c was *normalized with* in training, i.e. of its channel group's mean and unbiased
@@ -20,11 +23,13 @@ variance (Bessel's correction over the Ge * C/Gc * spatial values of the group),
 group hold the same values. Example groups are folded in as in Ghost BN (``running_update``, see
 :mod:`bncorrect.nn.running_stats`). So inference is exactly ``nn.BatchNorm`` with these buffers: the
 checkpoint loads into plain ``nn.BatchNorm*d`` with unchanged eval outputs, and bncorrect's post-hoc
-correction (``correct_model``, ``rule``, ``estimate`` with B = Ge) applies per channel. Note that it blends
-each *channel's* own example statistics into the running ones; with Gc = C that is exactly the paper's
-inference example weighing, with Gc < C the paper's weighing would blend the example's *channel-group*
-statistics instead (not provided here). With ``track_running_stats=False`` eval mode normalizes with the
-group statistics too (with Ge = 1: GroupNorm at inference as well).
+correction (``correct_model``, ``rule``, ``weight``) applies per channel. Note that it blends each
+*channel's* own example statistics into the running ones: with Gc = C that is exactly the paper's inference
+example weighing (and ``estimate`` with B = Ge targets the training normalization); with Gc < C the
+paper's weighing would blend the example's *channel-group* statistics instead (not provided here), and
+``estimate``'s target (per-channel statistics over B examples) is not this layer's training normalization.
+With ``track_running_stats=False`` eval mode normalizes with the group statistics too (with Ge = 1:
+GroupNorm at inference as well).
 """
 
 from __future__ import annotations
