@@ -238,3 +238,19 @@ def test_rank2_batchnorm_needs_two_examples():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(UsageError, match=match):
         OnlineEvalNorm(_spatial_net(0), **kwargs)
+
+
+def test_non_finite_batch_is_counted_and_does_not_poison_alpha_beta():
+    model = nn.Sequential(nn.BatchNorm2d(3))
+    online = OnlineEvalNorm(model, init=0.3, metrics_window=10)
+    model.train()
+    x = _images(4, 0)
+    model(x)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    model(bad)  # (this also turns the layer's own running statistics into NaN)
+    m = online.layer_metrics()["0"]
+    assert m["steps"] == 2 and m["non_finite_steps"] == 1
+    assert m["l_aux"] is not None and m["l_aux"] == m["l_aux"]  # the mean leaves the NaN step out
+    for a, b in online.iterates().values():
+        assert torch.isfinite(a).all() and torch.isfinite(b).all()

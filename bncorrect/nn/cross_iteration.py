@@ -54,8 +54,9 @@ Constraints and behaviour, decided here:
 - A training forward that cannot take gradients (under ``torch.no_grad``) is plain BN for that call and
   does not touch the history. Convolution parameters with ``requires_grad=False`` are treated as constant
   (no compensation term). ``compensate=False`` pools without compensation ("Naive CBN", sec. 4.3).
-- Each training forward is one iteration (a layer called twice per step counts twice). The history is
-  not part of ``state_dict``; loading a state dict or :meth:`reset_history` clears it.
+- Each training forward is one iteration (a layer called twice per step counts twice; activation
+  checkpointing, which re-runs the forward, is not supported). The history is not part of
+  ``state_dict``; loading a state dict, moving to another device or :meth:`reset_history` clears it.
 - ``k`` is the window including the current iteration (``window=1`` is BN). The paper picks ``k`` so that
   ``k`` times the per-device batch is at least 16 (sec. 4.1, Table 3) and saturates around ``k = 8``.
 """
@@ -263,7 +264,9 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         return grads[0], grads[1]
 
     def _cross_iteration_forward(self, x: Tensor) -> Tensor:
-        mean, var = C.batch_stats(x)  # (C,), biased; keep their graph (eq. 2)
+        if self._history and self._history[0].mean.device != x.device:
+            self.reset_history()  # the model moved to another device
+        mean, var = C.batch_stats(x)  # (C,), biased; keep their graph
         dims = (0, 2, 3)
         sq = x.to(mean.dtype).square().mean(dim=dims)  # nu_t, only for its gradient
         grad_mean, grad_sq = self._current_gradients(mean, sq)

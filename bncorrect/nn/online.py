@@ -33,7 +33,8 @@ Decisions where the paper is silent:
 - **What is saved**: the iterates averaged over recent steps (an exponential average with decay
   ``average``, bias-corrected; Polyak-Ruppert averaging), which removes most of the jitter a constant
   step size leaves around the optimum of the L1 objective. ``average=0`` saves the last iterate.
-- A non-finite L_aux (NaN/Inf activations) skips that step and is counted, instead of stopping training.
+- A non-finite L_aux (NaN/Inf activations) gets a zero gradient for that step and is counted
+  (``non_finite_steps``) instead of stopping training; the hook never synchronises with the device.
 
 :meth:`OnlineEvalNorm.save` writes a corrections file (``method = evalnorm-online``) that
 ``bncorrect apply`` and the export read like any other.
@@ -78,7 +79,7 @@ class _Layer:
     avg_alpha: Tensor  # exponential averages of the iterates (not bias-corrected)
     avg_beta: Tensor
     steps: int = 0
-    skipped: int = 0
+    non_finite: Tensor | None = None  # device-side count of steps with a non-finite L_aux
     examples: int = 0
     batch_sizes: Counter[int] = field(default_factory=Counter)
     handle: Any = None
@@ -203,13 +204,15 @@ class OnlineEvalNorm:
             mu_i, var_i = C.example_stats(x)
             mu_b, var_b = C.group_stats(mu_i, var_i, self.train_batch_size)
             loss = C.l_aux_given_stats(x, mu_b, var_b, mu_i, var_i, rm, rv, eps, state.alpha, state.beta)
-            state.examples += int(x.shape[0])
-            state.batch_sizes[min(group, int(x.shape[0]))] += 1
-            if not torch.isfinite(loss):
-                state.skipped += 1
-                return
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+        # No host synchronisation per step (this runs inside every training forward): a non-finite L_aux
+        # is not tested with an `if`, its gradient is replaced by zero on the device and counted.
+        finite = torch.isfinite(loss.detach())
+        with torch.no_grad():
+            for p in (state.alpha, state.beta):
+                if p.grad is not None:
+                    p.grad = torch.where(finite, p.grad, torch.zeros_like(p.grad))
         state.optimizer.step()
         with torch.no_grad():
             state.alpha.clamp_(0.0, 1.0)
@@ -217,7 +220,11 @@ class OnlineEvalNorm:
             state.avg_alpha.mul_(self.average).add_(state.alpha, alpha=1.0 - self.average)
             state.avg_beta.mul_(self.average).add_(state.beta, alpha=1.0 - self.average)
             base = C.l_aux_given_stats(x, mu_b, var_b, mu_i, var_i, rm, rv, eps, 0.0, 0.0)
-        state.recent.append(torch.stack([loss.detach(), base]).double())
+        state.recent.append(torch.stack([loss.detach(), base.to(loss.dtype), finite.to(loss.dtype)]))
+        bad = (~finite).to(torch.int64)
+        state.non_finite = bad if state.non_finite is None else state.non_finite + bad
+        state.examples += int(x.shape[0])
+        state.batch_sizes[min(group, int(x.shape[0]))] += 1
         state.steps += 1
 
     # ------------------------------------------------------------------ results
@@ -257,15 +264,18 @@ class OnlineEvalNorm:
 
     def layer_metrics(self) -> dict[str, dict[str, float | int | None]]:
         """Per layer: L_aux at the learned alpha/beta and at alpha = beta = 0 (plain EMA), each the mean over
-        the last ``metrics_window`` steps, plus steps, skipped steps and examples seen."""
+        the last ``metrics_window`` steps with a finite L_aux, plus steps, steps whose L_aux was NaN/Inf
+        (their gradient was replaced by zero) and examples seen."""
         out: dict[str, dict[str, float | int | None]] = {}
         for n, s in self._layers.items():
-            mean = torch.stack(list(s.recent)).mean(0).tolist() if s.recent else [None, None]
+            rows = torch.stack(list(s.recent)).cpu().double() if s.recent else torch.zeros(0, 3)
+            ok = rows[rows[:, 2] > 0, :2]
+            mean = ok.mean(0).tolist() if ok.shape[0] else [None, None]
             out[n] = {
                 "l_aux": mean[0],
                 "l_aux_ema": mean[1],
                 "steps": s.steps,
-                "skipped": s.skipped,
+                "non_finite_steps": 0 if s.non_finite is None else int(s.non_finite),
                 "examples": s.examples,
             }
         return out
