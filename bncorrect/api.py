@@ -246,6 +246,8 @@ def _finish(
             for n, lc in node_corr.layers.items()
             if lc.running_mean is not None and lc.running_var is not None
         }
+        if export is not None and export.min_effect is not None and out is not None:
+            alpha, beta, report["min_effect"] = _min_effect_onnx(source, export, alpha, beta, stats)
         corrected, rw = rewrite(source.proto, alpha, beta, running_stats=stats or None, source=source.path)
         report["rewrite"] = rw
         outcome = Outcome(node_corr, corrected, source, None, report)
@@ -259,6 +261,31 @@ def _finish(
     if out is not None:
         outcome.output = write_output(outcome, out, export)
     return outcome
+
+
+def _min_effect_onnx(
+    source: OnnxModel,
+    export: ExportOptions,
+    alpha: Mapping[str, Any],
+    beta: Mapping[str, Any],
+    stats: Mapping[str, tuple[Tensor, Tensor]],
+) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """``--min-effect`` on an ONNX source: drop the corrections that barely change their layer on the data."""
+    from .onnx_export import min_effect_filter
+
+    _require_probe(export)
+    effect = min_effect_filter(
+        source.proto, alpha, beta, export.example_input, export.min_effect or 0.0, running_stats=stats
+    )
+    return effect.filter(alpha), effect.filter(beta), effect
+
+
+def _require_probe(export: ExportOptions) -> None:
+    if export.example_input is None:
+        raise UsageError(
+            "--min-effect judges each layer's correction on data, and this command reads none",
+            hint="use --min-effect with estimate or sweep-alpha (they pass their first data batch)",
+        )
 
 
 def _check_out(out: str | Path, source: Source) -> Path:
@@ -304,6 +331,8 @@ def write_output(outcome: Outcome, out: str | Path, export: ExportOptions | None
         }
         return save_checkpoint(outcome.model, out, source=source, meta=meta)
     export = export or ExportOptions()
+    if export.min_effect is not None:
+        _require_probe(export)
     example = _example_input(export, source)
     from .onnx_export import export_onnx
 
@@ -314,6 +343,7 @@ def write_output(outcome: Outcome, out: str | Path, export: ExportOptions | None
         opset=export.opset,
         dynamic_batch=export.dynamic_batch,
         verify=export.verify,
+        min_effect=export.min_effect,
     )
     outcome.report["export"] = report
     return out

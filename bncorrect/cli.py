@@ -94,11 +94,26 @@ def _load_options(
     }
 
 
-def _export_options(input_shape: str | None, opset: int | None, no_verify: bool) -> Any:
+MinEffectOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Writing .onnx: layers whose correction changes their output by less than this (relative to "
+        "its RMS, on the first data batch) stay plain BN, which runtimes fold into the Conv before it.",
+        min=0.0,
+    ),
+]
+
+
+def _export_options(
+    input_shape: str | None, opset: int | None, no_verify: bool, min_effect: float | None = None
+) -> Any:
     from .api import ExportOptions, parse_shape
 
     return ExportOptions(
-        input_shape=parse_shape(input_shape) if input_shape else None, opset=opset, verify=not no_verify
+        input_shape=parse_shape(input_shape) if input_shape else None,
+        opset=opset,
+        verify=not no_verify,
+        min_effect=min_effect,
     )
 
 
@@ -145,6 +160,12 @@ def _report_written(outcome: Any, json_out: bool) -> None:
         diff = getattr(export, "max_abs_diff", None)
         if diff is not None:
             err_console.print(f"  verified against PyTorch: max abs diff {diff:.3g}")
+    effect = outcome.report.get("min_effect") or getattr(export, "min_effect", None)
+    if effect is not None:
+        err_console.print(
+            f"  --min-effect {effect.tol:g}: {len(effect.kept)} layers kept plain "
+            f"({', '.join(effect.kept) or 'none'}), {len(effect.corrected)} corrected"
+        )
     rw = outcome.report.get("rewrite") or getattr(export, "rewrite", None)
     if rw is not None:
         err_console.print(
@@ -178,10 +199,20 @@ def _outcome_json(outcome: Any, extra: dict[str, Any] | None = None) -> dict[str
     }
     if "matched" in outcome.report:
         data["matched"] = outcome.report["matched"]
+    data.update(_written_json(outcome))
+    data.update(extra or {})
+    return data
+
+
+def _written_json(outcome: Any) -> dict[str, Any]:
+    """What was written and how it was checked: output path, ONNX verification, --min-effect report."""
+    data: dict[str, Any] = {"output": None if outcome.output is None else str(outcome.output)}
     export = outcome.report.get("export")
     if export is not None:
         data["verify_max_abs_diff"] = getattr(export, "max_abs_diff", None)
-    data.update(extra or {})
+    effect = outcome.report.get("min_effect") or getattr(export, "min_effect", None)
+    if effect is not None:
+        data["min_effect"] = effect.summary()
     return data
 
 
@@ -513,6 +544,7 @@ def estimate(
     input_shape: InputShapeOpt = None,
     opset: OpsetOpt = None,
     no_verify: NoVerifyOpt = False,
+    min_effect: MinEffectOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Offline EvalNorm: estimate per-layer alpha/beta over a data pass (minimising L_aux)."""
@@ -535,14 +567,13 @@ def estimate(
             num_workers=num_workers,
             seed=seed,
             progress=bar,
-            export=_export_options(input_shape, opset, no_verify),
+            export=_export_options(input_shape, opset, no_verify, min_effect),
             **_load_options(arch, arch_kwargs, trust_pickle, non_strict),
         )
     _warn_load(outcome.source)
     result = outcome.report["estimate"]
     if json_out:
-        data_out = result.as_dict()
-        data_out["output"] = None if outcome.output is None else str(outcome.output)
+        data_out = {**result.as_dict(), **_written_json(outcome)}
         data_out["method"] = outcome.corrections.method
         _print_json(data_out)
         return
@@ -698,6 +729,7 @@ def sweep_alpha(
     input_shape: InputShapeOpt = None,
     opset: OpsetOpt = None,
     no_verify: NoVerifyOpt = False,
+    min_effect: MinEffectOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Choose one inference example weight alpha for every BN layer on labelled validation data."""
@@ -729,14 +761,13 @@ def sweep_alpha(
             num_workers=num_workers,
             seed=seed,
             progress=bar,
-            export=_export_options(input_shape, opset, no_verify),
+            export=_export_options(input_shape, opset, no_verify, min_effect),
             **_load_options(arch, arch_kwargs, trust_pickle, non_strict),
         )
     _warn_load(outcome.source)
     result = outcome.report["sweep"]
     if json_out:
-        data_out = result.as_report()
-        data_out["output"] = None if outcome.output is None else str(outcome.output)
+        data_out = {**result.as_report(), **_written_json(outcome)}
         _print_json(data_out)
         return
     out_console.print(result.table())

@@ -62,6 +62,7 @@ class ExportReport:
     rewritten: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     rewrite: RewriteReport | None = None
+    min_effect: MinEffectReport | None = None
 
     def summary(self) -> dict[str, object]:
         """JSON-friendly report."""
@@ -72,6 +73,7 @@ class ExportReport:
             "rel_diff": self.rel_diff,
             "rewritten": list(self.rewritten),
             "kept": list(self.kept),
+            "min_effect": None if self.min_effect is None else self.min_effect.summary(),
         }
 
 
@@ -185,6 +187,8 @@ def export_onnx(
     verify: bool = True,
     rtol: float = 1e-4,
     external_data: bool | None = None,
+    min_effect: float | None = None,
+    probe: Tensor | Sequence[Tensor] | None = None,
 ) -> ExportReport:
     """Export ``model`` (which may contain CorrectedNorm wrappers) to ``path`` with its normalization
     rewritten as corrected-BN subgraphs, and (``verify``) check it against the corrected PyTorch model.
@@ -193,6 +197,11 @@ def export_onnx(
     the written graph in onnxruntime and the corrected model on ``example_input``; it raises
     :class:`VerificationError` when max|onnx - torch| / max|torch| exceeds ``rtol``, and then ``path`` is not
     written.
+
+    ``min_effect``: layers whose correction changes their output by less than this (relative to the
+    output's RMS, :func:`min_effect_filter`) on ``probe`` (default ``example_input``; give real data) stay
+    plain BatchNormalization nodes, which runtimes fold into the preceding Conv; the verification then
+    compares against the PyTorch model with those layers plain too.
     """
     path = Path(path)
     reference = copy.deepcopy(model).cpu().eval()
@@ -219,6 +228,16 @@ def export_onnx(
             ) from None
         for torch_name, node_name in mapping.items():
             alpha[node_name], beta[node_name] = coefs[torch_name]
+    effect = None
+    if min_effect is not None and alpha:
+        data = _to_cpu(probe if probe is not None else example_input)
+        effect = min_effect_filter(proto, alpha, beta, data, min_effect)
+        alpha, beta = effect.filter(alpha), effect.filter(beta)
+        node_names = {node: name for name, node in mapping.items()}
+        layers = corrected_layers(reference)
+        for node in effect.kept:  # the reference keeps these layers plain as well
+            layers[node_names[node]].alpha.zero_()
+            layers[node_names[node]].beta.zero_()
     corrected, report = rewrite(proto, alpha, beta)
     if report.skipped:
         raise OnnxError(
@@ -250,6 +269,7 @@ def export_onnx(
         rewritten=[node_to_torch.get(n, n) for n in report.rewritten],
         kept=[node_to_torch.get(n, n) for n in report.kept],
         rewrite=report,
+        min_effect=effect,
     )
 
 

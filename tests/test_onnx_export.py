@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from bncorrect import onnx_export
+from bncorrect import api, onnx_export
 from bncorrect.corrections import Corrections, LayerCorrection, load_corrections, save_corrections
-from bncorrect.errors import OnnxError, VerificationError
+from bncorrect.errors import OnnxError, UsageError, VerificationError
 from bncorrect.layers import correct_model
 from bncorrect.onnx_export import export_onnx, export_plain, min_effect_filter, run_onnx, verify_onnx
 from bncorrect.onnx_rewrite import find_bn_nodes, load_onnx, match_layers, rewrite
+
+from .reference import corrected_bn_reference
 
 
 class Net(nn.Module):
@@ -194,3 +197,88 @@ def test_min_effect_keeps_layers_whose_correction_is_negligible() -> None:
     assert report.effects[names["features.1"]] < 1e-3 < report.effects[names["features.4"]]
     _out, rep = rewrite(graph, report.filter(alpha), report.filter(alpha))
     assert names["features.1"] in rep.kept and len(rep.rewritten) == 2
+
+
+def _layer_effects(net: nn.Module, x: torch.Tensor, a: float) -> dict[str, float]:
+    """Per BN layer: max|corrected - plain| / RMS(plain) of its output, its input from the plain model."""
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_hook(lambda m, i, o, n=n: inputs.__setitem__(n, i[0]))
+        for n, m in net.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    with torch.no_grad():
+        net.eval()(x)
+        for h in hooks:
+            h.remove()
+        effects = {}
+        for n, xin in inputs.items():
+            bn = net.get_submodule(n)
+            plain = bn(xin)
+            stats = [t.double().numpy() for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias)]
+            corr = torch.from_numpy(corrected_bn_reference(xin.double().numpy(), *stats, bn.eps, a, a))
+            plain = plain.double()
+            effects[n] = float((corr - plain).abs().max() / plain.pow(2).mean().sqrt())
+    return effects
+
+
+def _plain_bn_layers(path: Path) -> list[str]:
+    """The PyTorch names of the layers still computed by a BatchNormalization node."""
+    graph = load_onnx(path)
+    return sorted(ly.torch_name for ly in find_bn_nodes(graph))
+
+
+def test_min_effect_on_export_keeps_exactly_the_negligible_layers(tmp_path: Path) -> None:
+    net = trained_net(5)
+    x = torch.randn(32, 3, 6, 6)
+    effects = _layer_effects(net, x, 0.3)
+    tol = sorted(effects.values())[1] * 1.0001  # the two smallest effects fall below it
+    out = tmp_path / "w.onnx"
+    outcome = api.weight(net, 0.3, out=out, export=api.ExportOptions(min_effect=tol, example_input=x))
+    report = outcome.report["export"]
+    kept = sorted(n for n, e in effects.items() if e < tol)
+    assert len(kept) == 2 and _plain_bn_layers(out) == kept
+    assert report.max_abs_diff < 1e-4  # verified against the model with those layers plain too
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    assert sorted(report.rewritten) == sorted(set(effects) - set(kept))
+    assert len(report.min_effect.kept) == 2
+
+
+def test_min_effect_needs_data(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="min-effect"):
+        api.weight(
+            trained_net(5),
+            0.3,
+            out=tmp_path / "w.onnx",
+            export=api.ExportOptions(min_effect=0.01, input_shape=(1, 3, 6, 6)),
+        )
+    assert not (tmp_path / "w.onnx").exists()
+
+
+@pytest.mark.parametrize(("tol", "all_kept"), [(1e9, True), (0.0, False)])
+def test_cli_estimate_min_effect(tmp_path: Path, cli, tol: float, all_kept: bool) -> None:
+    net = trained_net(5)
+    torch.save(net.state_dict(), tmp_path / "m.pt")
+    np.savez(tmp_path / "d.npz", x=torch.randn(64, 3, 6, 6).numpy())
+    out = tmp_path / "e.onnx"
+    arch = "tests.test_onnx_export:trained_net"
+    res = cli(
+        "estimate",
+        tmp_path / "m.pt",
+        "--arch",
+        arch,
+        "--data",
+        tmp_path / "d.npz",
+        "-B",
+        4,
+        "-o",
+        out,
+        "--min-effect",
+        tol,
+        "--json",
+    )
+    assert res.code == 0, res.err
+    report = json.loads(res.out)["min_effect"]
+    names = sorted(n for n, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    assert _plain_bn_layers(out) == (names if all_kept else [])
+    assert len(report["kept"]) == (len(names) if all_kept else 0)
