@@ -423,6 +423,21 @@ def _require_torch(source: Source, command: str) -> LoadedModel:
     return source
 
 
+def _onnx_options(source: Source, command: str, forward_fn: Any) -> bool:
+    """True for an ONNX source (run through onnxruntime, bncorrect.onnx_passes); refuses what only a
+    PyTorch model can take."""
+    if not isinstance(source, OnnxModel):
+        return False
+    if forward_fn is not None:
+        raise UsageError(
+            f"{command}: forward_fn calls a PyTorch model; an ONNX graph is fed the data's first tensor as "
+            "its one input",
+            path=source.path,
+            hint="leave forward_fn out, or run on the PyTorch model",
+        )
+    return True
+
+
 def estimate(
     model: ModelLike,
     data: Any,
@@ -453,7 +468,8 @@ def estimate(
 
     if out is not None:
         out = Path(out)
-    source = _require_torch(open_model(model, **load_options), "estimate")
+    source = open_model(model, **load_options)
+    is_onnx = _onnx_options(source, "estimate", forward_fn)
     if out is not None:
         _check_out(out, source)
     channels = correctable_channels(source)
@@ -472,26 +488,45 @@ def estimate(
             forward_fn,
             progress,
         )
-        _apply_stats(source.model, recal.stats)
+        if not is_onnx:
+            _apply_stats(source.model, recal.stats)
     sizes = [*(layer_batch_size or {}).values(), train_batch_size]
     multiple = lcm(sizes)
     batch = multiple * max(1, 64 // multiple)
     loader, total, description = _loader(
         dataset, batch, shuffle=True, seed=seed, num_workers=num_workers, max_examples=max_examples
     )
-    result = estimate_alpha_beta(
-        source.model,
-        loader,
-        train_batch_size,
-        layer_batch_size=layer_batch_size,
-        forward_fn=forward_fn,
-        device=device,
-        seed=seed,
-        sample_budget=sample_budget or DEFAULT_SAMPLE_BUDGET,
-        total_examples=total,
-        progress=progress,
-        data_hint=description,
-    )
+    if isinstance(source, OnnxModel):
+        from .onnx_passes import estimate_onnx
+
+        result = estimate_onnx(
+            source.proto,
+            loader,
+            train_batch_size,
+            layer_batch_size=layer_batch_size,
+            running_stats=None if recal is None else recal.stats,
+            device=device,
+            seed=seed,
+            sample_budget=sample_budget or DEFAULT_SAMPLE_BUDGET,
+            total_examples=total,
+            progress=progress,
+            data_hint=description,
+            source=source.path,
+        )
+    else:
+        result = estimate_alpha_beta(
+            source.model,
+            loader,
+            train_batch_size,
+            layer_batch_size=layer_batch_size,
+            forward_fn=forward_fn,
+            device=device,
+            seed=seed,
+            sample_budget=sample_budget or DEFAULT_SAMPLE_BUDGET,
+            total_examples=total,
+            progress=progress,
+            data_hint=description,
+        )
     layers = {
         ly.name: LayerCorrection(
             torch.tensor(ly.alpha),
@@ -520,7 +555,7 @@ def estimate(
         description,
         metrics,
     )
-    if export is not None and export.example_input is None and export.input_shape is None:
+    if not is_onnx and export is not None and export.example_input is None and export.input_shape is None:
         export.example_input = _first_input(loader)
     outcome = _finish(source, corrections, out, export)
     outcome.report["estimate"] = result
@@ -548,7 +583,7 @@ def _apply_stats(model: nn.Module, stats: Mapping[str, tuple[Tensor, Tensor]]) -
 
 
 def _recalibrate_stats(
-    source: LoadedModel,
+    source: Source,
     dataset: Any,
     upstream: str,
     batch_size: int | None,
@@ -577,6 +612,20 @@ def _recalibrate_stats(
         num_workers=num_workers,
         max_examples=max_examples,
     )
+    if isinstance(source, OnnxModel):
+        from .onnx_passes import recalibrate_onnx
+
+        return recalibrate_onnx(
+            source.proto,
+            loader,
+            upstream=upstream,  # type: ignore[arg-type]
+            batch_size=batch_size,
+            device=device,
+            total_examples=total,
+            progress=progress,
+            data_hint=description,
+            source=source.path,
+        )
     return recalibrate_stats(
         source.model,
         loader,
@@ -610,7 +659,8 @@ def recalibrate(
     """Replace every BN layer's running statistics by exact population statistics over ``data``."""
     if out is not None:
         out = Path(out)
-    source = _require_torch(open_model(model, **load_options), "recalibrate")
+    source = open_model(model, **load_options)
+    is_onnx = _onnx_options(source, "recalibrate", forward_fn)
     if out is not None:
         _check_out(out, source)
     channels = correctable_channels(source)
@@ -618,7 +668,7 @@ def recalibrate(
     recal = _recalibrate_stats(
         source, dataset, upstream, batch_size, max_examples, device, num_workers, seed, forward_fn, progress
     )
-    existing = {n: (m.alpha, m.beta) for n, m in corrected_layers(source.model).items()}
+    existing = {} if is_onnx else {n: (m.alpha, m.beta) for n, m in corrected_layers(source.model).items()}
     zero = torch.tensor(0.0)
     layers = {
         name: LayerCorrection(*existing.get(name, (zero, zero)), mean, var)
@@ -635,7 +685,8 @@ def recalibrate(
         {"examples": recal.examples, "passes": recal.passes, "upstream": upstream},
     )
     if (
-        export is not None
+        not is_onnx
+        and export is not None
         and export.example_input is None
         and export.input_shape is None
         and hasattr(dataset, "__getitem__")
@@ -726,7 +777,8 @@ def sweep_alpha(
     from .sweep import Candidate, plot_sweep, write_report
     from .sweep import sweep_alpha as run_sweep
 
-    source = _require_torch(open_model(model, **load_options), "sweep-alpha")
+    source = open_model(model, **load_options)
+    is_onnx = _onnx_options(source, "sweep-alpha", forward_fn)
     for path in (out, plot, report):
         if path is not None:
             check_output(path, source.path if source.path.exists() else None)
@@ -736,6 +788,10 @@ def sweep_alpha(
     extra = []
     if corrections is not None:
         corr, corr_path = _read_corrections(corrections)
+        if isinstance(source, OnnxModel):
+            from .onnx_passes import node_corrections
+
+            corr = node_corrections(source.proto, corr, source=corr_path)
         corr.validate(channels, source=corr_path)
         extra.append(Candidate.from_corrections(corr))
     dataset = open_data(data, data_spec)
@@ -750,21 +806,40 @@ def sweep_alpha(
     loader, total, description = _loader(
         dataset, 256, shuffle=False, seed=seed, num_workers=num_workers, max_examples=max_examples
     )
-    result = run_sweep(
-        source.model,
-        loader,
-        alphas,
-        beta_mode=beta_mode,
-        train_batch_size=train_batch_size,
-        extra_candidates=extra,
-        metric=metric,
-        output_key=output_key,
-        forward_fn=forward_fn,
-        device=device,
-        total_examples=total,
-        progress=progress,
-        data_hint=description,
-    )
+    if isinstance(source, OnnxModel):
+        from .onnx_passes import sweep_onnx
+
+        result = sweep_onnx(
+            source.proto,
+            loader,
+            alphas,
+            beta_mode=beta_mode,
+            train_batch_size=train_batch_size,
+            extra_candidates=extra,
+            metric=metric,
+            output_key=output_key,
+            device=device,
+            total_examples=total,
+            progress=progress,
+            data_hint=description,
+            source=source.path,
+        )
+    else:
+        result = run_sweep(
+            source.model,
+            loader,
+            alphas,
+            beta_mode=beta_mode,
+            train_batch_size=train_batch_size,
+            extra_candidates=extra,
+            metric=metric,
+            output_key=output_key,
+            forward_fn=forward_fn,
+            device=device,
+            total_examples=total,
+            progress=progress,
+            data_hint=description,
+        )
     best = result.best
     chosen = Corrections.uniform(
         list(channels),
@@ -776,7 +851,7 @@ def sweep_alpha(
     )
     chosen.data = description
     chosen.metrics = {"metric": metric, "best": best.as_dict(), "n_examples": result.n_examples}
-    if export is not None and export.example_input is None and export.input_shape is None:
+    if not is_onnx and export is not None and export.example_input is None and export.input_shape is None:
         export.example_input = _first_input(loader)
     outcome = _finish(source, chosen, out, export)
     outcome.report["sweep"] = result

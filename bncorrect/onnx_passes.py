@@ -1,0 +1,903 @@
+r"""Estimate, recalibrate and sweep directly on an ONNX graph, run by onnxruntime (for users who have only
+the graph; DESIGN §3, issue #5 point 4).
+
+The math is not repeated here: the graph only produces each BN layer's input ``x`` for the data, and the
+same classes and functions as the PyTorch path consume it (:class:`~bncorrect.estimation.EvalNormEstimator`,
+:class:`~bncorrect.recalibration.PopulationMoments`, :func:`bncorrect.correction.example_stats` /
+:func:`~bncorrect.correction.group_stats`, the sweep's tally and report). Every derived graph is built with
+the pattern -> check -> build rewrite of :mod:`bncorrect.onnx_rewrite`, so the same BN nodes qualify.
+
+**Training-mode graph** (``estimate``, ``recalibrate --upstream train``). Each correctable BN node becomes
+normalization over consecutive groups of B examples (its own B, ``--layer-batch-size``), exactly the
+training-mode layer of DESIGN §3 with biased variances and the node's eps::
+
+    x3      = Reshape(x, (N, C, L))                                   rank 2: L = 1, so var_i = 0
+    mu_i    = ReduceMean(x3, L);  var_i = ReduceMean((x3 - mu_i)^2, L)            two-pass, exact
+    (G, B, C) groups:  mu_B = mean_g mu_i,  var_B = mean_g var_i + mean_g (mu_i - mu_B)^2   (total variance)
+    s = gamma / sqrt(var_B + eps),  t = b - mu_B * s    expanded to (N, C, 1);   y = x3 * s + t  -> shape of x
+
+and each BN node's input ``x`` is an extra graph output (a *tap*); nodes no tap needs are pruned (onnxruntime
+runs every node of a session whatever outputs are asked for). Batches are cut to a multiple of the least
+common multiple of the group sizes (the rest is dropped and counted, as in the PyTorch pass). For every
+batch, in graph order, the observers get ``(x, mu_i, var_i, mu_B, var_B)`` with the statistics from
+:mod:`bncorrect.correction`, as :func:`bncorrect.passes.training_mode_pass` gives them.
+
+**Inference-consistent recalibration** (``--upstream eval``): layer by layer in graph (topological) order;
+for layer k the graph is the original with the layers before it already recalibrated (plain BN with their
+new statistics, :func:`bncorrect.onnx_rewrite.rewrite`'s recalibration path, so onnxruntime folds them into
+their Conv again), pruned to layer k's input. One session per layer, each pass running only the prefix of
+the network up to that layer (a graph with the statistics as inputs would run the whole network L times
+and could fold no BN; on a ResNet-style net the session costs ~40 ms, benchmarks/README.md).
+
+**Sweep**: one corrected graph per candidate, written by :func:`bncorrect.onnx_rewrite.rewrite` — the
+graph that ``-o OUT.onnx`` ships — each run on every batch while it is in memory. Measured against one graph
+with alpha and beta as graph inputs (benchmarks/bench_onnx_passes.py, ``sweep`` rows of
+benchmarks/README.md): per-alpha graphs took 0.49-0.82x the time of the graph-input variant on the
+ResNet- and MobileNet-style nets at batch 256 (the EMA graph keeps BN folded into the Conv, and constant
+alpha/beta let the rewrite drop terms), for ~40 ms of session creation per candidate.
+
+Execution: onnxruntime's CPU provider (``device`` "cpu", or "auto" without CUDA), or its CUDA provider
+when this onnxruntime has one ("cuda", "cuda:K", or "auto"); threads are onnxruntime's default unless
+given. The graph must take one data input (its batch axis is made symbolic on the working copies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+from torch import Tensor
+
+from . import correction as C
+from .corrections import Corrections
+from .errors import DataError, NoBatchNormError, OnnxError, UsageError
+from .estimation import (
+    DEFAULT_POSITIONS,
+    DEFAULT_SAMPLE_BUDGET,
+    DEFAULT_SOLVE_ROWS,
+    EstimateResult,
+    EvalNormEstimator,
+)
+from .layers import layer_batch_sizes
+from .onnx_rewrite import (
+    Builder,
+    LayerPlan,
+    OnnxNormLayer,
+    _cast_in,
+    _finish,
+    _rewrite,
+    _stats,
+    match_layers,
+)
+from .onnx_rewrite import require_bn_nodes as _require_bn_nodes
+from .passes import Batch, Observer, Progress, batch_size_of, first_tensor, lcm, trimmed_batches
+from .recalibration import PopulationMoments, RecalibrateResult, Upstream, _check_finite
+from .sweep import (
+    BetaMode,
+    Candidate,
+    SweepResult,
+    _add_notes,
+    _check_labels,
+    _check_metric,
+    _labels,
+    _logits,
+    _resolve_tables,
+    _rows,
+    _Tally,
+    build_candidates,
+)
+
+__all__ = [
+    "GraphRunner",
+    "OnnxLayer",
+    "correctable_layers",
+    "estimate_onnx",
+    "node_corrections",
+    "providers_for",
+    "recalibrate_onnx",
+    "sweep_onnx",
+    "tap_graph",
+    "training_graph",
+]
+
+_ORT_NUMPY = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(bfloat16)": np.float32,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+}
+
+
+# ---------------------------------------------------------------------------------------------- layers
+@dataclass(frozen=True)
+class OnnxLayer:
+    """A correctable BN node: its name, input tensor, channels, eps and running statistics (float64)."""
+
+    name: str
+    x: str
+    channels: int
+    eps: float
+    running_mean: Tensor
+    running_var: Tensor
+
+
+def correctable_layers(model: onnx.ModelProto, *, source: str | Path | None = None) -> list[OnnxLayer]:
+    """Every correctable BN node in graph order; :class:`NoBatchNormError` (with the folded-BN explanation)
+    when there is none."""
+    found = _require_bn_nodes(model, source=source)
+    ok = [ly for ly in found if ly.correctable]
+    if not ok:
+        reasons = "; ".join(f"{ly.name}: {ly.reason}" for ly in found[:5])
+        raise NoBatchNormError(f"no BatchNorm layer can be corrected ({reasons})", path=source)
+    stats = _running_stats(model, ok)
+    return [
+        OnnxLayer(
+            ly.name,
+            model.graph.node[ly.node_index].input[0],
+            ly.channels,
+            ly.eps,
+            *stats[ly.name],
+        )
+        for ly in ok
+    ]
+
+
+def _running_stats(
+    model: onnx.ModelProto, layers: Sequence[OnnxNormLayer]
+) -> dict[str, tuple[Tensor, Tensor]]:
+    from .onnx_rewrite import _Index  # parameters resolved the way the rewrite resolves them
+
+    index = _Index(model)
+    out = {}
+    for ly in layers:
+        values = [index.resolve(ly.param_names[k], k)[0] for k in ("mean", "var")]
+        mean, var = (torch.from_numpy(np.asarray(v, dtype=np.float64).copy()) for v in values)
+        out[ly.name] = (mean, var)
+    return out
+
+
+def node_corrections(
+    model: onnx.ModelProto, corrections: Corrections, *, source: str | Path | None = None
+) -> Corrections:
+    """``corrections`` with its layers renamed to BN node names (PyTorch module paths are matched by the
+    BN parameter names, :func:`bncorrect.onnx_rewrite.match_layers`)."""
+    mapping = match_layers(model, list(corrections.layers), source=source)
+    return Corrections(
+        {mapping[n]: lc for n, lc in corrections.layers.items()},
+        corrections.method,
+        corrections.train_batch_size,
+        corrections.model_sha256,
+        corrections.data,
+        corrections.metrics,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- graphs
+def _group_norm_builder(sizes: Mapping[str, int]) -> Callable[[Builder, LayerPlan], None]:
+    """Build function for :func:`bncorrect.onnx_rewrite._rewrite`: training-mode normalization over
+    consecutive groups of ``sizes[name]`` examples (module docstring)."""
+
+    def build(b: Builder, p: LayerPlan) -> None:
+        c = p.channels
+        x3 = b.op("Reshape", [_cast_in(b, p), b.shape([0, 0, -1])], "x_ncl")
+        mu = b.reduce("ReduceMean", x3, [2], 1, "mu_i")
+        xc = b.op("Sub", [x3, mu], "x_centered")
+        var = b.reduce("ReduceMean", b.op("Mul", [xc, xc], "x_centered_sq"), [2], 1, "var_i")
+        groups = b.shape([-1, int(sizes[p.name]), c])
+        mu_g = b.op("Reshape", [mu, groups], "mu_i_groups")
+        var_g = b.op("Reshape", [var, groups], "var_i_groups")
+        mu_b = b.reduce("ReduceMean", mu_g, [1], 1, "mu_b")
+        dm = b.op("Sub", [mu_g, mu_b], "mu_i_dev")
+        var_b = b.op(
+            "Add",
+            [
+                b.reduce("ReduceMean", var_g, [1], 1, "mean_var_i"),
+                b.reduce("ReduceMean", b.op("Mul", [dm, dm], "mu_i_dev_sq"), [1], 1, "var_mu_i"),
+            ],
+            "var_b",
+        )
+        std = b.op("Sqrt", [b.op("Add", [var_b, b.const("eps", p.eps)], "var_b_eps")], "std_b")
+        s = b.op("Div", [b.const("gamma", p.gamma.reshape(1, 1, c)), std], "scale")
+        t = b.op("Sub", [b.const("bias", p.bias.reshape(1, 1, c)), b.op("Mul", [mu_b, s], "mu_s")], "shift")
+        full = b.op("Shape", [mu_g], "groups_shape")
+        per_row = b.shape([-1, c, 1])
+        s_n = b.op("Reshape", [b.op("Expand", [s, full], "scale_rows"), per_row], "scale_n")
+        t_n = b.op("Reshape", [b.op("Expand", [t, full], "shift_rows"), per_row], "shift_n")
+        y3 = b.op("Add", [b.op("Mul", [x3, s_n], "x_s"), t_n], "y_ncl")
+        _finish(b, p, "y", "Reshape", [y3, b.op("Shape", [p.x], "x_shape")])
+
+    return build
+
+
+def training_graph(
+    model: onnx.ModelProto, group_sizes: Mapping[str, int], *, source: str | Path | None = None
+) -> onnx.ModelProto:
+    """A copy of ``model`` with every BN node named in ``group_sizes`` in training-mode normalization over
+    consecutive groups of that many examples (module docstring). Batches fed to it must hold a multiple of
+    each group size."""
+    ones = dict.fromkeys(group_sizes, 1.0)  # any non-zero coefficient: the rewrite builds every named node
+    out, report = _rewrite(
+        model,
+        ones,
+        ones,
+        source=source,
+        build=_group_norm_builder(group_sizes),
+        formulation="training-mode normalization over groups of B (bncorrect.onnx_passes)",
+        check=False,
+    )
+    if report.skipped:
+        raise OnnxError(
+            "some BN nodes cannot be put in training mode: "
+            + "; ".join(f"{n}: {r}" for n, r in report.skipped),
+            path=source,
+        )
+    return out
+
+
+def _subgraph_names(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name a node's subgraphs (If/Loop/Scan bodies) read, outer-scope ones included."""
+    names: set[str] = set()
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in graphs:
+            for n in g.node:
+                names |= set(n.input) | _subgraph_names(n)
+    return names
+
+
+def tap_graph(model: onnx.ModelProto, taps: Sequence[str], *, keep_outputs: bool = False) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph outputs are the tensors ``taps`` (plus the original outputs with
+    ``keep_outputs``), every node and initializer none of them needs left out. A tap that is a graph input
+    is passed through an Identity node (:func:`tap_name` gives the output's name)."""
+    g = model.graph
+    inputs = {v.name for v in g.input}
+    outputs = list(g.output) if keep_outputs else []
+    names = {o.name for o in outputs}
+    nodes = list(g.node)
+    for t in dict.fromkeys(taps):
+        name = tap_name(model, t)
+        if name != t:
+            nodes.append(helper.make_node("Identity", [t], [name], name=f"{name}_node"))
+        if name not in names:
+            outputs.append(helper.make_empty_tensor_value_info(name))
+            names.add(name)
+    needed = set(names)
+    keep = []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output if o):
+            keep.append(node)
+            needed |= set(node.input) | _subgraph_names(node)
+    keep.reverse()
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip=("graph",))
+    graph = out.graph
+    _copy_fields(g, graph, skip=("node", "initializer", "value_info", "output"))
+    graph.node.extend(keep)
+    graph.initializer.extend(t for t in g.initializer if t.name in needed)
+    graph.value_info.extend(v for v in g.value_info if v.name in needed and v.name not in inputs)
+    graph.output.extend(outputs)
+    return out
+
+
+def _copy_fields(src: Any, dst: Any, *, skip: Sequence[str]) -> None:
+    """Copy every set field of protobuf message ``src`` into ``dst`` except those named in ``skip``."""
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+        if repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def tap_name(model: onnx.ModelProto, tensor: str) -> str:
+    """The output name under which :func:`tap_graph` exposes ``tensor``."""
+    return f"{tensor}/bncorrect_tap" if tensor in {v.name for v in model.graph.input} else tensor
+
+
+def _data_input(model: onnx.ModelProto, source: str | Path | None) -> onnx.ValueInfoProto:
+    inits = {t.name for t in model.graph.initializer}
+    real = [v for v in model.graph.input if v.name not in inits]
+    if len(real) != 1:
+        raise OnnxError(
+            f"the graph has {len(real)} inputs ({', '.join(v.name for v in real) or 'none'}); bncorrect "
+            "feeds the data as its one input",
+            path=source,
+            hint="for models with several inputs use the Python API on the PyTorch model with a forward_fn",
+        )
+    return real[0]
+
+
+def _fixed_batch(model: onnx.ModelProto, source: str | Path | None) -> int | None:
+    """Make the data input's batch axis symbolic in ``model`` (in place); the fixed size it had, or None."""
+    v = _data_input(model, source)
+    dims = v.type.tensor_type.shape.dim if v.type.tensor_type.HasField("shape") else []
+    if not dims or not dims[0].HasField("dim_value"):
+        return None
+    fixed = int(dims[0].dim_value)
+    dims[0].dim_param = "bncorrect_batch"
+    for o in model.graph.output:  # stale static batch sizes would contradict the new symbolic one
+        od = o.type.tensor_type.shape.dim if o.type.tensor_type.HasField("shape") else []
+        if od and od[0].HasField("dim_value") and int(od[0].dim_value) == fixed:
+            od[0].dim_param = "bncorrect_batch"
+    del model.graph.value_info[:]
+    return fixed
+
+
+# ---------------------------------------------------------------------------------------------- running
+def providers_for(device: str | None) -> list[Any]:
+    """onnxruntime execution providers for ``device``: "cpu"; "cuda" / "cuda:K" (needs onnxruntime's
+    CUDAExecutionProvider); "auto"/None: CUDA when this onnxruntime has it, else CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    d = "auto" if device is None else str(device).strip().lower()
+    cpu = "CPUExecutionProvider"
+    if d == "auto":
+        return ["CUDAExecutionProvider", cpu] if "CUDAExecutionProvider" in available else [cpu]
+    if d == "cpu":
+        return [cpu]
+    if d == "cuda" or d.startswith("cuda:"):
+        if "CUDAExecutionProvider" not in available:
+            raise UsageError(
+                f"--device {device}: this onnxruntime has no CUDAExecutionProvider "
+                f"(it has {', '.join(available)})",
+                hint="use --device cpu (or auto), or install onnxruntime-gpu",
+            )
+        idx = d.partition(":")[2] or "0"
+        if not idx.isdigit():
+            raise UsageError(f"--device {device}: expected cuda or cuda:K")
+        return [("CUDAExecutionProvider", {"device_id": int(idx)}), cpu]
+    raise UsageError(
+        f"--device {device} is not available for ONNX models (onnxruntime)", hint="use cpu, cuda or auto"
+    )
+
+
+class GraphRunner:
+    """One onnxruntime session over a graph with one data input, returning the asked-for outputs as CPU
+    tensors. A batch that does not fit the graph raises :class:`DataError` naming the data."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        outputs: Sequence[str] | None = None,
+        *,
+        device: str | None = "auto",
+        threads: int | None = None,
+        source: str | Path | None = None,
+        data_hint: str = "",
+        fixed_batch: int | None = None,
+        extra_inputs: Sequence[str] = (),
+    ) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        self.source = source
+        self.data_hint = data_hint
+        self.fixed_batch = fixed_batch
+        providers = providers_for(device)
+        try:
+            blob = model.SerializeToString()
+        except ValueError:  # > 2 GB: onnxruntime reads it from a file with external data
+            blob = None
+        try:
+            if blob is not None:
+                self.session = ort.InferenceSession(blob, so, providers=providers)
+            else:
+                self.session = self._from_file(model, so, providers)
+        except Exception as e:
+            raise OnnxError(
+                f"onnxruntime cannot load the graph ({_first_line(e)})",
+                path=source,
+                hint='check that the graph runs in onnxruntime (python -c "import onnxruntime as ort; '
+                'ort.InferenceSession(PATH)")',
+            ) from None
+        inputs = [i for i in self.session.get_inputs() if i.name not in set(extra_inputs)]
+        if len(inputs) != 1:
+            raise OnnxError(
+                f"the graph has {len(inputs)} inputs; bncorrect feeds the data as its one input", path=source
+            )
+        self.input = inputs[0]
+        self.outputs = list(outputs) if outputs is not None else [o.name for o in self.session.get_outputs()]
+        self.dtype = _ORT_NUMPY.get(self.input.type, np.float32)
+        self._checked = False
+
+    @staticmethod
+    def _from_file(model: onnx.ModelProto, so: Any, providers: list[Any]) -> Any:
+        import tempfile
+
+        import onnxruntime as ort
+
+        from .onnx_rewrite import save_onnx
+
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "graph.onnx"
+            save_onnx(model, path, external_data=True)
+            return ort.InferenceSession(str(path), so, providers=providers)
+
+    def _check_shape(self, x: Tensor) -> None:
+        want = list(self.input.shape or [])
+        got = tuple(x.shape)
+        fixed = [(i, d) for i, d in enumerate(want) if i > 0 and isinstance(d, int)]
+        if len(want) != len(got) or any(got[i] != d for i, d in fixed):
+            shown = tuple(d if isinstance(d, int) else "?" for d in want[1:])
+            raise DataError(
+                f"the data's examples have shape {got[1:]}, but the graph's input {self.input.name!r} takes "
+                f"examples of shape {shown}",
+                path=self.data_hint or None,
+                hint="check that the data matches the model's expected input (channels, size, "
+                "preprocessing: --resize/--crop/--channels/--mean/--std)",
+            )
+
+    def feed(self, x: Tensor) -> dict[str, np.ndarray]:
+        """The data input's feed for one batch ``x`` (checked against the graph's input shape once)."""
+        if not self._checked:
+            self._check_shape(x)
+            self._checked = True
+        return {self.input.name: x.detach().cpu().numpy().astype(self.dtype, copy=False)}
+
+    def run(
+        self, x: Tensor | Mapping[str, np.ndarray], extra: Mapping[str, np.ndarray] | None = None
+    ) -> list[Tensor]:
+        """The outputs for one batch ``x`` (first axis: examples; or a :meth:`feed` already made), with
+        ``extra`` graph inputs."""
+        feed = dict(x) if isinstance(x, Mapping) else self.feed(x)
+        if extra:
+            feed.update(extra)
+        try:
+            values = self.session.run(self.outputs, feed)
+        except Exception as e:
+            hint = (
+                "check that the data matches the model's expected input (channels, size, preprocessing: "
+                "--resize/--crop/--channels/--mean/--std)"
+            )
+            if self.fixed_batch is not None:
+                hint = (
+                    f"the graph was exported with a fixed batch size of {self.fixed_batch}, and bncorrect "
+                    "runs it on other batch sizes: re-export it with a dynamic batch axis "
+                    "(torch.onnx.export(..., dynamic_shapes=...) or dynamic_axes={'input': {0: 'batch'}}); "
+                    "otherwise " + hint
+                )
+            shape = tuple(feed[self.input.name].shape)
+            raise DataError(
+                f"the ONNX model failed on a data batch of shape {shape}: {_first_line(e)[:300]}",
+                path=self.data_hint or None,
+                hint=hint,
+            ) from None
+        return [torch.from_numpy(np.asarray(v)) for v in values]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _working_copy(model: onnx.ModelProto, source: str | Path | None) -> tuple[onnx.ModelProto, int | None]:
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    return work, _fixed_batch(work, source)
+
+
+def _input_tensor(batch: Batch) -> Tensor:
+    x = first_tensor(batch)
+    if x is None:
+        raise DataError("a batch holds no tensor")
+    return x
+
+
+# ---------------------------------------------------------------------------------------------- passes
+def training_pass(
+    model: onnx.ModelProto,
+    batches: Iterable[Batch],
+    group_sizes: Mapping[str, int],
+    observers: Mapping[str, Observer],
+    *,
+    device: str | None = "auto",
+    threads: int | None = None,
+    label: str,
+    total_examples: int | None = None,
+    progress: Progress | None = None,
+    data_hint: str = "",
+    source: str | Path | None = None,
+) -> tuple[int, int]:
+    """One pass over ``batches`` with the BN nodes of ``group_sizes`` in training-mode normalization over
+    their group sizes; ``observers`` (by node name) see ``(x, mu_i, var_i, mu_b, var_b)`` per batch, in
+    graph order. Returns (examples used, examples dropped); DataError when no whole group was seen. The
+    ONNX counterpart of :func:`bncorrect.passes.training_mode_pass`."""
+    work, fixed = _working_copy(model, source)
+    layers = [ly for ly in correctable_layers(work, source=source) if ly.name in group_sizes]
+    graph = training_graph(work, {ly.name: group_sizes[ly.name] for ly in layers}, source=source)
+    graph = tap_graph(graph, [ly.x for ly in layers])
+    runner = GraphRunner(
+        graph,
+        [tap_name(graph, ly.x) for ly in layers],
+        device=device,
+        threads=threads,
+        source=source,
+        data_hint=data_hint,
+        fixed_batch=fixed,
+    )
+    multiple = lcm(group_sizes.values())
+    examples = dropped = 0
+    for batch, cut in trimmed_batches(batches, multiple):
+        dropped += cut
+        if batch is not None:
+            values = runner.run(_input_tensor(batch))
+            for ly, x in zip(layers, values, strict=True):
+                observer = observers.get(ly.name)
+                if observer is None:
+                    continue
+                mu_i, var_i = C.example_stats(x)
+                mu_b, var_b = C.group_stats(mu_i, var_i, group_sizes[ly.name])
+                observer(x, mu_i, var_i, mu_b, var_b)
+            examples += batch_size_of(batch)
+        if progress is not None:
+            progress(label, examples + dropped, total_examples)
+    if examples == 0:
+        raise DataError(
+            f"no complete normalization batch of {multiple} examples in the data ({dropped} examples seen)",
+            path=data_hint or None,
+            hint="give more data or a smaller batch size",
+        )
+    return examples, dropped
+
+
+def estimate_onnx(
+    model: onnx.ModelProto,
+    batches: Iterable[Batch],
+    train_batch_size: int,
+    *,
+    layer_batch_size: Mapping[str, int] | None = None,
+    running_stats: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+    device: str | None = "auto",
+    threads: int | None = None,
+    seed: int = 0,
+    sample_budget: int = DEFAULT_SAMPLE_BUDGET,
+    positions: int = DEFAULT_POSITIONS,
+    solve_rows: int = DEFAULT_SOLVE_ROWS,
+    total_examples: int | None = None,
+    progress: Progress | None = None,
+    data_hint: str = "",
+    source: str | Path | None = None,
+) -> EstimateResult:
+    """Offline EvalNorm on an ONNX graph: every correctable BN node's (alpha, beta) over ``batches``, as
+    :func:`bncorrect.estimation.estimate_alpha_beta` computes them for a PyTorch model (same estimator, same
+    seeded sampling; layer names are node names, ``layer_batch_size`` globs match them).
+    ``running_stats`` (node -> (mean, var)) replaces the graph's statistics, e.g. after recalibration."""
+    if train_batch_size < 1:
+        raise UsageError(f"--train-batch-size must be >= 1, got {train_batch_size}")
+    for pattern, b in (layer_batch_size or {}).items():
+        if b < 1:
+            raise UsageError(f"--layer-batch-size {pattern}={b}: B must be >= 1")
+    layers = correctable_layers(model, source=source)
+    sizes = layer_batch_sizes([ly.name for ly in layers], train_batch_size, layer_batch_size)
+    gen = torch.Generator().manual_seed(seed)
+    stats = dict(running_stats or {})
+    estimators = {
+        ly.name: EvalNormEstimator(
+            ly.name,
+            *(stats.get(ly.name) or (ly.running_mean, ly.running_var)),
+            ly.eps,
+            sizes[ly.name],
+            sample_budget=sample_budget,
+            positions=positions,
+            solve_rows=solve_rows,
+            generator=gen,
+        )
+        for ly in layers
+    }
+    examples, dropped = training_pass(
+        model,
+        batches,
+        sizes,
+        {name: est.observe for name, est in estimators.items()},
+        device=device,
+        threads=threads,
+        label="estimate",
+        total_examples=total_examples,
+        progress=progress,
+        data_hint=data_hint,
+        source=source,
+    )
+    results = [est.solve() for est in estimators.values()]
+    return EstimateResult(results, train_batch_size, examples, dropped, seed, sizes)
+
+
+def recalibrate_onnx(
+    model: onnx.ModelProto,
+    batches: Iterable[Batch],
+    *,
+    upstream: Upstream = "eval",
+    batch_size: int | None = None,
+    device: str | None = "auto",
+    threads: int | None = None,
+    total_examples: int | None = None,
+    progress: Progress | None = None,
+    data_hint: str = "",
+    source: str | Path | None = None,
+) -> RecalibrateResult:
+    """Population statistics of every correctable BN node over ``batches``, as
+    :func:`bncorrect.recalibration.recalibrate_stats` computes them for a PyTorch model: ``eval`` layer by
+    layer with the earlier layers recalibrated (``batches`` re-iterable), ``train`` from one
+    training-mode pass over groups of ``batch_size``."""
+    layers = correctable_layers(model, source=source)
+    if upstream == "train":
+        if batch_size is None or batch_size < 1:
+            raise UsageError(
+                "--upstream train needs --batch-size B (the normalization batch size used in training)"
+            )
+        if batch_size < 2:
+            raise UsageError(
+                "training-consistent statistics with --batch-size 1 normalize each example by itself",
+                hint="pass the normalization batch size used in training (B >= 2), or use --upstream eval",
+            )
+        averages = {ly.name: PopulationMoments(ly.channels) for ly in layers}
+        examples, _ = training_pass(
+            model,
+            batches,
+            {ly.name: batch_size for ly in layers},
+            {name: (lambda x, _mi, _vi, _mb, _vb, a=avg: a.add(x)) for name, avg in averages.items()},
+            device=device,
+            threads=threads,
+            label="recalibrate",
+            total_examples=total_examples,
+            progress=progress,
+            data_hint=data_hint,
+            source=source,
+        )
+        stats = {}
+        for name, avg in averages.items():
+            if avg.count:
+                mean, var = avg.mean, avg.variance()
+                _check_finite(name, mean, var)
+                stats[name] = (mean.float(), var.float())
+        skipped = [ly.name for ly in layers if ly.name not in stats]
+        return RecalibrateResult(stats, "train", examples, 1, batch_size, skipped)
+    if upstream != "eval":
+        raise UsageError(f"--upstream must be 'eval' or 'train', got {upstream!r}")
+    if iter(batches) is batches:
+        raise UsageError(
+            "inference-consistent recalibration passes over the data once per layer: pass a "
+            "re-iterable (a list or a DataLoader), not an iterator"
+        )
+    work, fixed = _working_copy(model, source)
+    done: dict[str, tuple[Tensor, Tensor]] = {}
+    examples = 0
+    for ly in layers:
+        graph = _rewrite(work, {}, {}, running_stats=done, source=source, check=False)[0] if done else work
+        graph = tap_graph(graph, [ly.x])
+        runner = GraphRunner(
+            graph,
+            [tap_name(graph, ly.x)],
+            device=device,
+            threads=threads,
+            source=source,
+            data_hint=data_hint,
+            fixed_batch=fixed,
+        )
+        moments = PopulationMoments(ly.channels)
+        examples = 0
+        for batch in batches:
+            (x,) = runner.run(_input_tensor(batch))
+            moments.add(x)
+            examples += batch_size_of(batch)
+            if progress is not None:
+                progress(f"recalibrate {ly.name}", examples, total_examples)
+        if examples == 0:
+            raise DataError(
+                "the data is empty", path=data_hint or None, hint="pass a dataset with at least one example"
+            )
+        mean, var = moments.mean, moments.variance()
+        _check_finite(ly.name, mean, var)
+        done[ly.name] = (mean.float(), var.float())
+    return RecalibrateResult(dict(done), "eval", examples, len(layers), None, [])
+
+
+# ---------------------------------------------------------------------------------------------- sweep
+@dataclass(frozen=True)
+class SweepInputs:
+    """The graph inputs one BN node of the sweep graph reads its coefficients and statistics from."""
+
+    alpha: str
+    beta: str
+    mean: str
+    var: str
+    shape: tuple[int, ...]  # (C, 1, ...): broadcasts against the layer's (N, C, *spatial) statistics
+    dtype: Any  # numpy dtype of the statistics
+
+
+def _sweep_builder(specs: dict[str, SweepInputs]) -> Callable[[Builder, LayerPlan], None]:
+    """Build function for :func:`bncorrect.onnx_rewrite._rewrite`: the corrected layer of DESIGN §2 with
+    alpha, beta, mu_E and var_E read from graph inputs; statistics and the final per-(N, C) affine step as
+    in :func:`bncorrect.onnx_rewrite.build_fast` (exact two-pass statistics below opset 17)."""
+
+    def build(b: Builder, p: LayerPlan) -> None:
+        x = _cast_in(b, p)
+        if p.rank is None or p.rank < 3:  # (N, C) and unknown ranks as (N, C, L): var_i = 0 when L = 1
+            x = b.op("Reshape", [x, b.shape([0, 0, -1])], "x_ncl")
+            r = 3
+        else:
+            r = p.rank
+        a_in, b_in, m_in, v_in = (b.fresh(k) for k in ("alpha", "beta", "running_mean", "running_var"))
+        specs[p.name] = SweepInputs(a_in, b_in, m_in, v_in, (p.channels,) + (1,) * (r - 2), b.np_dtype)
+        mu, v, is_inv_std = _stats(b, replace(p, beta=np.ones(())), x, r)
+        var_i = b.op("Reciprocal", [b.op("Mul", [v, v], "inv_var")], "var_i") if is_inv_std else v
+        d = b.op("Sub", [mu, m_in], "d")
+        mu_hat = b.op("Add", [m_in, b.op("Mul", [d, a_in], "alpha_d")], "mu_hat")
+        one_m_beta = b.op("Sub", [b.const("one", 1.0), b_in], "one_m_beta")
+        var_hat = b.op(
+            "Sum",
+            [
+                b.op("Mul", [var_i, b_in], "beta_var_i"),
+                b.op("Mul", [v_in, one_m_beta], "var_e_term"),
+                b.op("Mul", [b.op("Mul", [d, d], "d2"), b.op("Mul", [b_in, one_m_beta], "bb")], "bb_d2"),
+            ],
+            "var_hat",
+        )
+        flat = b.shape([-1])
+        n = b.batch_size(x, p.batch_dim)
+        g_in = b.op("Tile", [b.const("gamma", p.gamma), n], "gamma_tiled")
+        bias_in = b.op("Tile", [b.const("bias", p.bias), n], "bias_tiled")
+        mv = b.op("Reshape", [mu_hat, flat], "mu_hat_flat")
+        vv = b.op("Reshape", [var_hat, flat], "var_hat_flat")
+        xv = b.op("Reshape", [x, b.shape([1, -1] + [0] * (r - 2))], "x_view")
+        yv = b.op("BatchNormalization", [xv, g_in, bias_in, mv, vv], "y_view", epsilon=float(p.eps))
+        _finish(b, p, "y", "Reshape", [yv, b.op("Shape", [p.x], "x_shape")])
+
+    return build
+
+
+def sweep_graph(
+    model: onnx.ModelProto, layers: Sequence[OnnxLayer], *, source: str | Path | None = None
+) -> tuple[onnx.ModelProto, dict[str, SweepInputs]]:
+    """A copy of ``model`` with every layer of ``layers`` corrected with alpha, beta and running statistics
+    read from graph inputs (:class:`SweepInputs` per node name): one session serves every candidate."""
+    specs: dict[str, SweepInputs] = {}
+    ones = {ly.name: 1.0 for ly in layers}
+    graph, report = _rewrite(
+        model,
+        ones,
+        ones,
+        source=source,
+        build=_sweep_builder(specs),
+        formulation="corrected layer with alpha, beta and statistics as graph inputs (bncorrect.onnx_passes)",
+        check=False,
+    )
+    if report.skipped:
+        raise OnnxError(
+            "some BN nodes cannot be corrected: " + "; ".join(f"{n}: {r}" for n, r in report.skipped),
+            path=source,
+        )
+    elem = helper.np_dtype_to_tensor_dtype
+    for spec in specs.values():
+        for name in (spec.alpha, spec.beta, spec.mean, spec.var):
+            graph.graph.input.append(
+                helper.make_tensor_value_info(name, elem(np.dtype(spec.dtype)), spec.shape)
+            )
+    return graph, specs
+
+
+def _candidate_feeds(
+    candidates: Sequence[Candidate], layers: Sequence[OnnxLayer], specs: Mapping[str, SweepInputs]
+) -> list[dict[str, np.ndarray]]:
+    """Per candidate, the feed of every layer's alpha/beta/statistics inputs. Candidates are checked and
+    laid out by the PyTorch sweep's own code (:func:`bncorrect.sweep._resolve_tables`: same defaults,
+    same errors), given each node's channels and running statistics."""
+    from types import SimpleNamespace
+
+    views = {
+        ly.name: SimpleNamespace(
+            num_channels=ly.channels,
+            norm=SimpleNamespace(running_mean=ly.running_mean.float(), running_var=ly.running_var.float()),
+        )
+        for ly in layers
+    }
+    tables = _resolve_tables(candidates, views)  # type: ignore[arg-type]
+    feeds: list[dict[str, np.ndarray]] = [{} for _ in candidates]
+    for ly in layers:
+        spec, tab = specs[ly.name], tables[ly.name]
+        for k, feed in enumerate(feeds):
+            mean = ly.running_mean if tab.running_mean is None else tab.running_mean[k]
+            var = ly.running_var if tab.running_var is None else tab.running_var[k]
+            for name, value in (
+                (spec.alpha, tab.alpha[k]),
+                (spec.beta, tab.beta[k]),
+                (spec.mean, mean),
+                (spec.var, var),
+            ):
+                feed[name] = value.detach().cpu().numpy().astype(spec.dtype).reshape(spec.shape)
+    return feeds
+
+
+def _outputs(values: list[Tensor], names: list[str]) -> Any:
+    return values[0] if len(values) == 1 else dict(zip(names, values, strict=True))
+
+
+def sweep_onnx(
+    model: onnx.ModelProto,
+    batches: Iterable[Batch],
+    alphas: Sequence[float] | None = None,
+    *,
+    beta_mode: BetaMode = "equal",
+    train_batch_size: int | None = None,
+    extra_candidates: Sequence[Candidate] = (),
+    metric: str = "nll",
+    output_key: str | int | None = None,
+    device: str | None = "auto",
+    threads: int | None = None,
+    total_examples: int | None = None,
+    progress: Progress | None = None,
+    data_hint: str = "",
+    source: str | Path | None = None,
+) -> SweepResult:
+    """:func:`bncorrect.sweep.sweep_alpha` for an ONNX graph: every candidate (EMA, the grid, the rule
+    1/B^2, ``extra_candidates`` keyed by node name) evaluated on labelled ``batches`` (iterated once) with
+    its own corrected graph; nll (log-softmax in float64), top1 and top5 tallied as in the PyTorch sweep.
+    Returns a :class:`~bncorrect.sweep.SweepResult`; ``output_key`` picks the logits among several graph
+    outputs (index or output name)."""
+    metric = _check_metric(metric)
+    candidates = build_candidates(
+        alphas, beta_mode=beta_mode, train_batch_size=train_batch_size, extra=extra_candidates
+    )
+    work, fixed = _working_copy(model, source)
+    layers = correctable_layers(work, source=source)
+    graph, specs = sweep_graph(work, layers, source=source)
+    feeds = _candidate_feeds(candidates, layers, specs)
+    extra = [n for spec in specs.values() for n in (spec.alpha, spec.beta, spec.mean, spec.var)]
+    runner = GraphRunner(
+        graph,
+        device=device,
+        threads=threads,
+        source=source,
+        data_hint=data_hint,
+        fixed_batch=fixed,
+        extra_inputs=extra,
+    )
+    names = runner.outputs
+    tally = _Tally(len(candidates))
+    num_classes = top_k = 0
+    for batch in batches:
+        rows = batch_size_of(batch)
+        if rows == 0:
+            continue
+        y = _labels(batch, rows, data_hint)
+        x = runner.feed(_input_tensor(batch))
+        logits = torch.stack([_logits(_outputs(runner.run(x, f), names), output_key, rows) for f in feeds])
+        if top_k == 0:
+            num_classes = int(logits.shape[-1])
+            top_k = min(5, num_classes)
+        _check_labels(y, num_classes, data_hint, output_key)
+        tally.add(logits, y, top_k)
+        if progress is not None:
+            progress("sweep-alpha", tally.n, total_examples)
+    if tally.n == 0:
+        raise DataError("the data holds no examples", path=data_hint or None, hint="give labelled examples")
+    result = SweepResult(
+        metric,
+        _rows(candidates, tally, top_k),
+        tally.n,
+        num_classes,
+        top_k,
+        "onnxruntime, one graph with alpha/beta/statistics as inputs",
+        train_batch_size,
+        [],
+        [],
+    )
+    _add_notes(result)
+    return result
