@@ -283,10 +283,19 @@ def _train_epochs(
     weight_decay: float,
     grad_clip: float | None,
     generator: torch.Generator,
+    forward_size: int | None = None,
 ) -> list[float]:
-    """Ghost-BN training loop; returns the mean training loss of each epoch."""
+    """Ghost-BN training loop; returns the mean training loss of each epoch.
+
+    Each SGD batch is forwarded in consecutive chunks of ``forward_size`` examples (default ``B``: plain BN
+    then normalizes over chunks of B). Layers that form their own normalization groups (Ghost BN,
+    Batch-Group Norm, GroupNorm) can take the whole SGD batch at once with ``forward_size=sgd_batch``.
+    """
     if sgd_batch % B:
         raise ValueError(f"SGD batch size {sgd_batch} is not a multiple of the normalization batch {B}")
+    chunk = B if forward_size is None else int(forward_size)
+    if chunk < 1 or sgd_batch % chunk:
+        raise ValueError(f"SGD batch size {sgd_batch} is not a multiple of the forward size {chunk}")
     opt = torch.optim.SGD(_param_groups(model, weight_decay), lr=lr, momentum=0.9, nesterov=True)
     steps_per_epoch = len(x) // sgd_batch  # drop_last: every ghost batch has exactly B examples
     total = steps_per_epoch * epochs
@@ -301,9 +310,9 @@ def _train_epochs(
             xb, yb = x[idx], y[idx]
             opt.zero_grad(set_to_none=True)
             batch_loss = 0.0
-            for start in range(0, sgd_batch, B):
-                logits = model(xb[start : start + B])
-                loss = F.cross_entropy(logits, yb[start : start + B], reduction="sum") / sgd_batch
+            for start in range(0, sgd_batch, chunk):
+                logits = model(xb[start : start + chunk])
+                loss = F.cross_entropy(logits, yb[start : start + chunk], reduction="sum") / sgd_batch
                 loss.backward()
                 batch_loss += float(loss.detach())
             if grad_clip is not None:
