@@ -461,7 +461,8 @@ def estimate(
     """Offline EvalNorm: per-layer alpha/beta minimising L_aux over a data pass (DESIGN §3).
 
     With ``recalibrate_first`` the running statistics are first replaced by exact population statistics
-    (:func:`recalibrate`), and alpha/beta are estimated against them.
+    (:func:`recalibrate`), and alpha/beta are estimated against them. An ONNX model runs in onnxruntime
+    (:mod:`bncorrect.onnx_passes`; layers are BN node names, ``layer_batch_size`` globs match them).
     """
     from .estimation import DEFAULT_SAMPLE_BUDGET, estimate_alpha_beta
     from .passes import lcm
@@ -656,7 +657,8 @@ def recalibrate(
     export: ExportOptions | None = None,
     **load_options: Any,
 ) -> Outcome:
-    """Replace every BN layer's running statistics by exact population statistics over ``data``."""
+    """Replace every BN layer's running statistics by exact population statistics over ``data`` (an ONNX
+    model runs in onnxruntime, :mod:`bncorrect.onnx_passes`)."""
     if out is not None:
         out = Path(out)
     source = open_model(model, **load_options)
@@ -773,7 +775,9 @@ def sweep_alpha(
 ) -> Outcome:
     """Inference example weighing: evaluate a grid of global alphas (plus EMA, the rule 1/B^2 and an
     optional corrections file) on labelled data and choose the best for ``metric``; with ``out`` the chosen
-    correction is written. ``outcome.report["sweep"]`` is the :class:`~bncorrect.sweep.SweepResult`."""
+    correction is written. ``outcome.report["sweep"]`` is the :class:`~bncorrect.sweep.SweepResult`. An ONNX
+    model runs in onnxruntime (:mod:`bncorrect.onnx_passes`; a corrections file made for its PyTorch
+    original is matched by BN parameter names)."""
     from .sweep import Candidate, plot_sweep, write_report
     from .sweep import sweep_alpha as run_sweep
 

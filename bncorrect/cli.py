@@ -517,7 +517,10 @@ def estimate(
     output: OutOpt = None,
     layer_batch_size: Annotated[
         list[str] | None,
-        typer.Option(help="PATTERN=B: layers (glob on names) that normalized over B examples. Repeatable."),
+        typer.Option(
+            help="PATTERN=B: layers (glob on names; BN node names for .onnx) that normalized over B "
+            "examples. Repeatable."
+        ),
     ] = None,
     recalibrate: Annotated[
         bool, typer.Option("--recalibrate", help="First replace running statistics by exact population ones.")

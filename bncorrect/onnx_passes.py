@@ -24,17 +24,22 @@ batch, in graph order, the observers get ``(x, mu_i, var_i, mu_B, var_B)`` with 
 
 **Inference-consistent recalibration** (``--upstream eval``): layer by layer in graph (topological) order;
 for layer k the graph is the original with the layers before it already recalibrated (plain BN with their
-new statistics, :func:`bncorrect.onnx_rewrite.rewrite`'s recalibration path, so onnxruntime folds them into
-their Conv again), pruned to layer k's input. One session per layer, each pass running only the prefix of
-the network up to that layer (a graph with the statistics as inputs would run the whole network L times
-and could fold no BN; on a ResNet-style net the session costs ~40 ms, benchmarks/README.md).
+new statistics, the recalibration path of :func:`bncorrect.onnx_rewrite.rewrite`, so onnxruntime still
+folds them into their Conv), pruned to layer k's input: one session per layer, each pass running only the
+prefix of the network up to that layer. Measured against one session over the whole graph with every BN's
+statistics as graph inputs, run once per layer (benchmarks/bench_onnx_passes.py, 256 examples, 2 threads):
+0.52x its time on the ResNet-style net (15 BN layers), 0.61x on the MobileNet-style net (13), sessions
+included (0.2 s for all of them).
 
-**Sweep**: one corrected graph per candidate, written by :func:`bncorrect.onnx_rewrite.rewrite` — the
-graph that ``-o OUT.onnx`` ships — each run on every batch while it is in memory. Measured against one graph
-with alpha and beta as graph inputs (benchmarks/bench_onnx_passes.py, ``sweep`` rows of
-benchmarks/README.md): per-alpha graphs took 0.49-0.82x the time of the graph-input variant on the
-ResNet- and MobileNet-style nets at batch 256 (the EMA graph keeps BN folded into the Conv, and constant
-alpha/beta let the rewrite drop terms), for ~40 ms of session creation per candidate.
+**Sweep**: one graph whose BN nodes read alpha, beta and the running statistics from graph inputs
+(:func:`sweep_graph`: the corrected layer of DESIGN §2 in the formulation of
+:func:`bncorrect.onnx_rewrite.build_fast`), one session fed each candidate's values in turn on every batch
+while it is in memory; candidates are checked and laid out by the PyTorch sweep's own code. Measured
+against one corrected graph per candidate (the graph ``rewrite`` writes, constants folded, EMA = the
+original graph with BN folded into the Conv; one session each), 11 candidates, 256 examples, 2 threads
+(benchmarks/bench_onnx_passes.py): the graph-input variant took 0.91x the time on the ResNet-style net and
+0.92x on the MobileNet-style net, and built its session in 0.13-0.24 s against 1.3-1.5 s for the 11 graphs
+(and holds the weights once, not 11 times).
 
 Execution: onnxruntime's CPU provider (``device`` "cpu", or "auto" without CUDA), or its CUDA provider
 when this onnxruntime has one ("cuda", "cuda:K", or "auto"); threads are onnxruntime's default unless
@@ -801,13 +806,12 @@ def _candidate_feeds(
     same errors), given each node's channels and running statistics."""
     from types import SimpleNamespace
 
-    views = {
-        ly.name: SimpleNamespace(
-            num_channels=ly.channels,
-            norm=SimpleNamespace(running_mean=ly.running_mean.float(), running_var=ly.running_var.float()),
-        )
-        for ly in layers
-    }
+    def stats(ly: OnnxLayer) -> SimpleNamespace:  # float64 statistics keep the tables in float64
+        double = np.dtype(specs[ly.name].dtype) == np.float64
+        mean, var = (t if double else t.float() for t in (ly.running_mean, ly.running_var))
+        return SimpleNamespace(running_mean=mean, running_var=var)
+
+    views = {ly.name: SimpleNamespace(num_channels=ly.channels, norm=stats(ly)) for ly in layers}
     tables = _resolve_tables(candidates, views)  # type: ignore[arg-type]
     feeds: list[dict[str, np.ndarray]] = [{} for _ in candidates]
     for ly in layers:

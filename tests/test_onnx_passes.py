@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from bncorrect import api
-from bncorrect.corrections import Corrections, load_corrections
+from bncorrect.corrections import Corrections, LayerCorrection, load_corrections, save_corrections
 from bncorrect.errors import DataError, NoBatchNormError, UsageError
 from bncorrect.onnx_export import _export_legacy, run_onnx
 from bncorrect.onnx_passes import (
@@ -26,6 +26,7 @@ from bncorrect.onnx_passes import (
 from bncorrect.onnx_rewrite import find_bn_nodes, load_onnx, match_layers
 
 GRID_STEP = 0.1 / 3**5  # resolution of bncorrect.estimation.minimise_on_grid
+SAMPLE_BUDGET = 1 << 13  # a reservoir of part of the data: sampling is exercised, the grid search is cheap
 N = 70  # not a multiple of the batch sizes used: the short last batch is dropped and counted
 B = 4
 
@@ -190,8 +191,9 @@ def test_tap_graph_prunes_what_no_tap_needs(pair: Pair) -> None:
 
 # ------------------------------------------------------------------------------------------- estimate
 def test_estimate_agrees_with_pytorch(pair: Pair) -> None:
-    pt = api.estimate(pair.torch_model(), pair.data, B, device="cpu", seed=3).report["estimate"]
-    ox = api.estimate(pair.onnx, pair.data, B, device="cpu", seed=3).report["estimate"]
+    kw = {"device": "cpu", "seed": 3, "sample_budget": SAMPLE_BUDGET}
+    pt = api.estimate(pair.torch_model(), pair.data, B, **kw).report["estimate"]
+    ox = api.estimate(pair.onnx, pair.data, B, **kw).report["estimate"]
     assert (ox.examples, ox.dropped) == (pt.examples, pt.dropped) == (N - N % B, N % B)
     by_node = {ly.name: ly for ly in ox.layers}
     assert set(by_node) == set(pair.node.values())
@@ -211,6 +213,7 @@ def test_estimate_layer_batch_size_globs_node_names_and_recalibrate_first(pair2d
     head = pair2d.node["head"]
     assert head == "/head/BatchNormalization"  # the legacy exporter's node name
     kw = {"device": "cpu", "seed": 1, "recalibrate_first": True, "upstream": "train"}
+    kw["sample_budget"] = SAMPLE_BUDGET
     pt = api.estimate(pair2d.torch_model(), pair2d.data, B, layer_batch_size={"head": 8}, **kw)
     ox = api.estimate(pair2d.onnx, pair2d.data, B, layer_batch_size={"/head/*": 8}, **kw)
     assert ox.report["estimate"].layer_batch_sizes[head] == 8
@@ -255,9 +258,13 @@ def test_recalibrate_equals_direct_computation(pair: Pair) -> None:
 
 # ------------------------------------------------------------------------------------------- sweep
 def test_sweep_agrees_with_pytorch(pair: Pair, tmp_path: Path) -> None:
-    # a per-layer candidate with recalibrated statistics, made on the PyTorch model (PyTorch layer names)
-    corr = tmp_path / "est.safetensors"
-    api.estimate(pair.torch_model(), pair.data, B, device="cpu", recalibrate_first=True, out=corr)
+    # a per-layer candidate (per-channel alpha, recalibrated statistics) in PyTorch layer names
+    stats = api.recalibrate(pair.torch_model(), pair.data, device="cpu").report["recalibrate"].stats
+    layers = {}
+    for k, (name, (mean, var)) in enumerate(stats.items()):
+        alpha = torch.linspace(0.0, 0.4, mean.numel())
+        layers[name] = LayerCorrection(alpha, torch.tensor(0.1 * k), mean, var)
+    corr = save_corrections(Corrections(layers, "per-layer"), tmp_path / "per_layer.safetensors")
     kw = {"alphas": [0.0, 0.05, 0.3], "train_batch_size": B, "corrections": corr, "device": "cpu"}
     pt = api.sweep_alpha(pair.torch_model(), pair.data, **kw).report["sweep"]
     ox = api.sweep_alpha(pair.onnx, pair.data, **kw).report["sweep"]
@@ -281,14 +288,14 @@ def test_cli_estimate_and_recalibrate_write_safetensors_and_onnx(cli, pair2d: Pa
     assert report["train_batch_size"] == B and report["output"] == str(out)
     corr = load_corrections(out)
     assert set(corr.layers) == set(pair2d.node.values())
-    # the same estimate written as a corrected graph computes what the corrected PyTorch model computes
-    graph = tmp_path / "est.onnx"
-    assert cli("estimate", pair2d.onnx, "--data", pair2d.data, "-B", B, "-o", graph).code == 0
+    # applied to the graph, the estimate computes what the corrected PyTorch model computes
+    graph = api.apply(pair2d.onnx, out).model
     by_torch_name = Corrections(
         {t: corr.layers[n] for t, n in pair2d.node.items()}, corr.method, corr.train_batch_size
     )
     corrected = api.apply(pair2d.torch_model(), by_torch_name).model
     got = torch.from_numpy(run_onnx(graph, pair2d.x)[0])
+    assert find_bn_nodes(graph) == []  # every layer got a non-zero correction: all rewritten
     with torch.no_grad():
         _close(got, corrected(pair2d.x), tol=1e-4)
 
@@ -394,3 +401,21 @@ def test_options_that_do_not_apply_to_onnx_are_refused(pair2d: Pair) -> None:
         api.estimate(pair2d.onnx, pair2d.data, 1)
     with pytest.raises(UsageError, match="--batch-size"):
         api.recalibrate(pair2d.onnx, pair2d.data, upstream="train")
+
+
+def test_bn_on_the_graph_input_is_tapped_through_an_identity(tmp_path: Path) -> None:
+    net = _trained_looking(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), seed=5)
+    x = torch.randn(16, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 + 1
+    proto = _export_legacy(net, (x[:2],), 18, True)
+    first = correctable_layers(proto)[0]
+    assert first.x == proto.graph.input[0].name
+    names = ["0", "2"]
+    node = match_layers(proto, names)
+    got = recalibrate_onnx(proto, [(x[:8],), (x[8:],)], upstream="eval", device="cpu")
+    for name, (mean, var) in direct_eval_stats(net, x, names).items():
+        _close(got.stats[node[name]][0], mean)
+        _close(got.stats[node[name]][1], var)
+    got = recalibrate_onnx(proto, [(x,)], upstream="train", batch_size=B, device="cpu")
+    for name, (mean, var) in direct_train_stats(net, x, B, names).items():
+        _close(got.stats[node[name]][0], mean)
+        _close(got.stats[node[name]][1], var)
