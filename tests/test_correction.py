@@ -154,3 +154,34 @@ def test_property_matches_reference(n, c, spatial, alpha, beta, eps, seed):
     mu_i, var_i = C.example_stats(x)
     _, var_hat = C.corrected_stats(mu_i, var_i, mu_e, var_e, alpha, beta)
     assert (var_hat >= -1e-12).all()
+
+
+@pytest.mark.parametrize(
+    ("shape", "per_example"),
+    [
+        ((4, 3, 20), True),
+        ((4, 3, 5, 5), True),
+        ((4, 3, 2), True),
+        ((5, 3, 4, 4, 2), True),
+        ((4, 3, 6, 6), False),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_affine_equals_x_times_s_plus_t(shape, per_example, dtype):
+    """Both paths (BatchNorm kernel over an (1, N*C, L) view, and addcmul) give x * s + t, with gradients."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, dtype=dtype)
+    rows = (shape[0], shape[1]) if per_example else (shape[1],)
+    s = (torch.rand(*rows, generator=g, dtype=dtype) + 0.5).requires_grad_()
+    t = torch.randn(*rows, generator=g, dtype=dtype).requires_grad_()
+    view = (*rows, *([1] * (len(shape) - 2))) if per_example else (1, shape[1], *([1] * (len(shape) - 2)))
+    expected = x * s.detach().reshape(view) + t.detach().reshape(view)
+    y = C.affine(x, s, t)
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+    y.square().sum().backward()
+    dims = tuple(range(2, len(shape))) if per_example else (0, *range(2, len(shape)))
+    torch.testing.assert_close(s.grad, (2 * expected * x).sum(dims), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(t.grad, (2 * expected).sum(dims), rtol=1e-5, atol=1e-5)
+    # a non-contiguous input takes the addcmul path and agrees
+    xt = x.transpose(0, 1).contiguous().transpose(0, 1)
+    torch.testing.assert_close(C.affine(xt, s.detach(), t.detach()), expected)
