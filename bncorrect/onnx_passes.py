@@ -101,21 +101,24 @@ from .sweep import (
 __all__ = [
     "GraphRunner",
     "OnnxLayer",
+    "SweepInputs",
     "correctable_layers",
     "estimate_onnx",
     "node_corrections",
     "providers_for",
     "recalibrate_onnx",
+    "sweep_graph",
     "sweep_onnx",
     "tap_graph",
+    "tap_name",
     "training_graph",
+    "training_pass",
 ]
 
 _ORT_NUMPY = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
-    "tensor(bfloat16)": np.float32,
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
     "tensor(uint8)": np.uint8,
@@ -286,7 +289,9 @@ def tap_graph(model: onnx.ModelProto, taps: Sequence[str], *, keep_outputs: bool
     out = onnx.ModelProto()
     _copy_fields(model, out, skip=("graph",))
     graph = out.graph
-    _copy_fields(g, graph, skip=("node", "initializer", "value_info", "output"))
+    _copy_fields(g, graph, skip=("node", "initializer", "value_info", "output", "input"))
+    inits = {t.name for t in g.initializer}  # IR < 4 lists initializers among the inputs: drop those too
+    graph.input.extend(v for v in g.input if v.name not in inits or v.name in needed)
     graph.node.extend(keep)
     graph.initializer.extend(t for t in g.initializer if t.name in needed)
     graph.value_info.extend(v for v in g.value_info if v.name in needed and v.name not in inputs)

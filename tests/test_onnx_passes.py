@@ -187,6 +187,20 @@ def test_tap_graph_prunes_what_no_tap_needs(pair: Pair) -> None:
     (got,) = run_onnx(pruned, pair.x[:3])
     (want,) = _hooked_inputs(pair.net, [pair.bn[0]], lambda: pair.net(pair.x[:3]))[pair.bn[0]]
     _close(torch.from_numpy(got), want)
+    # IR < 4 style: every initializer also listed as a graph input; the pruned ones must not stay inputs
+    old_style = copy.deepcopy(pair.proto)
+    old_style.graph.input.extend(
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in old_style.graph.initializer
+    )
+    pruned = tap_graph(old_style, [first.x])
+    assert {v.name for v in pruned.graph.input} <= {pair.proto.graph.input[0].name} | {
+        t.name for t in pruned.graph.initializer
+    }
+    got_old = recalibrate_onnx(old_style, [(pair.x,)], upstream="eval", device="cpu").stats
+    want_all = recalibrate_onnx(pair.proto, [(pair.x,)], upstream="eval", device="cpu").stats
+    for name, (mean, var) in want_all.items():
+        _close(got_old[name][0], mean)
+        _close(got_old[name][1], var)
 
 
 # ------------------------------------------------------------------------------------------- estimate
