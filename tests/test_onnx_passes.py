@@ -226,12 +226,16 @@ def test_estimate_agrees_with_pytorch(pair: Pair) -> None:
 def test_estimate_layer_batch_size_globs_node_names_and_recalibrate_first(pair2d: Pair) -> None:
     head = pair2d.node["head"]
     assert head == "/head/BatchNormalization"  # the legacy exporter's node name
-    kw = {"device": "cpu", "seed": 1, "recalibrate_first": True, "upstream": "train"}
+    kw = {"device": "cpu", "seed": 1, "recalibrate_first": True, "upstream": "train", "max_examples": 60}
     kw["sample_budget"] = SAMPLE_BUDGET
     pt = api.estimate(pair2d.torch_model(), pair2d.data, B, layer_batch_size={"head": 8}, **kw)
+    calls: list[tuple[str, int, int | None]] = []
+    kw["progress"] = lambda *a: calls.append(a)
     ox = api.estimate(pair2d.onnx, pair2d.data, B, layer_batch_size={"/head/*": 8}, **kw)
     assert ox.report["estimate"].layer_batch_sizes[head] == 8
-    assert ox.report["estimate"].dropped == pt.report["estimate"].dropped == N % 8
+    assert ox.report["estimate"].dropped == pt.report["estimate"].dropped == 60 % 8
+    assert ox.report["estimate"].examples == pt.report["estimate"].examples == 60 - 60 % 8
+    assert calls[-1] == ("estimate", 60, 60) and ("recalibrate", 60, 60) in calls  # as the PyTorch path
     for torch_name, node in pair2d.node.items():
         want, got = pt.corrections.layers[torch_name], ox.corrections.layers[node]
         assert float(got.alpha) == pytest.approx(float(want.alpha), abs=GRID_STEP * 2.01)
