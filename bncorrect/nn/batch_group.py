@@ -34,17 +34,15 @@ GroupNorm at inference as well).
 
 from __future__ import annotations
 
-from typing import ClassVar
-
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import correction as C
-from ..errors import NoBatchNormError, UsageError
-from .convert import plain_batchnorm_types, replace_modules, transfer_state
+from ..errors import UsageError
+from .base import GroupedBatchNorm
+from .convert import batchnorm_options, convert_plain_batchnorm
 from .ghost import check_group_size, spatial_size
-from .running_stats import RunningUpdate, check_running_update, unbiased, update_running_stats
+from .running_stats import RunningUpdate, check_running_update
 
 __all__ = [
     "BatchGroupNorm1d",
@@ -88,9 +86,7 @@ def _check_channel_groups(num_features: int, channel_groups: int) -> int:
     return gc
 
 
-class _BatchGroupNorm(_BatchNorm):
-    plain_type: ClassVar[type[_BatchNorm]]
-
+class _BatchGroupNorm(GroupedBatchNorm):
     def __init__(
         self,
         num_features: int,
@@ -117,22 +113,15 @@ class _BatchGroupNorm(_BatchNorm):
             f"examples_per_group={self.examples_per_group}, running_update={self.running_update}"
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._check_input_dim(x)
+    def _check_input_dim(self, x: Tensor) -> None:
+        super()._check_input_dim(x)
         if x.shape[1] != self.num_features:
             raise UsageError(f"expected {self.num_features} channels, got input of shape {tuple(x.shape)}")
-        if not self.training and self.track_running_stats:
-            return F.batch_norm(
-                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
-            )
+
+    def group_statistics(self, x: Tensor) -> tuple[Tensor, Tensor, int, int]:
         ge = check_group_size(x.shape[0], self.examples_per_group, "examples_per_group")
         mean, var = batch_group_stats(x, self.channel_groups, ge)
-        if self.training:
-            count = ge * (self.num_features // self.channel_groups) * spatial_size(x)
-            var_unbiased = unbiased(var[::ge], count)
-            if self.track_running_stats:
-                update_running_stats(self, mean[::ge], var_unbiased, self.running_update)
-        return C.normalize(x, mean, var, self.eps, self.weight, self.bias)
+        return mean, var, ge, ge * (self.num_features // self.channel_groups) * spatial_size(x)
 
 
 class BatchGroupNorm1d(_BatchGroupNorm):
@@ -140,36 +129,17 @@ class BatchGroupNorm1d(_BatchGroupNorm):
 
     plain_type = nn.BatchNorm1d
 
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() not in (2, 3):
-            raise UsageError(f"BatchGroupNorm1d expects 2D or 3D input, got {x.dim()}D")
-
 
 class BatchGroupNorm2d(_BatchGroupNorm):
     """Batch-Group Norm for (N, C, H, W) input (see the module docstring)."""
 
     plain_type = nn.BatchNorm2d
 
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() != 4:
-            raise UsageError(f"BatchGroupNorm2d expects 4D input, got {x.dim()}D")
-
 
 class BatchGroupNorm3d(_BatchGroupNorm):
     """Batch-Group Norm for (N, C, D, H, W) input (see the module docstring)."""
 
     plain_type = nn.BatchNorm3d
-
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() != 5:
-            raise UsageError(f"BatchGroupNorm3d expects 5D input, got {x.dim()}D")
-
-
-_BGN_BY_RANK: dict[int, type[_BatchGroupNorm]] = {
-    1: BatchGroupNorm1d,
-    2: BatchGroupNorm2d,
-    3: BatchGroupNorm3d,
-}
 
 
 def convert_to_batch_group(
@@ -188,35 +158,23 @@ def convert_to_batch_group(
     check_running_update(running_update)
     if examples_per_group is not None and int(examples_per_group) < 1:
         raise UsageError(f"examples_per_group must be >= 1 or None, got {examples_per_group}")
-    ranks = plain_batchnorm_types()
 
-    def make(name: str, module: nn.Module) -> nn.Module | None:
-        rank = ranks.get(type(module))
-        if rank is None:
-            return None
-        assert isinstance(module, _BatchNorm)
+    def build(name: str, module: _BatchNorm, cls: type[_BatchNorm]) -> nn.Module:
         if module.num_features % int(channel_groups) != 0 or int(channel_groups) < 1:
             raise UsageError(
                 f"{name or 'the model'}: {module.num_features} channels cannot be split into "
                 f"{channel_groups} channel groups",
                 hint="pick a channel_groups that divides every BN layer's channel count",
             )
-        ref = module.running_mean if module.running_mean is not None else module.weight
-        new = _BGN_BY_RANK[rank](
-            module.num_features,
-            channel_groups,
-            examples_per_group,
-            eps=module.eps,
-            momentum=module.momentum,
-            affine=module.affine,
-            track_running_stats=module.track_running_stats,
-            running_update=running_update,
-            device=None if ref is None else ref.device,
-            dtype=None if ref is None else ref.dtype,
+        opts = batchnorm_options(module)
+        return cls(
+            module.num_features, channel_groups, examples_per_group, running_update=running_update, **opts
         )
-        return transfer_state(module, new)
 
-    root, replaced = replace_modules(model, make)
-    if strict and not replaced:
-        raise NoBatchNormError("the model has no nn.BatchNorm1d/2d/3d layer to convert to Batch-Group Norm")
-    return root
+    return convert_plain_batchnorm(
+        model,
+        (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d),
+        build,
+        what="Batch-Group Norm",
+        strict=strict,
+    )

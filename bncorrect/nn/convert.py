@@ -12,18 +12,29 @@ Forward hooks and pre-hooks registered on a replaced layer are not carried over.
 ``plain_type`` (GhostBatchNorm*, BatchRenorm*, BatchGroupNorm*) becomes that plain ``nn.BatchNorm*d`` with
 the same statistics and affine parameters. Every such layer's eval forward *is* plain BN with its running
 statistics, so the eval outputs are unchanged (and bncorrect's post-hoc tools see ordinary BN layers).
+:func:`convert_plain_batchnorm` is the other direction, shared by every ``convert_to_*``: each plain
+``nn.BatchNorm1d/2d/3d`` becomes the class of a family with that ``plain_type``, built from the layer's
+options (:func:`batchnorm_options`) and given its state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import NoBatchNormError
 
-__all__ = ["convert_to_batchnorm", "plain_batchnorm_types", "replace_modules", "transfer_state"]
+__all__ = [
+    "batchnorm_options",
+    "convert_plain_batchnorm",
+    "convert_to_batchnorm",
+    "plain_batchnorm_types",
+    "replace_modules",
+    "transfer_state",
+]
 
 
 def plain_batchnorm_types() -> dict[type[nn.Module], int]:
@@ -72,19 +83,50 @@ def replace_modules(
     return root, replaced
 
 
+def batchnorm_options(module: _BatchNorm) -> dict[str, Any]:
+    """The keyword arguments that build a BN layer like ``module``: eps, momentum, affine,
+    track_running_stats, and the device and dtype of its running statistics (else of its weight)."""
+    ref = module.running_mean if module.running_mean is not None else module.weight
+    return {
+        "eps": module.eps,
+        "momentum": module.momentum,
+        "affine": module.affine,
+        "track_running_stats": module.track_running_stats,
+        "device": None if ref is None else ref.device,
+        "dtype": None if ref is None else ref.dtype,
+    }
+
+
+def convert_plain_batchnorm(
+    model: nn.Module,
+    family: Sequence[type[_BatchNorm]],
+    build: Callable[[str, _BatchNorm, type[_BatchNorm]], nn.Module],
+    *,
+    what: str,
+    strict: bool,
+) -> nn.Module:
+    """Swap every plain ``nn.BatchNorm1d/2d/3d`` (exact types) of ``model`` for ``build(name, module, cls)``,
+    ``cls`` the class of ``family`` whose ``plain_type`` is the module's type; the new layer gets the old
+    one's parameters and buffers (:func:`transfer_state`). Returns the (possibly new) root; with ``strict``
+    a model without such a layer raises :class:`NoBatchNormError` (``what``: the family's name)."""
+    by_plain = {cls.plain_type: cls for cls in family}  # type: ignore[attr-defined]
+
+    def make(name: str, module: nn.Module) -> nn.Module | None:
+        cls = by_plain.get(type(module))
+        if cls is None:
+            return None
+        assert isinstance(module, _BatchNorm)
+        return transfer_state(module, build(name, module, cls))
+
+    root, replaced = replace_modules(model, make)
+    if strict and not replaced:
+        raise NoBatchNormError(f"the model has no nn.BatchNorm1d/2d/3d layer to convert to {what}")
+    return root
+
+
 def _plain_copy(module: _BatchNorm) -> nn.Module:
     plain_type: type[_BatchNorm] = type(module).plain_type  # type: ignore[attr-defined]
-    ref = module.running_mean if module.running_mean is not None else module.weight
-    new = plain_type(
-        module.num_features,
-        eps=module.eps,
-        momentum=module.momentum,
-        affine=module.affine,
-        track_running_stats=module.track_running_stats,
-        device=None if ref is None else ref.device,
-        dtype=None if ref is None else ref.dtype,
-    )
-    return transfer_state(module, new)
+    return transfer_state(module, plain_type(module.num_features, **batchnorm_options(module)))
 
 
 def convert_to_batchnorm(model: nn.Module, *, strict: bool = True) -> nn.Module:

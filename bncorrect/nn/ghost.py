@@ -31,16 +31,15 @@ behaviour, SyncBatchNorm and lazy BN are left alone) for the ghost version with 
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import correction as C
-from ..errors import NoBatchNormError, UsageError
-from .convert import plain_batchnorm_types, replace_modules, transfer_state
-from .running_stats import RunningUpdate, check_running_update, unbiased, update_running_stats
+from ..errors import UsageError
+from .base import GroupedBatchNorm
+from .convert import batchnorm_options, convert_plain_batchnorm
+from .running_stats import RunningUpdate, check_running_update
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "check_group_size", "convert_to_ghost"]
 
@@ -64,9 +63,7 @@ def spatial_size(x: Tensor) -> int:
     return math.prod(x.shape[2:])
 
 
-class _GhostBatchNorm(_BatchNorm):
-    plain_type: ClassVar[type[_BatchNorm]]
-
+class _GhostBatchNorm(GroupedBatchNorm):
     def __init__(
         self,
         num_features: int,
@@ -88,21 +85,11 @@ class _GhostBatchNorm(_BatchNorm):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}, running_update={self.running_update}"
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._check_input_dim(x)
-        if not self.training and self.track_running_stats:
-            return F.batch_norm(
-                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
-            )
+    def group_statistics(self, x: Tensor) -> tuple[Tensor, Tensor, int, int]:
         g = check_group_size(x.shape[0], self.group_size)
         mu_i, var_i = C.example_stats(x)
         mean, var = C.group_stats(mu_i, var_i, g)  # (N, C): each row its ghost batch's statistics
-        if self.training:
-            count = g * spatial_size(x)
-            var_unbiased = unbiased(var[::g], count)
-            if self.track_running_stats:
-                update_running_stats(self, mean[::g], var_unbiased, self.running_update)
-        return C.normalize(x, mean, var, self.eps, self.weight, self.bias)
+        return mean, var, g, g * spatial_size(x)
 
 
 class GhostBatchNorm1d(_GhostBatchNorm):
@@ -110,36 +97,17 @@ class GhostBatchNorm1d(_GhostBatchNorm):
 
     plain_type = nn.BatchNorm1d
 
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() not in (2, 3):
-            raise UsageError(f"GhostBatchNorm1d expects 2D or 3D input, got {x.dim()}D")
-
 
 class GhostBatchNorm2d(_GhostBatchNorm):
     """Ghost BN for (N, C, H, W) input (see the module docstring)."""
 
     plain_type = nn.BatchNorm2d
 
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() != 4:
-            raise UsageError(f"GhostBatchNorm2d expects 4D input, got {x.dim()}D")
-
 
 class GhostBatchNorm3d(_GhostBatchNorm):
     """Ghost BN for (N, C, D, H, W) input (see the module docstring)."""
 
     plain_type = nn.BatchNorm3d
-
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() != 5:
-            raise UsageError(f"GhostBatchNorm3d expects 5D input, got {x.dim()}D")
-
-
-_GHOST_BY_RANK: dict[int, type[_GhostBatchNorm]] = {
-    1: GhostBatchNorm1d,
-    2: GhostBatchNorm2d,
-    3: GhostBatchNorm3d,
-}
 
 
 def convert_to_ghost(
@@ -155,28 +123,15 @@ def convert_to_ghost(
     if int(group_size) < 1:
         raise UsageError(f"group_size must be >= 1, got {group_size}")
     check_running_update(running_update)
-    ranks = plain_batchnorm_types()
 
-    def make(_name: str, module: nn.Module) -> nn.Module | None:
-        rank = ranks.get(type(module))
-        if rank is None:
-            return None
-        assert isinstance(module, _BatchNorm)
-        ref = module.running_mean if module.running_mean is not None else module.weight
-        new = _GHOST_BY_RANK[rank](
-            module.num_features,
-            group_size,
-            eps=module.eps,
-            momentum=module.momentum,
-            affine=module.affine,
-            track_running_stats=module.track_running_stats,
-            running_update=running_update,
-            device=None if ref is None else ref.device,
-            dtype=None if ref is None else ref.dtype,
-        )
-        return transfer_state(module, new)
+    def build(_name: str, module: _BatchNorm, cls: type[_BatchNorm]) -> nn.Module:
+        opts = batchnorm_options(module)
+        return cls(module.num_features, group_size, running_update=running_update, **opts)
 
-    root, replaced = replace_modules(model, make)
-    if strict and not replaced:
-        raise NoBatchNormError("the model has no nn.BatchNorm1d/2d/3d layer to convert to ghost batch norm")
-    return root
+    return convert_plain_batchnorm(
+        model,
+        (GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d),
+        build,
+        what="ghost batch norm",
+        strict=strict,
+    )

@@ -34,16 +34,15 @@ to 3 at 40k) and :data:`PAPER_D_MAX` (0 for the first 5k steps, then linearly to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import correction as C
-from ..errors import NoBatchNormError, UsageError
-from .convert import plain_batchnorm_types, replace_modules, transfer_state
+from ..errors import UsageError
+from .base import RankedBatchNorm
+from .convert import convert_plain_batchnorm
 from .running_stats import unbiased, update_running_stats
 
 __all__ = [
@@ -113,9 +112,7 @@ def renorm_scale_shift(
     return s, t, r, d
 
 
-class _BatchRenorm(_BatchNorm):
-    plain_type: ClassVar[type[_BatchNorm]]
-
+class _BatchRenorm(RankedBatchNorm):
     def __init__(
         self,
         num_features: int,
@@ -147,9 +144,7 @@ class _BatchRenorm(_BatchNorm):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
         if not self.training:
-            return F.batch_norm(
-                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
-            )
+            return self.plain_forward(x)
         count = x.numel() // max(x.shape[1], 1)
         r_max, d_max = self.current_bounds()
         mu_b, var_b = C.batch_stats(x)
@@ -187,32 +182,17 @@ class BatchRenorm1d(_BatchRenorm):
 
     plain_type = nn.BatchNorm1d
 
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() not in (2, 3):
-            raise UsageError(f"BatchRenorm1d expects 2D or 3D input, got {x.dim()}D")
-
 
 class BatchRenorm2d(_BatchRenorm):
     """Batch Renorm for (N, C, H, W) input (see the module docstring)."""
 
     plain_type = nn.BatchNorm2d
 
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() != 4:
-            raise UsageError(f"BatchRenorm2d expects 4D input, got {x.dim()}D")
-
 
 class BatchRenorm3d(_BatchRenorm):
     """Batch Renorm for (N, C, D, H, W) input (see the module docstring)."""
 
     plain_type = nn.BatchNorm3d
-
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() != 5:
-            raise UsageError(f"BatchRenorm3d expects 5D input, got {x.dim()}D")
-
-
-_RENORM_BY_RANK: dict[int, type[_BatchRenorm]] = {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d}
 
 
 def convert_to_renorm(
@@ -231,19 +211,14 @@ def convert_to_renorm(
     cannot be renormalized (no moving statistics) and raise :class:`UsageError`.
     """
     _check_bounds(r_max, d_max)
-    ranks = plain_batchnorm_types()
 
-    def make(name: str, module: nn.Module) -> nn.Module | None:
-        rank = ranks.get(type(module))
-        if rank is None:
-            return None
-        assert isinstance(module, _BatchNorm)
+    def build(name: str, module: _BatchNorm, cls: type[_BatchNorm]) -> nn.Module:
         if not module.track_running_stats or module.running_mean is None:
             raise UsageError(
                 f"{name or 'the model'}: BatchNorm without running statistics cannot become Batch Renorm",
                 hint="Batch Renorm normalizes with moving statistics; use track_running_stats=True",
             )
-        new = _RENORM_BY_RANK[rank](
+        return cls(
             module.num_features,
             eps=module.eps,
             momentum=momentum,
@@ -254,9 +229,7 @@ def convert_to_renorm(
             device=module.running_mean.device,
             dtype=module.running_mean.dtype,
         )
-        return transfer_state(module, new)
 
-    root, replaced = replace_modules(model, make)
-    if strict and not replaced:
-        raise NoBatchNormError("the model has no nn.BatchNorm1d/2d/3d layer to convert to Batch Renorm")
-    return root
+    return convert_plain_batchnorm(
+        model, (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d), build, what="Batch Renorm", strict=strict
+    )
