@@ -16,16 +16,7 @@ from bncorrect.nn import (
     convert_to_batchnorm,
 )
 
-
-def _randomize(m: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    c = m.num_features
-    with torch.no_grad():
-        m.weight.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
-        m.bias.copy_(torch.randn(c, generator=g, dtype=torch.float64))
-        m.running_mean.copy_(torch.randn(c, generator=g, dtype=torch.float64))
-        m.running_var.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
-    return m
+from .bn_layers import forward_backward, randomize_bn
 
 
 def _input(shape, seed):
@@ -34,14 +25,6 @@ def _input(shape, seed):
         1, -1, *([1] * (len(shape) - 2))
     )
     return torch.randn(shape, generator=g, dtype=torch.float64) * 1.5 + 3 * offsets
-
-
-def _out_and_grads(module, x, r):
-    module.zero_grad()
-    x = x.clone().requires_grad_(True)
-    y = module(x)
-    (y * r).sum().backward()
-    return y.detach(), x.grad, module.weight.grad.clone(), module.bias.grad.clone()
 
 
 def _reference(x: np.ndarray, gc: int, ge: int, gamma, beta, eps):
@@ -76,7 +59,7 @@ def _reference(x: np.ndarray, gc: int, ge: int, gamma, beta, eps):
     ],
 )
 def test_matches_blockwise_reference(cls, shape, gc, ge):
-    layer = _randomize(cls(shape[1], gc, ge, momentum=0.2).double()).train()
+    layer = randomize_bn(cls(shape[1], gc, ge, momentum=0.2).double()).train()
     rm0, rv0 = layer.running_mean.clone(), layer.running_var.clone()
     x = _input(shape, 1)
     y = layer(x)
@@ -99,15 +82,15 @@ def test_matches_blockwise_reference(cls, shape, gc, ge):
 
 
 def test_one_channel_per_group_whole_batch_is_batchnorm():
-    bn = _randomize(nn.BatchNorm2d(4).double()).train()
+    bn = randomize_bn(nn.BatchNorm2d(4).double()).train()
     bgn = BatchGroupNorm2d(4, channel_groups=4).double()
     bgn.load_state_dict(bn.state_dict())
     bgn.train()
     r = _input((6, 4, 3, 3), 9)
     for step in range(2):
         x = _input((6, 4, 3, 3), step)
-        got = _out_and_grads(bgn, x, r)
-        for a, b in zip(got, _out_and_grads(bn, x, r), strict=True):
+        got = forward_backward(bgn, x, r)
+        for a, b in zip(got, forward_backward(bn, x, r), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
         expected = F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
         torch.testing.assert_close(got[0], expected, rtol=0, atol=1e-10)
@@ -118,10 +101,10 @@ def test_one_channel_per_group_whole_batch_is_batchnorm():
 
 @pytest.mark.parametrize(("cls", "shape"), [(BatchGroupNorm2d, (3, 6, 4, 4)), (BatchGroupNorm1d, (5, 6))])
 def test_one_example_per_group_is_group_norm(cls, shape):
-    layer = _randomize(cls(6, channel_groups=3, examples_per_group=1).double()).train()
+    layer = randomize_bn(cls(6, channel_groups=3, examples_per_group=1).double()).train()
     x = _input(shape, 2)
     r = _input(shape, 3)
-    got = _out_and_grads(layer, x, r)
+    got = forward_backward(layer, x, r)
     xr = x.clone().requires_grad_(True)
     w = layer.weight.detach().clone().requires_grad_(True)
     b = layer.bias.detach().clone().requires_grad_(True)
@@ -132,7 +115,7 @@ def test_one_example_per_group_is_group_norm(cls, shape):
 
 
 def test_one_channel_per_group_is_ghost_batchnorm():
-    bgn = _randomize(BatchGroupNorm2d(3, 3, 2).double()).train()
+    bgn = randomize_bn(BatchGroupNorm2d(3, 3, 2).double()).train()
     ghost = GhostBatchNorm2d(3, 2).double()
     ghost.load_state_dict(bgn.state_dict())
     ghost.train()
@@ -177,8 +160,8 @@ def test_convert_round_trip():
     model = nn.Sequential(
         nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6)
     )
-    _randomize(model[1].double(), 1)
-    _randomize(model[4].double(), 2)
+    randomize_bn(model[1].double(), 1)
+    randomize_bn(model[4].double(), 2)
     model.double()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     converted = convert_to_batch_group(model, channel_groups=2, examples_per_group=2)

@@ -33,6 +33,20 @@ class BNAct(nn.BatchNorm2d):
         return torch.relu(super().forward(x))
 
 
+def _corrected_reference(layer: nn.Module, inp: torch.Tensor, alpha: float, beta: float):
+    """DESIGN §2's corrected layer on ``inp`` with ``layer``'s statistics and affine parameters."""
+    return corrected_bn_reference(
+        inp.numpy(),
+        layer.running_mean.numpy(),
+        layer.running_var.numpy(),
+        layer.weight.detach().numpy(),
+        layer.bias.detach().numpy(),
+        layer.eps,
+        alpha,
+        beta,
+    )
+
+
 def _mixed_model() -> nn.Module:
     model = nn.Sequential(
         nn.Conv3d(2, 3, 1),
@@ -135,16 +149,7 @@ def test_ghost_train_then_posthoc_correction():
     layer = copy.deepcopy(model[1]).eval()
     wrapped = CorrectedNorm(layer, 0.3, 0.2).eval()
     inp = torch.randn(4, 6, 5, 5, generator=torch.Generator().manual_seed(4)) * 2 + 0.5
-    ref = corrected_bn_reference(
-        inp.numpy(),
-        layer.running_mean.numpy(),
-        layer.running_var.numpy(),
-        layer.weight.detach().numpy(),
-        layer.bias.detach().numpy(),
-        layer.eps,
-        0.3,
-        0.2,
-    )
+    ref = _corrected_reference(layer, inp, 0.3, 0.2)
     with torch.no_grad():
         np.testing.assert_allclose(wrapped(inp).numpy(), ref, rtol=0, atol=1e-5)
     # in training mode the wrapped layer is still ghost BN
@@ -160,15 +165,6 @@ def test_other_layers_are_corrected_through_their_eval_forward(make):
     layer = toys._init(nn.Sequential(make()), seed=1)[0].eval()
     inp = torch.randn(3, 6, 4, 4, generator=torch.Generator().manual_seed(5))
     wrapped = CorrectedNorm(layer, 0.25).eval()
-    ref = corrected_bn_reference(
-        inp.numpy(),
-        layer.running_mean.numpy(),
-        layer.running_var.numpy(),
-        layer.weight.detach().numpy(),
-        layer.bias.detach().numpy(),
-        layer.eps,
-        0.25,
-        0.25,
-    )
+    ref = _corrected_reference(layer, inp, 0.25, 0.25)
     with torch.no_grad():
         np.testing.assert_allclose(wrapped(inp).numpy(), ref, rtol=0, atol=1e-5)

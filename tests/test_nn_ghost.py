@@ -10,6 +10,8 @@ from torch import nn
 from bncorrect.errors import UsageError
 from bncorrect.nn import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 
+from .bn_layers import randomize_bn
+
 CASES = {
     "1d-2d-input": (nn.BatchNorm1d, GhostBatchNorm1d, (8, 3)),
     "1d-3d-input": (nn.BatchNorm1d, GhostBatchNorm1d, (8, 3, 5)),
@@ -19,14 +21,8 @@ CASES = {
 
 
 def _bn(cls: type[nn.Module], c: int, seed: int = 0, momentum: float | None = 0.1) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    bn = cls(c, momentum=momentum).double()
-    with torch.no_grad():
-        bn.weight.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
-        bn.bias.copy_(torch.randn(c, generator=g, dtype=torch.float64))
-        bn.running_mean.copy_(torch.randn(c, generator=g, dtype=torch.float64))
-        bn.running_var.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
-        bn.num_batches_tracked.fill_(3)
+    bn = randomize_bn(cls(c, momentum=momentum).double(), seed)
+    bn.num_batches_tracked.fill_(3)
     return bn
 
 

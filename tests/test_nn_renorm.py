@@ -19,6 +19,8 @@ from bncorrect.nn import (
     convert_to_renorm,
 )
 
+from .bn_layers import forward_backward, randomize_bn
+
 CASES = {
     "1d-2d-input": (nn.BatchNorm1d, BatchRenorm1d, (8, 3)),
     "1d-3d-input": (nn.BatchNorm1d, BatchRenorm1d, (6, 3, 5)),
@@ -27,42 +29,23 @@ CASES = {
 }
 
 
-def _randomize(m: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    c = m.num_features
-    with torch.no_grad():
-        m.weight.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
-        m.bias.copy_(torch.randn(c, generator=g, dtype=torch.float64))
-        m.running_mean.copy_(torch.randn(c, generator=g, dtype=torch.float64))
-        m.running_var.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
-    return m
-
-
 def _input(shape, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g, dtype=torch.float64) * 2.0 + 1.5
-
-
-def _forward_backward(module, x, r):
-    module.zero_grad()
-    x = x.clone().requires_grad_(True)
-    y = module(x)
-    (y * r).sum().backward()
-    return y.detach(), x.grad, module.weight.grad.clone(), module.bias.grad.clone()
 
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("moving_std", [True, False])
 def test_rmax_one_dmax_zero_is_batchnorm(case, moving_std):
     bn_cls, renorm_cls, shape = CASES[case]
-    bn = _randomize(bn_cls(shape[1], momentum=0.1).double()).train()
+    bn = randomize_bn(bn_cls(shape[1], momentum=0.1).double()).train()
     renorm = renorm_cls(shape[1], momentum=0.1, r_max=1.0, d_max=0.0, moving_std=moving_std).double()
     renorm.load_state_dict(bn.state_dict())
     renorm.train()
     r = _input(shape, 99)
     for step in range(3):
         x = _input(shape, step)
-        for a, b in zip(_forward_backward(renorm, x, r), _forward_backward(bn, x, r), strict=True):
+        for a, b in zip(forward_backward(renorm, x, r), forward_backward(bn, x, r), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
     assert int(renorm.num_batches_tracked) == int(bn.num_batches_tracked) == 3
     if not moving_std:  # torch's running statistics: exactly nn.BatchNorm's
@@ -87,7 +70,7 @@ def _algorithm1(xs, mu, sigma, gamma, beta, eps, alpha, r_max, d_max):
 
 def test_paper_algorithm_outputs_and_moving_statistics():
     c, eps, alpha = 4, 1e-3, 0.3
-    layer = _randomize(BatchRenorm1d(c, eps=eps, momentum=alpha, r_max=1.5, d_max=0.5).double()).train()
+    layer = randomize_bn(BatchRenorm1d(c, eps=eps, momentum=alpha, r_max=1.5, d_max=0.5).double()).train()
     mu0 = layer.running_mean.numpy().copy()
     sigma0 = np.sqrt(layer.running_var.numpy() + eps)
     gamma, beta = layer.weight.detach().numpy().copy(), layer.bias.detach().numpy().copy()
@@ -109,12 +92,12 @@ def test_paper_algorithm_outputs_and_moving_statistics():
 
 def test_r_and_d_are_constants_in_the_gradient():
     c, eps = 3, 1e-5
-    layer = _randomize(BatchRenorm2d(c, eps=eps, r_max=2.0, d_max=1.0).double(), seed=3).train()
+    layer = randomize_bn(BatchRenorm2d(c, eps=eps, r_max=2.0, d_max=1.0).double(), seed=3).train()
     mu = layer.running_mean.clone()
     sigma = torch.sqrt(layer.running_var + eps)
     x = _input((4, c, 3, 3), 7)
     rr = _input((4, c, 3, 3), 8)
-    got = _forward_backward(layer, x, rr)
+    got = forward_backward(layer, x, rr)
 
     xr = x.clone().requires_grad_(True)
     w = layer.weight.detach().clone().requires_grad_(True)
@@ -138,7 +121,7 @@ def test_r_and_d_are_constants_in_the_gradient():
 def test_gradcheck(case):
     _, renorm_cls, shape = CASES[case]
     shape = (4, 2, *(min(s, 3) for s in shape[2:]))
-    layer = _randomize(renorm_cls(2, r_max=1.5, d_max=0.5).double(), seed=2).train()
+    layer = randomize_bn(renorm_cls(2, r_max=1.5, d_max=0.5).double(), seed=2).train()
     # Moving statistics far from the batch's: r and d are clipped in every channel, so they are locally
     # constant and the finite differences see exactly the stop-gradient derivative (the unclipped case is
     # checked against an explicit detach in test_r_and_d_are_constants_in_the_gradient).
@@ -179,7 +162,7 @@ def test_ramp_and_paper_schedules():
 def test_convert_to_renorm_and_back():
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4))
     model.append(nn.BatchNorm1d(4))
-    _randomize(model[1])
+    randomize_bn(model[1])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     converted = convert_to_renorm(model, r_max=2.0, d_max=1.0, momentum=0.05)
     assert isinstance(converted[1], BatchRenorm2d) and isinstance(converted[5], BatchRenorm1d)
