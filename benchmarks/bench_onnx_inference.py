@@ -35,7 +35,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bncorrect.onnx_export import export_plain
-from bncorrect.onnx_rewrite import Builder, LayerPlan, _rewrite, build_rank2, find_bn_nodes, rewrite
+from bncorrect.onnx_rewrite import Builder, LayerPlan, build_rank2, find_bn_nodes, rewrite, rewrite_with
 
 # ------------------------------------------------------------------------------------------------ networks
 
@@ -298,10 +298,10 @@ def main() -> None:
         layers = [ly.name for ly in find_bn_nodes(original)]
         coef = dict.fromkeys(layers, args.alpha)
         chosen, _ = rewrite(original, coef, coef)
-        naive, _ = _rewrite(original, coef, coef, build=build_naive, formulation="naive")
+        naive, _ = rewrite_with(original, coef, coef, build=build_naive, formulation="naive")
         graphs = {"original": original, "chosen": chosen, "naive": naive}
         if args.floor:
-            graphs["floor"] = _rewrite(
+            graphs["floor"] = rewrite_with(
                 original, coef, coef, build=build_floor, formulation="floor", check=False
             )[0]
         per_layer = {

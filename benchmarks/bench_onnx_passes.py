@@ -41,7 +41,7 @@ from bncorrect.onnx_passes import (
     sweep_graph,
     tap_graph,
 )
-from bncorrect.onnx_rewrite import _rewrite
+from bncorrect.onnx_rewrite import rewrite_with
 from bncorrect.recalibration import PopulationMoments
 from bncorrect.sweep import DEFAULT_ALPHAS, build_candidates
 
@@ -88,7 +88,7 @@ def bench_sweep(name: str, proto: onnx.ModelProto, x: np.ndarray, threads: int, 
     per_alpha = []
     for a in alphas:
         coef = {ly.name: a for ly in layers}
-        per_alpha.append(session(_rewrite(proto, coef, coef, check=False)[0], threads))
+        per_alpha.append(session(rewrite_with(proto, coef, coef, check=False)[0], threads))
     t_per_alpha = time.perf_counter() - t
     inp = per_alpha[0].get_inputs()[0].name
 

@@ -32,6 +32,7 @@ from . import correction as C
 from .errors import OnnxError, VerificationError
 from .layers import corrected_layers, strip_corrections
 from .onnx_rewrite import (
+    GraphIndex,
     RewriteReport,
     find_bn_nodes,
     load_onnx,
@@ -442,9 +443,7 @@ def min_effect_filter(
             # an empty ValueInfo leaves the type to onnxruntime
         taps.append(x)
     values = run_onnx(probe, data, outputs=taps) if taps else []
-    from .onnx_rewrite import _Index  # parameter values, resolved the way the rewrite resolves them
-
-    index = _Index(model)
+    index = GraphIndex(model)  # parameter values, resolved the way the rewrite resolves them
     effects: dict[str, float] = {}
     max_abs: dict[str, float] = {}
     for n, xv in zip(names, values, strict=True):

@@ -72,13 +72,14 @@ from .estimation import (
 from .layers import layer_batch_sizes
 from .onnx_rewrite import (
     Builder,
+    GraphIndex,
     LayerPlan,
     OnnxNormLayer,
-    _cast_in,
-    _finish,
-    _rewrite,
-    _stats,
+    cast_in,
+    example_stats_nodes,
+    finish_layer,
     match_layers,
+    rewrite_with,
 )
 from .onnx_rewrite import require_bn_nodes as _require_bn_nodes
 from .passes import Batch, Observer, Progress, batch_size_of, first_tensor, lcm, trimmed_batches
@@ -163,9 +164,7 @@ def correctable_layers(model: onnx.ModelProto, *, source: str | Path | None = No
 def _running_stats(
     model: onnx.ModelProto, layers: Sequence[OnnxNormLayer]
 ) -> dict[str, tuple[Tensor, Tensor]]:
-    from .onnx_rewrite import _Index  # parameters resolved the way the rewrite resolves them
-
-    index = _Index(model)
+    index = GraphIndex(model)  # parameters resolved the way the rewrite resolves them
     out = {}
     for ly in layers:
         values = [index.resolve(ly.param_names[k], k)[0] for k in ("mean", "var")]
@@ -192,12 +191,12 @@ def node_corrections(
 
 # ---------------------------------------------------------------------------------------------- graphs
 def _group_norm_builder(sizes: Mapping[str, int]) -> Callable[[Builder, LayerPlan], None]:
-    """Build function for :func:`bncorrect.onnx_rewrite._rewrite`: training-mode normalization over
+    """Build function for :func:`bncorrect.onnx_rewrite.rewrite_with`: training-mode normalization over
     consecutive groups of ``sizes[name]`` examples (module docstring)."""
 
     def build(b: Builder, p: LayerPlan) -> None:
         c = p.channels
-        x3 = b.op("Reshape", [_cast_in(b, p), b.shape([0, 0, -1])], "x_ncl")
+        x3 = b.op("Reshape", [cast_in(b, p), b.shape([0, 0, -1])], "x_ncl")
         mu = b.reduce("ReduceMean", x3, [2], 1, "mu_i")
         xc = b.op("Sub", [x3, mu], "x_centered")
         var = b.reduce("ReduceMean", b.op("Mul", [xc, xc], "x_centered_sq"), [2], 1, "var_i")
@@ -222,7 +221,7 @@ def _group_norm_builder(sizes: Mapping[str, int]) -> Callable[[Builder, LayerPla
         s_n = b.op("Reshape", [b.op("Expand", [s, full], "scale_rows"), per_row], "scale_n")
         t_n = b.op("Reshape", [b.op("Expand", [t, full], "shift_rows"), per_row], "shift_n")
         y3 = b.op("Add", [b.op("Mul", [x3, s_n], "x_s"), t_n], "y_ncl")
-        _finish(b, p, "y", "Reshape", [y3, b.op("Shape", [p.x], "x_shape")])
+        finish_layer(b, p, "y", "Reshape", [y3, b.op("Shape", [p.x], "x_shape")])
 
     return build
 
@@ -234,7 +233,7 @@ def training_graph(
     consecutive groups of that many examples (module docstring). Batches fed to it must hold a multiple of
     each group size."""
     ones = dict.fromkeys(group_sizes, 1.0)  # any non-zero coefficient: the rewrite builds every named node
-    out, report = _rewrite(
+    out, report = rewrite_with(
         model,
         ones,
         ones,
@@ -690,7 +689,9 @@ def recalibrate_onnx(
     done: dict[str, tuple[Tensor, Tensor]] = {}
     examples = 0
     for ly in layers:
-        graph = _rewrite(work, {}, {}, running_stats=done, source=source, check=False)[0] if done else work
+        graph = (
+            rewrite_with(work, {}, {}, running_stats=done, source=source, check=False)[0] if done else work
+        )
         graph = tap_graph(graph, [ly.x])
         runner = GraphRunner(
             graph,
@@ -733,12 +734,12 @@ class SweepInputs:
 
 
 def _sweep_builder(specs: dict[str, SweepInputs]) -> Callable[[Builder, LayerPlan], None]:
-    """Build function for :func:`bncorrect.onnx_rewrite._rewrite`: the corrected layer of DESIGN §2 with
+    """Build function for :func:`bncorrect.onnx_rewrite.rewrite_with`: the corrected layer of DESIGN §2 with
     alpha, beta, mu_E and var_E read from graph inputs; statistics and the final per-(N, C) affine step as
     in :func:`bncorrect.onnx_rewrite.build_fast` (exact two-pass statistics below opset 17)."""
 
     def build(b: Builder, p: LayerPlan) -> None:
-        x = _cast_in(b, p)
+        x = cast_in(b, p)
         if p.rank is None or p.rank < 3:  # (N, C) and unknown ranks as (N, C, L): var_i = 0 when L = 1
             x = b.op("Reshape", [x, b.shape([0, 0, -1])], "x_ncl")
             r = 3
@@ -746,7 +747,7 @@ def _sweep_builder(specs: dict[str, SweepInputs]) -> Callable[[Builder, LayerPla
             r = p.rank
         a_in, b_in, m_in, v_in = (b.fresh(k) for k in ("alpha", "beta", "running_mean", "running_var"))
         specs[p.name] = SweepInputs(a_in, b_in, m_in, v_in, (p.channels,) + (1,) * (r - 2), b.np_dtype)
-        mu, v, is_inv_std = _stats(b, replace(p, beta=np.ones(())), x, r)
+        mu, v, is_inv_std = example_stats_nodes(b, replace(p, beta=np.ones(())), x, r)
         var_i = b.op("Reciprocal", [b.op("Mul", [v, v], "inv_var")], "var_i") if is_inv_std else v
         d = b.op("Sub", [mu, m_in], "d")
         mu_hat = b.op("Add", [m_in, b.op("Mul", [d, a_in], "alpha_d")], "mu_hat")
@@ -768,7 +769,7 @@ def _sweep_builder(specs: dict[str, SweepInputs]) -> Callable[[Builder, LayerPla
         vv = b.op("Reshape", [var_hat, flat], "var_hat_flat")
         xv = b.op("Reshape", [x, b.shape([1, -1] + [0] * (r - 2))], "x_view")
         yv = b.op("BatchNormalization", [xv, g_in, bias_in, mv, vv], "y_view", epsilon=float(p.eps))
-        _finish(b, p, "y", "Reshape", [yv, b.op("Shape", [p.x], "x_shape")])
+        finish_layer(b, p, "y", "Reshape", [yv, b.op("Shape", [p.x], "x_shape")])
 
     return build
 
@@ -780,7 +781,7 @@ def sweep_graph(
     read from graph inputs (:class:`SweepInputs` per node name): one session serves every candidate."""
     specs: dict[str, SweepInputs] = {}
     ones = {ly.name: 1.0 for ly in layers}
-    graph, report = _rewrite(
+    graph, report = rewrite_with(
         model,
         ones,
         ones,

@@ -63,15 +63,20 @@ from .errors import NoBatchNormError, OnnxError
 __all__ = [
     "FOLDED_BN_HINT",
     "Builder",
+    "GraphIndex",
     "LayerPlan",
     "OnnxNormLayer",
     "RewriteReport",
+    "cast_in",
     "checker_error",
+    "example_stats_nodes",
     "find_bn_nodes",
+    "finish_layer",
     "load_onnx",
     "match_layers",
     "require_bn_nodes",
     "rewrite",
+    "rewrite_with",
     "save_onnx",
     "staged_save",
 ]
@@ -209,8 +214,9 @@ def _opset(model: onnx.ModelProto) -> int:
     raise OnnxError("the model imports no ai.onnx opset", hint="pass a valid ONNX model")
 
 
-class _Index:
-    """Producers, consumers, constants and ranks of the main graph."""
+class GraphIndex:
+    """Producers, consumers, constants and ranks of the main graph of ``model``: how the rewrite looks up a
+    tensor's producer, type and shape, and the constant behind a BN parameter (:meth:`resolve`)."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         g = model.graph
@@ -408,7 +414,9 @@ def _layer_names(model: onnx.ModelProto) -> dict[int, str]:
     return out
 
 
-def _check_layer(index: _Index, node: onnx.NodeProto, opset: int) -> tuple[dict[str, np.ndarray], str | None]:
+def _check_layer(
+    index: GraphIndex, node: onnx.NodeProto, opset: int
+) -> tuple[dict[str, np.ndarray], str | None]:
     """The check of pattern -> check -> rewrite: (parameter arrays, why it cannot be corrected or None)."""
     if opset < MIN_OPSET:
         return {}, f"opset {opset} < {MIN_OPSET}: convert with onnx.version_converter first"
@@ -451,7 +459,7 @@ def _np_elem_type(a: np.ndarray) -> int:
 
 def find_bn_nodes(model: onnx.ModelProto) -> list[OnnxNormLayer]:
     """Every BatchNormalization node of the main graph (not the ones bncorrect itself wrote), in order."""
-    index = _Index(model)
+    index = GraphIndex(model)
     opset = _opset(model)
     names = _layer_names(model)
     layers = []
@@ -766,12 +774,14 @@ class LayerPlan:
 BuildFn = Callable[[Builder, LayerPlan], None]
 
 
-def _cast_in(b: Builder, p: LayerPlan) -> str:
+def cast_in(b: Builder, p: LayerPlan) -> str:
+    """The layer's input ``p.x`` in the statistics type (a Cast node when the input is fp16/bf16)."""
     return p.x if p.x_type == p.stats_type else b.op("Cast", [p.x], "x_f", to=p.stats_type)
 
 
-def _finish(b: Builder, p: LayerPlan, y: str, op_type: str, inputs: list[str], **attrs: Any) -> None:
-    """Emit the last op so that its result (cast back to the input type if needed) is named ``p.y``."""
+def finish_layer(b: Builder, p: LayerPlan, y: str, op_type: str, inputs: list[str], **attrs: Any) -> None:
+    """Emit the layer's last op (``op_type`` on ``inputs``, name hint ``y``) so that its result, cast back to
+    the input type if needed, is named ``p.y``: the BN node's output, which the rest of the graph reads."""
     if p.x_type == p.stats_type:
         b.op(op_type, inputs, y, out=p.y, **attrs)
     else:
@@ -782,7 +792,7 @@ def _finish(b: Builder, p: LayerPlan, y: str, op_type: str, inputs: list[str], *
 def build_rank2(b: Builder, p: LayerPlan) -> None:
     """(N, C) input: mu_i = x, var_i = 0, everything elementwise on small tensors."""
     a, be = p.alpha, p.beta
-    x = _cast_in(b, p)
+    x = cast_in(b, p)
     d = b.op("Sub", [x, b.const("mean", p.mean)], "d")
     g1 = b.const("gamma_1ma", p.gamma * (1.0 - a))
     num = b.op("Mul", [d, g1], "num")
@@ -794,12 +804,13 @@ def build_rank2(b: Builder, p: LayerPlan) -> None:
         dd = b.op("Mul", [d, d], "d2")
         v = b.op("Add", [b.op("Mul", [dd, b.const("bb", bb)], "bb_d2"), b.const("c0", c0)], "var_hat_eps")
         scaled = b.op("Div", [num, b.op("Sqrt", [v], "std_hat")], "scaled")
-    _finish(b, p, "y", "Add", [scaled, b.const("bias", p.bias)])
+    finish_layer(b, p, "y", "Add", [scaled, b.const("bias", p.bias)])
 
 
-def _stats(b: Builder, p: LayerPlan, x: str, r: int) -> tuple[str, str | None, bool]:
-    """(mu_i, v, is_inv_std) of shape (N, C, 1, ...): ``v`` is 1/sqrt(var_i) (LayerNormalization, opset
-    >= 17) or var_i (exact two-pass, older opsets); None when beta = 0 (no variance needed)."""
+def example_stats_nodes(b: Builder, p: LayerPlan, x: str, r: int) -> tuple[str, str | None, bool]:
+    """Nodes for the per-(example, channel) statistics of ``x`` (rank ``r``, module docstring):
+    (mu_i, v, is_inv_std) of shape (N, C, 1, ...), ``v`` 1/sqrt(var_i) (LayerNormalization, opset >= 17) or
+    var_i (exact two-pass, older opsets); None when beta = 0 (no variance needed)."""
     axes = list(range(2, r))
     if not np.any(p.beta):
         return b.reduce("ReduceMean", x, axes, 1, "mu_i"), None, False
@@ -819,7 +830,7 @@ def _stats(b: Builder, p: LayerPlan, x: str, r: int) -> tuple[str, str | None, b
 
 def build_fast(b: Builder, p: LayerPlan) -> None:
     """The formulation of the module docstring (rank >= 3, or rank unknown)."""
-    x = _cast_in(b, p)
+    x = cast_in(b, p)
     rank = p.rank
     if rank is None:  # view as (N, C, L): works for any rank >= 2 ((N, C) becomes L = 1: var_i = 0)
         x = b.op("Reshape", [x, b.shape([0, 0, -1])], "x_ncl")
@@ -828,7 +839,7 @@ def build_fast(b: Builder, p: LayerPlan) -> None:
         r = rank
     pc = lambda v: p.per_channel(v, r)  # noqa: E731
     a, be = p.alpha, p.beta
-    mu, v, is_inv_std = _stats(b, p, x, r)
+    mu, v, is_inv_std = example_stats_nodes(b, p, x, r)
     flat = b.shape([-1])
     n = b.batch_size(x, p.batch_dim)
     if np.any(a):  # mu_hat = mu_E + alpha * (mu_i - mu_E)
@@ -861,7 +872,7 @@ def build_fast(b: Builder, p: LayerPlan) -> None:
     xv = b.op("Reshape", [x, b.shape([1, -1] + [0] * (r - 2))], "x_view")
     yv = b.op(_BN, [xv, g_in, b_in, m_in, v_in], "y_view", epsilon=float(p.eps))
     back = b.shape([-1, p.channels] + [0] * (r - 2)) if rank is not None else b.op("Shape", [p.x], "x_shape")
-    _finish(b, p, "y", "Reshape", [yv, back])
+    finish_layer(b, p, "y", "Reshape", [yv, back])
 
 
 def build_default(b: Builder, p: LayerPlan) -> None:
@@ -950,10 +961,10 @@ def rewrite(
     from ``alpha`` gets 0. alpha = beta = 0 keeps the node untouched, or (with ``running_stats``) keeps
     a plain BN fed with the new statistics. ``source`` is the file name used in error messages.
     """
-    return _rewrite(model, alpha, beta, running_stats=running_stats, source=source, build=build_default)
+    return rewrite_with(model, alpha, beta, running_stats=running_stats, source=source, build=build_default)
 
 
-def _rewrite(
+def rewrite_with(
     model: onnx.ModelProto,
     alpha: Mapping[str, Coefficient],
     beta: Mapping[str, Coefficient],
@@ -964,6 +975,11 @@ def _rewrite(
     formulation: str | None = None,
     check: bool = True,
 ) -> tuple[onnx.ModelProto, RewriteReport]:
+    """:func:`rewrite` with the subgraph of each rewritten node made by ``build`` (default: the corrected
+    layer of the module docstring), ``formulation`` recorded in the report, and (``check``) the result
+    checked with ``onnx.checker``. Every BN node with a non-zero ``alpha``/``beta`` gets a :class:`LayerPlan`
+    and is replaced by the nodes ``build`` adds to its :class:`Builder`; the finishing op names its result
+    after the BN's output (:func:`finish_layer`)."""
     layers = require_bn_nodes(model, source=source)
     opset = _opset(model)
     report = RewriteReport(opset=opset)
@@ -986,7 +1002,7 @@ def _rewrite(
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    index = _Index(out)
+    index = GraphIndex(out)
     taken = set(index.producer) | set(index.init) | index.graph_inputs | index.graph_outputs
     taken |= {n.name for n in g.node if n.name} | {v.name for v in g.value_info}
     shared: dict[str, str] = {}
