@@ -12,7 +12,9 @@ copy under ``torch.no_grad``). At every BN layer the input ``x`` and its statist
   (:func:`bncorrect.correction.l_aux_sorted`): the minimiser over the whole square, not a local one, and
   no second pass over the data.
 
-The data loop lives in :func:`estimate_alpha_beta`; the estimators only see plain tensors.
+The estimators only see plain tensors: :func:`estimate_from_pass` makes one per layer, feeds them from a
+training-mode pass it is given and solves them, so the PyTorch path (:func:`estimate_alpha_beta`) and the
+onnxruntime path (:func:`bncorrect.onnx_passes.estimate_onnx`) differ only in what runs the model.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch import Tensor, nn
 from . import correction as C
 from .errors import DataError, NoBatchNormError, NumericalError, UsageError
 from .layers import correct_model, corrected_layers, layer_batch_sizes
-from .passes import Batch, ForwardFn, Progress, resolve_device, training_mode_pass
+from .passes import Batch, ForwardFn, Observer, Progress, resolve_device, training_mode_pass
 
 #: Default number of sampled activation values kept per layer (float32): 2^19 values = 2 MiB.
 DEFAULT_SAMPLE_BUDGET = 1 << 19
@@ -314,11 +316,7 @@ def estimate_alpha_beta(
     ``dropped``). ``layer_batch_size`` maps glob patterns of layer names to their own B (e.g. heads that
     normalize over more examples). ``model`` itself is not modified.
     """
-    if train_batch_size < 1:
-        raise UsageError(f"--train-batch-size must be >= 1, got {train_batch_size}")
-    for pattern, b in (layer_batch_size or {}).items():
-        if b < 1:
-            raise UsageError(f"--layer-batch-size {pattern}={b}: B must be >= 1")
+    check_batch_sizes(train_batch_size, layer_batch_size)
     dev = resolve_device(device)
     work = copy.deepcopy(model)
     try:
@@ -328,32 +326,76 @@ def estimate_alpha_beta(
     work.to(dev)
     layers = corrected_layers(work)
     sizes = layer_batch_sizes(list(layers), train_batch_size, layer_batch_size)
+
+    def run_pass(observers: Mapping[str, Observer]) -> tuple[int, int]:
+        return training_mode_pass(
+            work,
+            batches,
+            sizes,
+            observers,
+            forward_fn=forward_fn,
+            device=dev,
+            label="estimate",
+            total_examples=total_examples,
+            progress=progress,
+            data_hint=data_hint,
+        )
+
+    return estimate_from_pass(
+        {name: (m.norm.running_mean, m.norm.running_var, float(m.norm.eps)) for name, m in layers.items()},
+        sizes,
+        run_pass,
+        train_batch_size,
+        seed=seed,
+        sample_budget=sample_budget,
+        positions=positions,
+        solve_rows=solve_rows,
+    )
+
+
+def check_batch_sizes(train_batch_size: int, layer_batch_size: Mapping[str, int] | None) -> None:
+    """:class:`UsageError` unless the normalization batch size B and every per-layer B is >= 1."""
+    if train_batch_size < 1:
+        raise UsageError(f"--train-batch-size must be >= 1, got {train_batch_size}")
+    for pattern, b in (layer_batch_size or {}).items():
+        if b < 1:
+            raise UsageError(f"--layer-batch-size {pattern}={b}: B must be >= 1")
+
+
+def estimate_from_pass(
+    layers: Mapping[str, tuple[Tensor, Tensor, float]],
+    sizes: dict[str, int],
+    run_pass: Callable[[Mapping[str, Observer]], tuple[int, int]],
+    train_batch_size: int,
+    *,
+    seed: int = 0,
+    sample_budget: int = DEFAULT_SAMPLE_BUDGET,
+    positions: int = DEFAULT_POSITIONS,
+    solve_rows: int = DEFAULT_SOLVE_ROWS,
+) -> EstimateResult:
+    """EvalNorm offline over one training-mode pass, whatever runs the model (PyTorch or onnxruntime).
+
+    ``layers``: name -> (running mean, running var, eps), in the order the estimators are made (they share
+    one generator seeded with ``seed``, so the order fixes the samples); ``sizes``: each layer's
+    normalization batch size B. ``run_pass(observers)`` runs the training-mode pass with an observer per
+    layer (:func:`bncorrect.passes.training_mode_pass` or :func:`bncorrect.onnx_passes.training_pass`) and
+    returns (examples used, examples dropped); then every layer's (alpha, beta) is solved.
+    """
     gen = torch.Generator().manual_seed(seed)
     estimators = {
         name: EvalNormEstimator(
             name,
-            m.norm.running_mean,
-            m.norm.running_var,
-            float(m.norm.eps),
+            mean,
+            var,
+            eps,
             sizes[name],
             sample_budget=sample_budget,
             positions=positions,
             solve_rows=solve_rows,
             generator=gen,
         )
-        for name, m in layers.items()
+        for name, (mean, var, eps) in layers.items()
     }
-    examples, dropped = training_mode_pass(
-        work,
-        batches,
-        sizes,
-        {name: est.observe for name, est in estimators.items()},
-        forward_fn=forward_fn,
-        device=dev,
-        label="estimate",
-        total_examples=total_examples,
-        progress=progress,
-        data_hint=data_hint,
-    )
+    examples, dropped = run_pass({name: est.observe for name, est in estimators.items()})
     results = [est.solve() for est in estimators.values()]
     return EstimateResult(results, train_batch_size, examples, dropped, seed, sizes)

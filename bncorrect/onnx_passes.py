@@ -67,7 +67,8 @@ from .estimation import (
     DEFAULT_SAMPLE_BUDGET,
     DEFAULT_SOLVE_ROWS,
     EstimateResult,
-    EvalNormEstimator,
+    check_batch_sizes,
+    estimate_from_pass,
 )
 from .layers import layer_batch_sizes
 from .onnx_rewrite import (
@@ -82,7 +83,7 @@ from .onnx_rewrite import (
     rewrite_with,
 )
 from .onnx_rewrite import require_bn_nodes as _require_bn_nodes
-from .passes import Batch, Observer, Progress, batch_size_of, first_tensor, lcm, trimmed_batches
+from .passes import Batch, Observer, Progress, batch_size_of, first_tensor, lcm, run_trimmed
 from .recalibration import PopulationMoments, RecalibrateResult, Upstream, _check_finite
 from .sweep import (
     BetaMode,
@@ -542,29 +543,26 @@ def training_pass(
         data_hint=data_hint,
         fixed_batch=fixed,
     )
-    multiple = lcm(group_sizes.values())
-    examples = dropped = 0
-    for batch, cut in trimmed_batches(batches, multiple):
-        dropped += cut
-        if batch is not None:
-            values = runner.run(_input_tensor(batch))
-            for ly, x in zip(layers, values, strict=True):
-                observer = observers.get(ly.name)
-                if observer is None:
-                    continue
-                mu_i, var_i = C.example_stats(x)
-                mu_b, var_b = C.group_stats(mu_i, var_i, group_sizes[ly.name])
-                observer(x, mu_i, var_i, mu_b, var_b)
-            examples += batch_size_of(batch)
-        if progress is not None:
-            progress(label, examples + dropped, total_examples)
-    if examples == 0:
-        raise DataError(
-            f"no complete normalization batch of {multiple} examples in the data ({dropped} examples seen)",
-            path=data_hint or None,
-            hint="give more data or a smaller batch size",
-        )
-    return examples, dropped
+
+    def run(batch: Batch) -> None:
+        values = runner.run(_input_tensor(batch))
+        for ly, x in zip(layers, values, strict=True):
+            observer = observers.get(ly.name)
+            if observer is None:
+                continue
+            mu_i, var_i = C.example_stats(x)
+            mu_b, var_b = C.group_stats(mu_i, var_i, group_sizes[ly.name])
+            observer(x, mu_i, var_i, mu_b, var_b)
+
+    return run_trimmed(
+        batches,
+        lcm(group_sizes.values()),
+        run,
+        label=label,
+        total_examples=total_examples,
+        progress=progress,
+        data_hint=data_hint,
+    )
 
 
 def estimate_onnx(
@@ -589,43 +587,36 @@ def estimate_onnx(
     :func:`bncorrect.estimation.estimate_alpha_beta` computes them for a PyTorch model (same estimator, same
     seeded sampling; layer names are node names, ``layer_batch_size`` globs match them).
     ``running_stats`` (node -> (mean, var)) replaces the graph's statistics, e.g. after recalibration."""
-    if train_batch_size < 1:
-        raise UsageError(f"--train-batch-size must be >= 1, got {train_batch_size}")
-    for pattern, b in (layer_batch_size or {}).items():
-        if b < 1:
-            raise UsageError(f"--layer-batch-size {pattern}={b}: B must be >= 1")
+    check_batch_sizes(train_batch_size, layer_batch_size)
     layers = correctable_layers(model, source=source)
     sizes = layer_batch_sizes([ly.name for ly in layers], train_batch_size, layer_batch_size)
-    gen = torch.Generator().manual_seed(seed)
     stats = dict(running_stats or {})
-    estimators = {
-        ly.name: EvalNormEstimator(
-            ly.name,
-            *(stats.get(ly.name) or (ly.running_mean, ly.running_var)),
-            ly.eps,
-            sizes[ly.name],
-            sample_budget=sample_budget,
-            positions=positions,
-            solve_rows=solve_rows,
-            generator=gen,
+
+    def run_pass(observers: Mapping[str, Observer]) -> tuple[int, int]:
+        return training_pass(
+            model,
+            batches,
+            sizes,
+            observers,
+            device=device,
+            threads=threads,
+            label="estimate",
+            total_examples=total_examples,
+            progress=progress,
+            data_hint=data_hint,
+            source=source,
         )
-        for ly in layers
-    }
-    examples, dropped = training_pass(
-        model,
-        batches,
+
+    return estimate_from_pass(
+        {ly.name: (*(stats.get(ly.name) or (ly.running_mean, ly.running_var)), ly.eps) for ly in layers},
         sizes,
-        {name: est.observe for name, est in estimators.items()},
-        device=device,
-        threads=threads,
-        label="estimate",
-        total_examples=total_examples,
-        progress=progress,
-        data_hint=data_hint,
-        source=source,
+        run_pass,
+        train_batch_size,
+        seed=seed,
+        sample_budget=sample_budget,
+        positions=positions,
+        solve_rows=solve_rows,
     )
-    results = [est.solve() for est in estimators.values()]
-    return EstimateResult(results, train_batch_size, examples, dropped, seed, sizes)
 
 
 def recalibrate_onnx(

@@ -159,22 +159,49 @@ def training_mode_pass(
     from .layers import corrected_layers, normalization_mode
 
     layers = corrected_layers(work)
-    multiple = lcm(group_sizes.values())
-    examples = dropped = 0
     with normalization_mode(work, "batch", group_sizes):
         try:
             for name, m in layers.items():
                 m.observer = observers.get(name)
-            for batch, cut in trimmed_batches(batches, multiple):
-                dropped += cut
-                if batch is not None:
-                    run_forward(work, batch, forward_fn, device, data_hint=data_hint)
-                    examples += batch_size_of(batch)
-                if progress is not None:
-                    progress(label, examples + dropped, total_examples)
+            return run_trimmed(
+                batches,
+                lcm(group_sizes.values()),
+                lambda batch: run_forward(work, batch, forward_fn, device, data_hint=data_hint),
+                label=label,
+                total_examples=total_examples,
+                progress=progress,
+                data_hint=data_hint,
+            )
         finally:
             for m in layers.values():
                 m.observer = None
+
+
+def run_trimmed(
+    batches: Iterable[Batch],
+    multiple: int,
+    run: Callable[[Batch], object],
+    *,
+    label: str,
+    total_examples: int | None = None,
+    progress: Progress | None = None,
+    data_hint: str = "",
+) -> tuple[int, int]:
+    """Call ``run`` on every batch cut to a multiple of ``multiple`` examples (:func:`trimmed_batches`; a
+    batch with fewer examples is skipped), reporting ``progress(label, examples seen, total_examples)``.
+
+    The loop of every training-mode pass (PyTorch's :func:`training_mode_pass`, onnxruntime's
+    :func:`bncorrect.onnx_passes.training_pass`). Returns (examples used, examples dropped);
+    :class:`DataError` when no batch held ``multiple`` examples.
+    """
+    examples = dropped = 0
+    for batch, cut in trimmed_batches(batches, multiple):
+        dropped += cut
+        if batch is not None:
+            run(batch)
+            examples += batch_size_of(batch)
+        if progress is not None:
+            progress(label, examples + dropped, total_examples)
     if examples == 0:
         raise DataError(
             f"no complete normalization batch of {multiple} examples in the data ({dropped} examples seen)",
