@@ -84,7 +84,14 @@ from .onnx_rewrite import (
 )
 from .onnx_rewrite import require_bn_nodes as _require_bn_nodes
 from .passes import Batch, Observer, Progress, batch_size_of, first_tensor, lcm, run_trimmed
-from .recalibration import PopulationMoments, RecalibrateResult, Upstream, _check_finite
+from .recalibration import (
+    PopulationMoments,
+    RecalibrateResult,
+    Upstream,
+    check_finite,
+    check_upstream,
+    train_consistent_stats,
+)
 from .sweep import (
     BetaMode,
     Candidate,
@@ -638,44 +645,24 @@ def recalibrate_onnx(
     training-mode pass over groups of ``batch_size``."""
     layers = correctable_layers(model, source=source)
     if upstream == "train":
-        if batch_size is None or batch_size < 1:
-            raise UsageError(
-                "--upstream train needs --batch-size B (the normalization batch size used in training)"
+
+        def run_pass(group_sizes: Mapping[str, int], observers: Mapping[str, Observer]) -> tuple[int, int]:
+            return training_pass(
+                model,
+                batches,
+                group_sizes,
+                observers,
+                device=device,
+                threads=threads,
+                label="recalibrate",
+                total_examples=total_examples,
+                progress=progress,
+                data_hint=data_hint,
+                source=source,
             )
-        if batch_size < 2:
-            raise UsageError(
-                "training-consistent statistics with --batch-size 1 normalize each example by itself",
-                hint="pass the normalization batch size used in training (B >= 2), or use --upstream eval",
-            )
-        averages = {ly.name: PopulationMoments(ly.channels) for ly in layers}
-        examples, _ = training_pass(
-            model,
-            batches,
-            {ly.name: batch_size for ly in layers},
-            {name: (lambda x, _mi, _vi, _mb, _vb, a=avg: a.add(x)) for name, avg in averages.items()},
-            device=device,
-            threads=threads,
-            label="recalibrate",
-            total_examples=total_examples,
-            progress=progress,
-            data_hint=data_hint,
-            source=source,
-        )
-        stats = {}
-        for name, avg in averages.items():
-            if avg.count:
-                mean, var = avg.mean, avg.variance()
-                _check_finite(name, mean, var)
-                stats[name] = (mean.float(), var.float())
-        skipped = [ly.name for ly in layers if ly.name not in stats]
-        return RecalibrateResult(stats, "train", examples, 1, batch_size, skipped)
-    if upstream != "eval":
-        raise UsageError(f"--upstream must be 'eval' or 'train', got {upstream!r}")
-    if iter(batches) is batches:
-        raise UsageError(
-            "inference-consistent recalibration passes over the data once per layer: pass a "
-            "re-iterable (a list or a DataLoader), not an iterator"
-        )
+
+        return train_consistent_stats({ly.name: ly.channels for ly in layers}, batch_size, run_pass)
+    check_upstream(upstream, batches)
     work, fixed = _working_copy(model, source)
     done: dict[str, tuple[Tensor, Tensor]] = {}
     examples = 0
@@ -706,7 +693,7 @@ def recalibrate_onnx(
                 "the data is empty", path=data_hint or None, hint="pass a dataset with at least one example"
             )
         mean, var = moments.mean, moments.variance()
-        _check_finite(ly.name, mean, var)
+        check_finite(ly.name, mean, var)
         done[ly.name] = (mean.float(), var.float())
     return RecalibrateResult(dict(done), "eval", examples, len(layers), None, [])
 

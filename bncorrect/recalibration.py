@@ -16,13 +16,15 @@ Two definitions (DESIGN §3):
   computes it (its ``_PopulationVarianceEstimator``); on the same batches the two agree.
 
 The model passed in is not modified; the result is a mapping of layer name to (mean, var).
+:func:`train_consistent_stats` is the training-consistent computation whatever runs the model (PyTorch
+here, onnxruntime in :mod:`bncorrect.onnx_passes`), given the pass to run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,7 +33,16 @@ from torch import Tensor, nn
 
 from .errors import DataError, NumericalError, UsageError
 from .layers import CorrectedNorm, correct_model, corrected_layers
-from .passes import Batch, ForwardFn, Progress, batch_size_of, resolve_device, run_forward, training_mode_pass
+from .passes import (
+    Batch,
+    ForwardFn,
+    Observer,
+    Progress,
+    batch_size_of,
+    resolve_device,
+    run_forward,
+    training_mode_pass,
+)
 
 Upstream = Literal["eval", "train"]
 
@@ -77,7 +88,8 @@ class _StopForward(Exception):
     pass
 
 
-def _check_finite(name: str, mean: Tensor, var: Tensor) -> None:
+def check_finite(name: str, mean: Tensor, var: Tensor) -> None:
+    """:class:`NumericalError` naming layer ``name`` when its new statistics hold NaN or Inf."""
     if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
         raise NumericalError(
             f"NaN or Inf in the statistics of layer {name}",
@@ -108,16 +120,36 @@ def recalibrate_stats(
     work.to(dev).eval()
     layers = corrected_layers(work)
     if upstream == "train":
-        if batch_size is None or batch_size < 1:
-            raise UsageError(
-                "--upstream train needs --batch-size B (the normalization batch size used in training)"
+
+        def run_pass(group_sizes: Mapping[str, int], observers: Mapping[str, Observer]) -> tuple[int, int]:
+            return training_mode_pass(
+                work,
+                batches,
+                group_sizes,
+                observers,
+                forward_fn=forward_fn,
+                device=dev,
+                label="recalibrate",
+                total_examples=total_examples,
+                progress=progress,
+                data_hint=data_hint,
             )
-        return _train_consistent(
-            work, layers, batches, batch_size, forward_fn, dev, total_examples, progress, data_hint
-        )
-    if upstream != "eval":
-        raise UsageError(f"--upstream must be 'eval' or 'train', got {upstream!r}")
+
+        return train_consistent_stats({n: m.num_channels for n, m in layers.items()}, batch_size, run_pass)
+    check_upstream(upstream, batches)
     return _inference_consistent(work, layers, batches, forward_fn, dev, total_examples, progress, data_hint)
+
+
+def check_upstream(upstream: str, batches: Iterable[Batch]) -> None:
+    """:class:`UsageError` unless ``upstream`` is "eval" or "train", and for "eval" (one pass per layer)
+    ``batches`` can be iterated again."""
+    if upstream not in ("eval", "train"):
+        raise UsageError(f"--upstream must be 'eval' or 'train', got {upstream!r}")
+    if upstream == "eval" and iter(batches) is batches:
+        raise UsageError(
+            "inference-consistent recalibration passes over the data once per layer: pass a "
+            "re-iterable (a list or a DataLoader), not an iterator"
+        )
 
 
 def _execution_order(
@@ -158,11 +190,6 @@ def _inference_consistent(
     progress: Progress | None,
     hint: str,
 ) -> RecalibrateResult:
-    if iter(batches) is batches:
-        raise UsageError(
-            "inference-consistent recalibration passes over the data once per layer: pass a "
-            "re-iterable (a list or a DataLoader), not an iterator"
-        )
     first = next(iter(batches), None)
     if first is None:
         raise DataError(
@@ -191,7 +218,7 @@ def _inference_consistent(
         finally:
             handle.remove()
         mean, var = moments.mean, moments.variance()
-        _check_finite(name, mean, var)
+        check_finite(name, mean, var)
         stats[name] = (mean.float(), var.float())
         with torch.no_grad():  # later layers see this layer in its final inference form
             module.norm.running_mean.copy_(mean.to(module.norm.running_mean))
@@ -200,40 +227,37 @@ def _inference_consistent(
     return RecalibrateResult(stats, "eval", examples, len(order), None, skipped)
 
 
-def _train_consistent(
-    work: nn.Module,
-    layers: dict[str, CorrectedNorm],
-    batches: Iterable[Batch],
-    batch_size: int,
-    forward_fn: ForwardFn | None,
-    dev: torch.device,
-    total_examples: int | None,
-    progress: Progress | None,
-    hint: str,
+def train_consistent_stats(
+    channels: Mapping[str, int],
+    batch_size: int | None,
+    run_pass: Callable[[Mapping[str, int], Mapping[str, Observer]], tuple[int, int]],
 ) -> RecalibrateResult:
+    """Training-consistent statistics (``upstream="train"``, module docstring), whatever runs the model.
+
+    ``channels``: layer name -> channel count. ``run_pass(group_sizes, observers)`` runs one training-mode
+    pass with every layer normalizing groups of ``batch_size`` examples and an observer per layer
+    (:func:`bncorrect.passes.training_mode_pass` or :func:`bncorrect.onnx_passes.training_pass`) and returns
+    (examples used, examples dropped). Layers that saw no input are listed as skipped.
+    """
+    if batch_size is None or batch_size < 1:
+        raise UsageError(
+            "--upstream train needs --batch-size B (the normalization batch size used in training)"
+        )
     if batch_size < 2:
         raise UsageError(
             "training-consistent statistics with --batch-size 1 normalize each example by itself",
             hint="pass the normalization batch size used in training (B >= 2), or use --upstream eval",
         )
-    averages = {name: PopulationMoments(m.num_channels) for name, m in layers.items()}
-    examples, _ = training_mode_pass(
-        work,
-        batches,
-        dict.fromkeys(layers, batch_size),
+    averages = {name: PopulationMoments(c) for name, c in channels.items()}
+    examples, _ = run_pass(
+        dict.fromkeys(channels, batch_size),
         {name: (lambda x, _mi, _vi, _mb, _vb, a=avg: a.add(x)) for name, avg in averages.items()},
-        forward_fn=forward_fn,
-        device=dev,
-        label="recalibrate",
-        total_examples=total_examples,
-        progress=progress,
-        data_hint=hint,
     )
     stats = {}
     for name, avg in averages.items():
         if avg.count:
             mean, var = avg.mean, avg.variance()
-            _check_finite(name, mean, var)
+            check_finite(name, mean, var)
             stats[name] = (mean.float(), var.float())
-    skipped = [n for n in layers if n not in stats]
+    skipped = [n for n in channels if n not in stats]
     return RecalibrateResult(stats, "train", examples, 1, batch_size, skipped)
