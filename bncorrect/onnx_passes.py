@@ -96,15 +96,14 @@ from .sweep import (
     BetaMode,
     Candidate,
     SweepResult,
-    _add_notes,
-    _check_labels,
-    _check_metric,
-    _labels,
-    _logits,
-    _resolve_tables,
-    _rows,
-    _Tally,
+    Tally,
+    batch_labels,
     build_candidates,
+    check_labels,
+    check_metric,
+    resolve_tables,
+    select_logits,
+    sweep_result,
 )
 
 __all__ = [
@@ -786,7 +785,7 @@ def _candidate_feeds(
     candidates: Sequence[Candidate], layers: Sequence[OnnxLayer], specs: Mapping[str, SweepInputs]
 ) -> list[dict[str, np.ndarray]]:
     """Per candidate, the feed of every layer's alpha/beta/statistics inputs. Candidates are checked and
-    laid out by the PyTorch sweep's own code (:func:`bncorrect.sweep._resolve_tables`: same defaults,
+    laid out by the PyTorch sweep's own code (:func:`bncorrect.sweep.resolve_tables`: same defaults,
     same errors), given each node's channels and running statistics."""
     from types import SimpleNamespace
 
@@ -796,7 +795,7 @@ def _candidate_feeds(
         return SimpleNamespace(running_mean=mean, running_var=var)
 
     views = {ly.name: SimpleNamespace(num_channels=ly.channels, norm=stats(ly)) for ly in layers}
-    tables = _resolve_tables(candidates, views)  # type: ignore[arg-type]
+    tables = resolve_tables(candidates, views)  # type: ignore[arg-type]
     feeds: list[dict[str, np.ndarray]] = [{} for _ in candidates]
     for ly in layers:
         spec, tab = specs[ly.name], tables[ly.name]
@@ -839,7 +838,7 @@ def sweep_onnx(
     its own corrected graph; nll (log-softmax in float64), top1 and top5 tallied as in the PyTorch sweep.
     Returns a :class:`~bncorrect.sweep.SweepResult`; ``output_key`` picks the logits among several graph
     outputs (index or output name)."""
-    metric = _check_metric(metric)
+    metric = check_metric(metric)
     candidates = build_candidates(
         alphas, beta_mode=beta_mode, train_batch_size=train_batch_size, extra=extra_candidates
     )
@@ -858,34 +857,32 @@ def sweep_onnx(
         extra_inputs=extra,
     )
     names = runner.outputs
-    tally = _Tally(len(candidates))
+    tally = Tally(len(candidates))
     num_classes = top_k = 0
     for batch in batches:
         rows = batch_size_of(batch)
         if rows == 0:
             continue
-        y = _labels(batch, rows, data_hint)
+        y = batch_labels(batch, rows, data_hint)
         x = runner.feed(_input_tensor(batch))
-        logits = torch.stack([_logits(_outputs(runner.run(x, f), names), output_key, rows) for f in feeds])
+        logits = torch.stack(
+            [select_logits(_outputs(runner.run(x, f), names), output_key, rows) for f in feeds]
+        )
         if top_k == 0:
             num_classes = int(logits.shape[-1])
             top_k = min(5, num_classes)
-        _check_labels(y, num_classes, data_hint, output_key)
+        check_labels(y, num_classes, data_hint, output_key)
         tally.add(logits, y, top_k)
         if progress is not None:
             progress("sweep-alpha", tally.n, total_examples)
-    if tally.n == 0:
-        raise DataError("the data holds no examples", path=data_hint or None, hint="give labelled examples")
-    result = SweepResult(
-        metric,
-        _rows(candidates, tally, top_k),
-        tally.n,
-        num_classes,
-        top_k,
-        "onnxruntime, one graph with alpha/beta/statistics as inputs",
-        train_batch_size,
-        [],
-        [],
+    return sweep_result(
+        candidates,
+        tally,
+        metric=metric,
+        num_classes=num_classes,
+        top_k=top_k,
+        strategy="onnxruntime, one graph with alpha/beta/statistics as inputs",
+        train_batch_size=train_batch_size,
+        notes=[],
+        data_hint=data_hint,
     )
-    _add_notes(result)
-    return result

@@ -344,7 +344,7 @@ def build_candidates(
 
 
 @dataclass
-class _Tables:
+class CandidateTables:
     """Per-layer coefficients of all K candidates: (K, C) each; running statistics only where some
     candidate replaces them."""
 
@@ -360,10 +360,14 @@ def _lookup(value: Coefficients | None, name: str) -> float | Tensor | None:
     return value
 
 
-def _resolve_tables(
+def resolve_tables(
     candidates: Sequence[Candidate], layers: Mapping[str, CorrectedNorm]
-) -> dict[str, _Tables]:
-    """Check every candidate against the model's layers and lay their coefficients out per layer."""
+) -> dict[str, CandidateTables]:
+    """Check every candidate against the model's layers and lay their coefficients out per layer.
+
+    Of each layer only ``num_channels`` and ``norm.running_mean``/``norm.running_var`` are read (float64
+    statistics keep the tables in float64). Defaults: alpha 0, beta = alpha, the layer's own statistics.
+    """
     names = set(layers)
     for cand in candidates:
         for label, value in (("alpha", cand.alpha), ("beta", cand.beta), ("statistics", cand.running_stats)):
@@ -417,7 +421,7 @@ def _resolve_tables(
                 means.append(m)
                 variances.append(v)
                 any_stats = True
-        tables[name] = _Tables(
+        tables[name] = CandidateTables(
             torch.stack(alphas),
             torch.stack(betas),
             torch.stack(means) if any_stats else None,
@@ -440,7 +444,7 @@ class _SweepNorm(CorrectedNorm):
     prefix), its per-example statistics computed once.
     """
 
-    def __init__(self, norm: nn.Module, tables: _Tables) -> None:
+    def __init__(self, norm: nn.Module, tables: CandidateTables) -> None:
         super().__init__(norm, 0.0, 0.0)
         dev = norm.running_mean.device
         self.tab_alpha: Tensor
@@ -564,7 +568,9 @@ def select_output(output: Any, output_key: str | int | None = None) -> Tensor:
     return out
 
 
-def _logits(output: Any, output_key: str | int | None, rows: int) -> Tensor:
+def select_logits(output: Any, output_key: str | int | None, rows: int) -> Tensor:
+    """The logits in a model's ``output`` (:func:`select_output`); :class:`UsageError` unless they are a
+    floating (``rows``, classes) tensor."""
     out = select_output(output, output_key)
     if out.dim() != 2 or out.shape[0] != rows or not out.is_floating_point():
         raise UsageError(
@@ -575,7 +581,10 @@ def _logits(output: Any, output_key: str | int | None, rows: int) -> Tensor:
     return out
 
 
-def _labels(batch: Batch, rows: int, data_hint: str) -> Tensor:
+def batch_labels(batch: Batch, rows: int, data_hint: str) -> Tensor:
+    """The integer class labels of a batch of ``rows`` examples (last element of a tuple/list, or the
+    ``y``/``label``/``labels``/``target``/``targets`` entry of a dict), as int64; :class:`DataError` when
+    there are none or they do not fit."""
     y: Any = None
     if isinstance(batch, Mapping):
         for key in ("y", "label", "labels", "target", "targets"):
@@ -666,7 +675,7 @@ class _Evaluator:
                     out = run_forward(
                         self.model, piece, self.forward_fn, self.device, data_hint=self.data_hint
                     )
-                    outs.append(_logits(out, self.output_key, b - a))
+                    outs.append(select_logits(out, self.output_key, b - a))
         finally:
             for layer in self.layers.values():
                 layer.select(0)
@@ -686,7 +695,7 @@ class _Evaluator:
         finally:
             for layer in self.layers.values():
                 layer.stack = None
-        return _logits(out, self.output_key, k * rows).reshape(k, rows, -1)
+        return select_logits(out, self.output_key, k * rows).reshape(k, rows, -1)
 
     def choose_mode(self, batch: Batch, rows: int, stack: bool | str, share_prefix: bool) -> Tensor:
         """Evaluate a few examples one candidate at a time (the reference) and check which stacked mode
@@ -788,8 +797,11 @@ class _Evaluator:
         return torch.cat(outs, dim=1)
 
 
-class _Tally:
-    """Running sums per candidate (float64), and per-example differences from candidate 0 (EMA)."""
+class Tally:
+    """Running sums per candidate (float64), and per-example differences from candidate 0 (EMA).
+
+    :meth:`add` takes the logits of all K candidates for one batch, (K, m, classes), and its labels (m,).
+    """
 
     def __init__(self, k: int) -> None:
         z = torch.zeros(k, dtype=torch.float64)
@@ -849,7 +861,7 @@ class SweepRow:
 
     def value(self, metric: str) -> float:
         """The row's value of ``metric`` (nll, top1 or top5)."""
-        return float(getattr(self, _check_metric(metric)))
+        return float(getattr(self, check_metric(metric)))
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly (NaN becomes None)."""
@@ -875,7 +887,8 @@ class SweepRow:
         )
 
 
-def _check_metric(metric: str) -> str:
+def check_metric(metric: str) -> str:
+    """``metric`` if it is one of :data:`METRICS`, else :class:`UsageError`."""
     if metric not in METRICS:
         raise UsageError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
     return metric
@@ -924,7 +937,7 @@ class SweepResult:
 
     def best_row(self, metric: str | None = None) -> SweepRow:
         """The best global row for ``metric`` (default: the sweep's metric)."""
-        metric = _check_metric(metric or self.metric)
+        metric = check_metric(metric or self.metric)
         rows = [r for r in self.rows if r.alpha is not None and r.finite and math.isfinite(r.value(metric))]
         if not rows:
             raise DataError("every candidate produced NaN/Inf outputs; nothing to choose")
@@ -1022,7 +1035,7 @@ class SweepResult:
         return table
 
 
-def _rows(candidates: Sequence[Candidate], tally: _Tally, top_k: int) -> list[SweepRow]:
+def _rows(candidates: Sequence[Candidate], tally: Tally, top_k: int) -> list[SweepRow]:
     n = tally.n
     rows = []
     for i, cand in enumerate(candidates):
@@ -1102,7 +1115,7 @@ def sweep_alpha(
     Raises DataError for unlabelled data, labels outside the model's classes or an empty iterable,
     UsageError for bad options or outputs, NoBatchNormError for a model without correctable BN layer.
     """
-    metric = _check_metric(metric)
+    metric = check_metric(metric)
     if stack_rows is not None and (isinstance(stack_rows, bool) or int(stack_rows) < 1):
         raise UsageError(f"stack_rows must be a positive integer, got {stack_rows!r}")
     candidates = build_candidates(
@@ -1114,7 +1127,7 @@ def sweep_alpha(
     work = copy.deepcopy(model)
     correct_model(work, 0.0)  # NoBatchNormError when there is nothing to correct
     wrapped = corrected_layers(work)
-    tables = _resolve_tables(candidates, wrapped)
+    tables = resolve_tables(candidates, wrapped)
     layers: dict[str, _SweepNorm] = {}
     for name, cn in wrapped.items():
         layer = _SweepNorm(cn.norm, tables[name])
@@ -1126,21 +1139,21 @@ def sweep_alpha(
     evaluator = _Evaluator(
         work, layers, len(candidates), forward_fn, dev, output_key, rows_per_pass, data_hint
     )
-    tally = _Tally(len(candidates))
+    tally = Tally(len(candidates))
     num_classes = top_k = 0
     first = True
     for batch in batches:
         rows = batch_size_of(batch)
         if rows == 0:
             continue
-        y = _labels(batch, rows, data_hint)
+        y = batch_labels(batch, rows, data_hint)
         batch = map_batch(batch, lambda t: t.to(dev, non_blocking=True))
         if first:
             reference = evaluator.choose_mode(batch, rows, stack, share_prefix)
             num_classes = int(reference.shape[-1])
             top_k = min(5, num_classes)
             first = False
-        _check_labels(y, num_classes, data_hint, output_key)
+        check_labels(y, num_classes, data_hint, output_key)
         timed = evaluator.auto
         if timed:
             _synchronize(dev)
@@ -1152,15 +1165,51 @@ def sweep_alpha(
         tally.add(logits, y, top_k)
         if progress is not None:
             progress("sweep-alpha", tally.n, total_examples)
-    if tally.n == 0:
-        raise DataError("the data holds no examples", path=data_hint or None, hint="give labelled examples")
-    rows_out = _rows(candidates, tally, top_k)
     strategy = evaluator.mode
     if evaluator.auto:  # too few batches to finish timing both modes: both were used
         strategy = " / ".join(evaluator.timing)
         evaluator.notes.append(f"auto: {strategy} alternated (too few batches to time both)")
+    return sweep_result(
+        candidates,
+        tally,
+        metric=metric,
+        num_classes=num_classes,
+        top_k=top_k,
+        strategy=strategy,
+        train_batch_size=train_batch_size,
+        notes=evaluator.notes,
+        data_hint=data_hint,
+    )
+
+
+def sweep_result(
+    candidates: Sequence[Candidate],
+    tally: Tally,
+    *,
+    metric: str,
+    num_classes: int,
+    top_k: int,
+    strategy: str,
+    train_batch_size: int | None,
+    notes: list[str],
+    data_hint: str = "",
+) -> SweepResult:
+    """The :class:`SweepResult` of a finished sweep, whatever ran the candidates (PyTorch here, onnxruntime
+    in :func:`bncorrect.onnx_passes.sweep_onnx`): one row per candidate from ``tally``, ``notes`` plus notes
+    on non-finite outputs and on a best alpha at the grid's upper edge. :class:`DataError` when the data
+    held no examples."""
+    if tally.n == 0:
+        raise DataError("the data holds no examples", path=data_hint or None, hint="give labelled examples")
     result = SweepResult(
-        metric, rows_out, tally.n, num_classes, top_k, strategy, train_batch_size, [], evaluator.notes
+        metric,
+        _rows(candidates, tally, top_k),
+        tally.n,
+        num_classes,
+        top_k,
+        strategy,
+        train_batch_size,
+        [],
+        notes,
     )
     _add_notes(result)
     return result
@@ -1171,7 +1220,8 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _check_labels(y: Tensor, num_classes: int, data_hint: str, output_key: str | int | None) -> None:
+def check_labels(y: Tensor, num_classes: int, data_hint: str, output_key: str | int | None) -> None:
+    """:class:`DataError` when a label lies outside the model's ``num_classes`` class scores."""
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= num_classes:
         bad = lo if lo < 0 else hi
