@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from . import correction as C
 from .errors import DataError, NoBatchNormError, NumericalError, UsageError
 from .layers import correct_model, corrected_layers, layer_batch_sizes
-from .passes import Batch, ForwardFn, Observer, Progress, resolve_device, training_mode_pass
+from .passes import Batch, ForwardFn, Observer, Progress, TrainingPass, resolve_device, training_mode_pass
 
 #: Default number of sampled activation values kept per layer (float32): 2^19 values = 2 MiB.
 DEFAULT_SAMPLE_BUDGET = 1 << 19
@@ -327,11 +327,11 @@ def estimate_alpha_beta(
     layers = corrected_layers(work)
     sizes = layer_batch_sizes(list(layers), train_batch_size, layer_batch_size)
 
-    def run_pass(observers: Mapping[str, Observer]) -> tuple[int, int]:
+    def run_pass(group_sizes: Mapping[str, int], observers: Mapping[str, Observer]) -> tuple[int, int]:
         return training_mode_pass(
             work,
             batches,
-            sizes,
+            group_sizes,
             observers,
             forward_fn=forward_fn,
             device=dev,
@@ -365,7 +365,7 @@ def check_batch_sizes(train_batch_size: int, layer_batch_size: Mapping[str, int]
 def estimate_from_pass(
     layers: Mapping[str, tuple[Tensor, Tensor, float]],
     sizes: dict[str, int],
-    run_pass: Callable[[Mapping[str, Observer]], tuple[int, int]],
+    run_pass: TrainingPass,
     train_batch_size: int,
     *,
     seed: int = 0,
@@ -377,9 +377,8 @@ def estimate_from_pass(
 
     ``layers``: name -> (running mean, running var, eps), in the order the estimators are made (they share
     one generator seeded with ``seed``, so the order fixes the samples); ``sizes``: each layer's
-    normalization batch size B. ``run_pass(observers)`` runs the training-mode pass with an observer per
-    layer (:func:`bncorrect.passes.training_mode_pass` or :func:`bncorrect.onnx_passes.training_pass`) and
-    returns (examples used, examples dropped); then every layer's (alpha, beta) is solved.
+    normalization batch size B. ``run_pass`` (:data:`bncorrect.passes.TrainingPass`) runs the training-mode
+    pass with these group sizes and an observer per layer; then every layer's (alpha, beta) is solved.
     """
     gen = torch.Generator().manual_seed(seed)
     estimators = {
@@ -396,6 +395,6 @@ def estimate_from_pass(
         )
         for name, (mean, var, eps) in layers.items()
     }
-    examples, dropped = run_pass({name: est.observe for name, est in estimators.items()})
+    examples, dropped = run_pass(sizes, {name: est.observe for name, est in estimators.items()})
     results = [est.solve() for est in estimators.values()]
     return EstimateResult(results, train_batch_size, examples, dropped, seed, sizes)

@@ -239,20 +239,33 @@ def training_graph(
     """A copy of ``model`` with every BN node named in ``group_sizes`` in training-mode normalization over
     consecutive groups of that many examples (module docstring). Batches fed to it must hold a multiple of
     each group size."""
-    ones = dict.fromkeys(group_sizes, 1.0)  # any non-zero coefficient: the rewrite builds every named node
-    out, report = rewrite_with(
+    return _build_every(
         model,
-        ones,
-        ones,
-        source=source,
-        build=_group_norm_builder(group_sizes),
-        formulation="training-mode normalization over groups of B (bncorrect.onnx_passes)",
-        check=False,
+        group_sizes,
+        _group_norm_builder(group_sizes),
+        "training-mode normalization over groups of B (bncorrect.onnx_passes)",
+        "put in training mode",
+        source,
+    )
+
+
+def _build_every(
+    model: onnx.ModelProto,
+    names: Iterable[str],
+    build: Callable[[Builder, LayerPlan], None],
+    formulation: str,
+    what: str,
+    source: str | Path | None,
+) -> onnx.ModelProto:
+    """:func:`bncorrect.onnx_rewrite.rewrite_with` with ``build`` on every BN node of ``names``, without the
+    ``onnx.checker`` pass; :class:`OnnxError` listing the nodes that cannot be ``what``."""
+    ones = dict.fromkeys(names, 1.0)  # any non-zero coefficient: the rewrite builds every named node
+    out, report = rewrite_with(
+        model, ones, ones, source=source, build=build, formulation=formulation, check=False
     )
     if report.skipped:
         raise OnnxError(
-            "some BN nodes cannot be put in training mode: "
-            + "; ".join(f"{n}: {r}" for n, r in report.skipped),
+            f"some BN nodes cannot be {what}: " + "; ".join(f"{n}: {r}" for n, r in report.skipped),
             path=source,
         )
     return out
@@ -598,11 +611,11 @@ def estimate_onnx(
     sizes = layer_batch_sizes([ly.name for ly in layers], train_batch_size, layer_batch_size)
     stats = dict(running_stats or {})
 
-    def run_pass(observers: Mapping[str, Observer]) -> tuple[int, int]:
+    def run_pass(group_sizes: Mapping[str, int], observers: Mapping[str, Observer]) -> tuple[int, int]:
         return training_pass(
             model,
             batches,
-            sizes,
+            group_sizes,
             observers,
             device=device,
             threads=threads,
@@ -757,21 +770,14 @@ def sweep_graph(
     """A copy of ``model`` with every layer of ``layers`` corrected with alpha, beta and running statistics
     read from graph inputs (:class:`SweepInputs` per node name): one session serves every candidate."""
     specs: dict[str, SweepInputs] = {}
-    ones = {ly.name: 1.0 for ly in layers}
-    graph, report = rewrite_with(
+    graph = _build_every(
         model,
-        ones,
-        ones,
-        source=source,
-        build=_sweep_builder(specs),
-        formulation="corrected layer with alpha, beta and statistics as graph inputs (bncorrect.onnx_passes)",
-        check=False,
+        [ly.name for ly in layers],
+        _sweep_builder(specs),
+        "corrected layer with alpha, beta and statistics as graph inputs (bncorrect.onnx_passes)",
+        "corrected",
+        source,
     )
-    if report.skipped:
-        raise OnnxError(
-            "some BN nodes cannot be corrected: " + "; ".join(f"{n}: {r}" for n, r in report.skipped),
-            path=source,
-        )
     elem = helper.np_dtype_to_tensor_dtype
     for spec in specs.values():
         for name in (spec.alpha, spec.beta, spec.mean, spec.var):

@@ -135,6 +135,11 @@ def run_forward(
 
 
 Observer = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], None]
+#: One training-mode pass over data the caller has fixed, whatever runs the model:
+#: ``run(group_sizes, observers)`` normalizes every layer named in ``group_sizes`` over groups of that many
+#: examples, calls ``observers[name](x, mu_i, var_i, mu_b, var_b)`` and returns (examples used, examples
+#: dropped). :func:`training_mode_pass` (PyTorch) and :func:`bncorrect.onnx_passes.training_pass` are two.
+TrainingPass = Callable[[Mapping[str, int], Mapping[str, Observer]], tuple[int, int]]
 
 
 def training_mode_pass(

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,6 +38,7 @@ from .passes import (
     ForwardFn,
     Observer,
     Progress,
+    TrainingPass,
     batch_size_of,
     resolve_device,
     run_forward,
@@ -230,14 +231,13 @@ def _inference_consistent(
 def train_consistent_stats(
     channels: Mapping[str, int],
     batch_size: int | None,
-    run_pass: Callable[[Mapping[str, int], Mapping[str, Observer]], tuple[int, int]],
+    run_pass: TrainingPass,
 ) -> RecalibrateResult:
     """Training-consistent statistics (``upstream="train"``, module docstring), whatever runs the model.
 
-    ``channels``: layer name -> channel count. ``run_pass(group_sizes, observers)`` runs one training-mode
-    pass with every layer normalizing groups of ``batch_size`` examples and an observer per layer
-    (:func:`bncorrect.passes.training_mode_pass` or :func:`bncorrect.onnx_passes.training_pass`) and returns
-    (examples used, examples dropped). Layers that saw no input are listed as skipped.
+    ``channels``: layer name -> channel count. ``run_pass`` (:data:`bncorrect.passes.TrainingPass`) runs one
+    training-mode pass with every layer normalizing groups of ``batch_size`` examples and an observer per
+    layer. Layers that saw no input are listed as skipped.
     """
     if batch_size is None or batch_size < 1:
         raise UsageError(
