@@ -58,7 +58,9 @@ Usage::
 
     python scripts/compare_methods.py --jobs 2 --out docs/methods --work /tmp/methods_ckpt
 
-Trained networks are cached in ``--work`` (default ``OUT/checkpoints``): a re-run only evaluates.
+Trained networks are cached in ``--work`` (default ``OUT/checkpoints``): a re-run only evaluates. With
+``--merge`` the records already in ``OUT/results.json`` that this run does not recompute are kept (so a grid
+can be filled in per dataset, with different seeds).
 """
 
 from __future__ import annotations
@@ -561,7 +563,17 @@ def settings_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(results: list[dict[str, Any]], out: Path, command: str) -> str:
+def merge_results(new: list[dict[str, Any]], old: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``new`` plus every record of ``old`` for a (dataset, method, B, seed, epochs) that ``new`` lacks."""
+
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return (r["dataset"], r["method"], r["B"], r["seed"], r["epochs"])
+
+    have = {key(r) for r in new}
+    return [*new, *(r for r in old if key(r) not in have)]
+
+
+def write_outputs(results: list[dict[str, Any]], out: Path) -> str:
     """``results.json`` and ``tables.md`` in ``out``; returns the tables' text."""
     out.mkdir(parents=True, exist_ok=True)
     results = sorted(
@@ -571,9 +583,10 @@ def write_outputs(results: list[dict[str, Any]], out: Path, command: str) -> str
     datasets = sorted({r["dataset"] for r in results})
     sizes = sorted({r["B"] for r in results if r["B"] is not None})
     epochs = sorted({r["epochs"] for r in results})
+    commands = " and ".join(f"`{c}`" for c in dict.fromkeys(r.get("command", "?") for r in results))
     parts = [
         "# Training-side normalization methods at small B, with and without post-hoc correction\n",
-        f"Produced by `{command}` (scripts/compare_methods.py; its docstring defines every method). "
+        f"Produced by {commands} (scripts/compare_methods.py; its docstring defines every method). "
         f"Epochs: {', '.join(map(str, epochs))}. Test half of each validation set "
         "(digits 250, MNIST-1D 500 examples); alpha and EvalNorm are fitted on the tuning half. "
         "Cells: mean ± sd over seeds (sample sd; with two seeds a rough spread). "
@@ -607,6 +620,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="processes (each single-threaded)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "methods")
     parser.add_argument("--work", type=Path, default=None, help="checkpoint cache (default OUT/checkpoints)")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the records of OUT/results.json that this run does not recompute (e.g. another dataset)",
+    )
     args = parser.parse_args(argv)
 
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
@@ -632,11 +650,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = args.work or args.out / "checkpoints"
     todo = sorted(runs.values(), key=lambda r: (r.seed, -_cost(r)))  # a seed's grid first, longest first
     results: list[dict[str, Any]] = []
+    command = "python scripts/compare_methods.py " + " ".join(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(job, run, str(work)): run for run in todo}
         for fut in as_completed(futures):
-            res = fut.result()
+            res = {**fut.result(), "command": command.strip()}
             results.append(res)
             ema = res["rows"]["EMA"]
             best = res["rows"].get("best alpha (NLL)")
@@ -647,8 +666,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{'' if res['trained_now'] else ', cached'})",
                 flush=True,
             )
-    command = "python scripts/compare_methods.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = write_outputs(results, args.out, command.strip())
+    if args.merge and (args.out / "results.json").is_file():
+        results = merge_results(results, json.loads((args.out / "results.json").read_text()))
+    text = write_outputs(results, args.out)
     print(text)
     print(f"wrote {args.out}/results.json and tables.md ({time.perf_counter() - t0:.0f} s)")
     return 0

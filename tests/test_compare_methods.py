@@ -332,3 +332,17 @@ def test_markdown_table_mean_and_sd() -> None:
     assert bn[7] == "0.1, 0.2"
     gn = lines[3].split(" | ")
     assert gn[3:5] == ["0.200 ± 0.000", "5.0 ± 0.0"] and gn[5:8] == ["n/a"] * 3
+
+
+def test_merge_keeps_only_records_not_recomputed() -> None:
+    def rec(dataset: str, seed: int, tag: str) -> dict[str, object]:
+        return {"dataset": dataset, "method": "bn", "B": 2, "seed": seed, "epochs": 30, "tag": tag}
+
+    new = [rec("digits", 0, "new")]
+    old = [rec("digits", 0, "old"), rec("mnist1d", 0, "old"), rec("digits", 1, "old")]
+    merged = cm.merge_results(new, old)
+    assert [(r["dataset"], r["seed"], r["tag"]) for r in merged] == [
+        ("digits", 0, "new"),
+        ("mnist1d", 0, "old"),
+        ("digits", 1, "old"),
+    ]
