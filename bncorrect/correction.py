@@ -159,9 +159,12 @@ def scale_shift(
 
 
 #: x * s + t with a per-(N, C) scale runs as BatchNorm's inference kernel over a (1, N*C, L) view when
-#: each (example, channel) has at least this many values (about 2x faster than a broadcast addcmul on CPU
-#: there; slower for a handful of values: benchmarks/README.md), else as one addcmul.
+#: each (example, channel) has at least BN_VIEW_MIN_VALUES values and the whole tensor at least
+#: BN_VIEW_MIN_NUMEL (up to 2x faster than a broadcast addcmul on CPU there; slower for a handful of values
+#: per row or for small tensors, where the call overhead dominates: benchmarks/README.md), else as one
+#: addcmul.
 BN_VIEW_MIN_VALUES = 16
+BN_VIEW_MIN_NUMEL = 1 << 17
 
 
 def affine(x: Tensor, s: Tensor, t: Tensor) -> Tensor:
@@ -177,7 +180,8 @@ def affine(x: Tensor, s: Tensor, t: Tensor) -> Tensor:
         and x.dim() > 2
         and x.shape[0] == s.shape[0]
         and x.is_contiguous()
-        and x.numel() >= BN_VIEW_MIN_VALUES * nc > 0
+        and x.numel() >= max(BN_VIEW_MIN_VALUES * nc, BN_VIEW_MIN_NUMEL)
+        and nc > 0
     ):
         zeros = torch.zeros(nc, dtype=s.dtype, device=s.device)
         ones = torch.ones(nc, dtype=s.dtype, device=s.device)

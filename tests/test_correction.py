@@ -167,8 +167,10 @@ def test_property_matches_reference(n, c, spatial, alpha, beta, eps, seed):
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_affine_equals_x_times_s_plus_t(shape, per_example, dtype):
+@pytest.mark.parametrize("min_numel", [0, 1 << 40])
+def test_affine_equals_x_times_s_plus_t(shape, per_example, dtype, min_numel, monkeypatch):
     """Both paths (BatchNorm kernel over an (1, N*C, L) view, and addcmul) give x * s + t, with gradients."""
+    monkeypatch.setattr(C, "BN_VIEW_MIN_NUMEL", min_numel)  # 0: the view path wherever rows are long enough
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g, dtype=dtype)
     rows = (shape[0], shape[1]) if per_example else (shape[1],)
