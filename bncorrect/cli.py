@@ -175,15 +175,31 @@ def _report_written(outcome: Any, json_out: bool) -> None:
             err_console.print(f"  [yellow]not corrected:[/] {name}: {reason}")
 
 
+def _layer_labels(source: Any) -> dict[str, str]:
+    """For an ONNX model: BN node name -> "node (parameter prefix)", e.g. the PyTorch layer it came from."""
+    from .api import OnnxModel
+
+    if not isinstance(source, OnnxModel):
+        return {}
+    from .onnx_rewrite import find_bn_nodes
+
+    return {
+        ly.name: f"{ly.name} ({ly.torch_name})"
+        for ly in find_bn_nodes(source.proto)
+        if ly.torch_name and ly.torch_name != ly.name
+    }
+
+
 def _coefficient_table(outcome: Any, title: str) -> Table:
     table = Table(title=title)
     table.add_column("layer")
     table.add_column("alpha", justify="right")
     table.add_column("beta", justify="right")
+    shown = _layer_labels(outcome.source)
     for name, lc in outcome.corrections.layers.items():
         a = lc.alpha.tolist() if lc.alpha.dim() == 0 else f"per-channel, mean {float(lc.alpha.mean()):.4g}"
         b = lc.beta.tolist() if lc.beta.dim() == 0 else f"per-channel, mean {float(lc.beta.mean()):.4g}"
-        table.add_row(name, _fmt(a), _fmt(b))
+        table.add_row(shown.get(name, name), _fmt(a), _fmt(b))
     return table
 
 
@@ -583,10 +599,11 @@ def estimate(
     table = Table(title=f"EvalNorm offline estimate, B = {train_batch_size} ({result.examples} examples)")
     for col in ("layer", "B", "alpha", "beta", "L_aux EMA", "L_aux corrected", "change"):
         table.add_column(col, justify="left" if col == "layer" else "right")
+    shown = _layer_labels(outcome.source)
     for ly in result.layers:
         change = (ly.l_aux - ly.l_aux_ema) / ly.l_aux_ema if ly.l_aux_ema > 0 else 0.0
         table.add_row(
-            ly.name,
+            shown.get(ly.name, ly.name),
             str(ly.train_batch_size),
             f"{ly.alpha:.4f}",
             f"{ly.beta:.4f}",

@@ -330,6 +330,13 @@ def test_cli_estimate_and_recalibrate_write_safetensors_and_onnx(cli, pair2d: Pa
         _close(torch.from_numpy(run_onnx(recal, pair2d.x)[0]), ref(pair2d.x), tol=1e-4)
 
 
+def test_cli_estimate_table_names_the_pytorch_layer_of_each_node(cli, pair2d: Pair) -> None:
+    res = cli("estimate", pair2d.onnx, "--data", pair2d.data, "-B", B)
+    assert res.code == 0, res.err
+    for torch_name, node in pair2d.node.items():
+        assert (f"{node} ({torch_name})" if node != torch_name else node) in res.out
+
+
 def test_cli_sweep_alpha_on_onnx(cli, pair2d: Pair, tmp_path: Path) -> None:
     report, chosen = tmp_path / "sweep.json", tmp_path / "chosen.onnx"
     res = cli(
