@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import correction as C
-from .errors import DataError, NoBatchNormError, NumericalError, UsageError
+from .errors import DataError, NumericalError, UsageError
 from .layers import correct_model, corrected_layers, layer_batch_sizes
 from .passes import Batch, ForwardFn, Observer, Progress, TrainingPass, resolve_device, training_mode_pass
 
@@ -319,10 +319,7 @@ def estimate_alpha_beta(
     check_batch_sizes(train_batch_size, layer_batch_size)
     dev = resolve_device(device)
     work = copy.deepcopy(model)
-    try:
-        correct_model(work, 0.0)
-    except NoBatchNormError:
-        raise
+    correct_model(work, 0.0)
     work.to(dev)
     layers = corrected_layers(work)
     sizes = layer_batch_sizes(list(layers), train_batch_size, layer_batch_size)
