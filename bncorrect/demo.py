@@ -163,7 +163,8 @@ def run_sample(
 
     from . import api
 
-    model_path, data_path = sample / "model.pt", sample / "val.npz"
+    model_path = sample / "model.pt"
+    dataset = api.open_data(sample / "val.npz")  # read once, used by estimate, the sweep and the reference
     card_path = sample / "model_card.json"
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
     b = int(card.get("train_batch_size") or sample.name.rsplit("_b", 1)[-1].split("_")[0])
@@ -183,7 +184,7 @@ def run_sample(
     api.rule(model_path, b, out=files["rule"])
     est = api.estimate(
         model_path,
-        data_path,
+        dataset,
         b,
         out=files["evalnorm"],
         max_examples=max_examples,
@@ -194,7 +195,7 @@ def run_sample(
     alphas_est = [ly.alpha for ly in est.report["estimate"].layers]
     sweep = api.sweep_alpha(
         model_path,
-        data_path,
+        dataset,
         alphas=alphas,
         train_batch_size=b,
         corrections=files["evalnorm"],
@@ -223,7 +224,6 @@ def run_sample(
         METHODS[3]: row(result.best_row("nll")),
         METHODS[4]: row(result.best_row("top1")),
     }
-    dataset = api.open_data(data_path)
     loader, _, _ = api._loader(
         dataset, b * max(1, 256 // b), shuffle=False, seed=seed, num_workers=0, max_examples=max_examples
     )
