@@ -90,6 +90,11 @@ def expand_to(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape(v.shape[0], v.shape[1], *extra)
 
 
+#: per-example moments over at most this many values per (example, channel) run as matrix-vector products
+#: on CPU (measured faster for L <= 8 with 1 and 2 threads; slower from about 32 on with 2 threads)
+MV_STATS_MAX_VALUES = 8
+
+
 def example_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-example, per-channel mean and biased variance over the spatial axes: two (N, C) tensors."""
     if x.dim() < 2:
@@ -101,6 +106,15 @@ def example_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     # Two passes (mean, then the mean square of the deviations): as stable as Welford, and on CPU several
     # times faster than var_mean over trailing axes (measured: benchmarks/README.md).
     xf = x.to(dt)
+    values = xf[0, 0].numel() if xf.shape[0] and xf.shape[1] else 0
+    if 0 < values <= MV_STATS_MAX_VALUES and xf.device.type == "cpu":
+        # a handful of values per row: reductions over a short trailing axis are slow on CPU; the same two
+        # passes as matrix-vector products against a 1/L vector run 1.5-3x faster there
+        rows = xf.reshape(-1, values)
+        w = torch.full((values,), 1.0 / values, dtype=dt)
+        mean_rows = torch.mv(rows, w)
+        var_rows = torch.mv((rows - mean_rows[:, None]).square_(), w)
+        return mean_rows.view(x.shape[:2]), var_rows.view(x.shape[:2])
     dims = tuple(range(2, x.dim()))
     mean = xf.mean(dims, keepdim=True)
     var = (xf - mean).square_().mean(dims)

@@ -104,7 +104,7 @@ DEFAULT_STACK_ROWS_GPU = 8192
 #: On CPU, rows per forward pass (stacked or one candidate at a time) are chosen so that the largest BN
 #: input of a pass holds about this many bytes: beyond cache size the memory-bound layers (the corrected
 #: normalization, ReLU) slow down (benchmarks/bench_sweep.py, benchmarks/README.md).
-CPU_PASS_BYTES = 8 << 20
+CPU_PASS_BYTES = 4 << 20
 #: Examples of the first batch evaluated both stacked and one candidate at a time to check stacking.
 PROBE_EXAMPLES = 8
 

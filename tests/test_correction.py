@@ -93,6 +93,23 @@ def test_input_map_reproduces_direct_formula():
     torch.testing.assert_close(via_bn, direct, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("values", [1, 2, 5, 8, 9, 40])
+@pytest.mark.parametrize("mv_max", [0, C.MV_STATS_MAX_VALUES])
+def test_example_stats_both_reductions_match_float64(values, mv_max, monkeypatch):
+    """Short rows take the matrix-vector route on CPU, longer ones the reductions; with either threshold the
+    float32 statistics match a float64 computation, also for a mean 1000x the spread (two passes)."""
+    monkeypatch.setattr(C, "MV_STATS_MAX_VALUES", mv_max)
+    g = torch.Generator().manual_seed(values)
+    x32 = (torch.randn(6, 5, values, dtype=torch.float64, generator=g) + 1000.0).float()
+    x64 = x32.double()  # the same values, statistics in float64
+    mu, var = C.example_stats(x32)
+    assert mu.shape == var.shape == (6, 5) and mu.dtype == torch.float32
+    torch.testing.assert_close(mu.double(), x64.mean(-1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), x64.var(-1, unbiased=False), rtol=1e-4, atol=1e-9)
+    mu4, var4 = C.example_stats(x32.reshape(6, 5, 1, values))  # same rows, rank 4
+    torch.testing.assert_close((mu4, var4), (mu, var))
+
+
 def test_batch_stats_match_training_mode_bn():
     x = torch.randn(6, 4, 3, 3, dtype=torch.float64)
     mu, var = C.batch_stats(x)
