@@ -12,6 +12,7 @@ keyword arguments. With ``out`` the result is written by suffix: ``.safetensors`
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,11 +68,23 @@ class Outcome:
 
 
 def open_model(model: ModelLike, **load_options: Any) -> Source:
-    """Load MODEL (path or object) into a :class:`LoadedModel` or :class:`OnnxModel`."""
+    """Load MODEL (path or object) into a :class:`LoadedModel` or :class:`OnnxModel`.
+
+    An ``nn.Module`` is deep-copied (as ``torch.ao.quantization.prepare`` does by default), so that the
+    commands never modify the caller's module: the corrected copy is ``Outcome.model``.
+    """
     if isinstance(model, LoadedModel | OnnxModel):
         return model
     if isinstance(model, nn.Module):
-        return LoadedModel(model, Path("<in-memory>"), "pickled-module", "")
+        try:
+            work = copy.deepcopy(model)
+        except Exception as exc:  # e.g. hooks holding locks or open files
+            raise UsageError(
+                f"cannot copy the model ({type(exc).__name__}: {exc})",
+                hint="bncorrect works on a copy of a module passed in; remove what cannot be deep-copied "
+                "(hooks, open handles), or save the model and pass its path",
+            ) from exc
+        return LoadedModel(work, Path("<in-memory>"), "pickled-module", "")
     path = Path(model)
     if path.suffix.lower() == ".onnx":
         from .models import file_sha256

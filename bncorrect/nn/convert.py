@@ -31,15 +31,9 @@ __all__ = [
     "batchnorm_options",
     "convert_plain_batchnorm",
     "convert_to_batchnorm",
-    "plain_batchnorm_types",
     "replace_modules",
     "transfer_state",
 ]
-
-
-def plain_batchnorm_types() -> dict[type[nn.Module], int]:
-    """The plain torch BN classes the converters swap, with the input ranks their names stand for."""
-    return {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 
 
 def transfer_state(src: nn.Module, dst: nn.Module) -> nn.Module:
