@@ -220,6 +220,16 @@ def load_model(
             path=path,
             hint="MODEL must be .onnx, .pt/.pth (pickled module or state dict) or .safetensors (with --arch)",
         )
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise ModelLoadError(
+            "not a PyTorch checkpoint: torch.save writes a zip archive (or, before PyTorch 1.6, a pickle) "
+            + (f"and this file starts with {head!r}" if head else "and this file is empty"),
+            path=path,
+            hint="pass a file written by torch.save, a .safetensors file with --arch, or an .onnx graph; "
+            "check that the download or copy is complete",
+        )
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
         pickled = False

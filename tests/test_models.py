@@ -110,8 +110,14 @@ def test_missing_and_unknown_files(tmp_path):
         load_model(junk)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a zip or pickle")
-    with pytest.raises(ModelLoadError):
-        load_model(garbage)
+    for trust in (False, True):  # never called a pickle, never unpickled
+        with pytest.raises(ModelLoadError, match="not a PyTorch checkpoint") as info:
+            load_model(garbage, trust_pickle=trust)
+        assert not isinstance(info.value, UntrustedPickleError)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(b"PK\x03\x04" + b"\0" * 20)  # zip magic, then nothing readable
+    with pytest.raises(ModelLoadError, match=r"cannot read this file with torch\.load"):
+        load_model(truncated)
 
 
 @pytest.mark.parametrize("kind", ["state_dict", "pickled"])
