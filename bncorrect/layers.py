@@ -210,12 +210,15 @@ class CorrectedNorm(nn.Module):
         """True when the correction is a no-op (alpha = beta = 0 everywhere)."""
         return not bool(self.alpha.any()) and not bool(self.beta.any())
 
-    def normalization_stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The (mean, var) this layer normalizes ``x`` with in eval mode: (N, C) tensors."""
+    def _check_input(self, x: Tensor) -> None:
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             raise UsageError(
                 f"input of shape {tuple(x.shape)} does not fit a norm layer with {self.num_channels} channels"
             )
+
+    def normalization_stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The (mean, var) this layer normalizes ``x`` with in eval mode: (N, C) tensors."""
+        self._check_input(x)
         mu_i, var_i = C.example_stats(x)
         if self.mode == "batch":
             mu_b, var_b = C.group_stats(mu_i, var_i, self.group_size)
@@ -235,8 +238,14 @@ class CorrectedNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.training or (self.mode == "corrected" and self.is_identity()):
             return self.norm(x)
-        mean, var = self.normalization_stats(x)
         norm = self.norm
+        if self.strategy == "direct" and self.mode == "corrected":
+            self._check_input(x)
+            return C.corrected_batch_norm(
+                x, norm.running_mean, norm.running_var, norm.weight, norm.bias, float(norm.eps),
+                self.alpha, self.beta,
+            )  # fmt: skip
+        mean, var = self.normalization_stats(x)
         if self.strategy == "direct":
             return C.normalize(x, mean, var, float(norm.eps), norm.weight, norm.bias)
         k, m = C.input_map(mean, var, norm.running_mean, norm.running_var, float(norm.eps))

@@ -489,19 +489,22 @@ class _SweepNorm(CorrectedNorm):
         norm = self.norm
         rm = (norm.running_mean[None] if self.tab_mean is None else self.tab_mean).to(dt)[:, None, :]
         rv = (norm.running_var[None] if self.tab_var is None else self.tab_var).to(dt)[:, None, :]
-        mean, var = C.corrected_stats(
-            mu3, var3, rm, rv, self.tab_alpha.to(dt)[:, None, :], self.tab_beta.to(dt)[:, None, :]
-        )
-        mean, var = mean.reshape(k * m, c), var.reshape(k * m, c)
+        alpha, beta = self.tab_alpha.to(dt)[:, None, :], self.tab_beta.to(dt)[:, None, :]
         eps = float(norm.eps)
         if self.strategy == "direct":
+            s, t = C.corrected_scale_shift(mu3, var3, rm, rv, alpha, beta, eps, norm.weight, norm.bias)
+            s, t = s.expand(k, m, c), t.expand(k, m, c)  # (K, m, C) also when rows are shared
             if not shared:
-                return C.normalize(x, mean, var, eps, norm.weight, norm.bias)
-            s, t = C.scale_shift(mean, var, eps, norm.weight, norm.bias)
+                s, t = s.reshape(k * m, c), t.reshape(k * m, c)
+                if x.dtype == s.dtype:
+                    return C.affine(x, s, t)
+                return C.affine(x.to(s.dtype), s, t).to(x.dtype)
             view = (k, m, c) + (1,) * (x.dim() - 2)
             xs = x.unsqueeze(0) if x.dtype == s.dtype else x.unsqueeze(0).to(s.dtype)
             out = torch.addcmul(t.reshape(view), xs, s.reshape(view)).reshape(k * m, *x.shape[1:])
             return out if out.dtype == x.dtype else out.to(x.dtype)
+        mean, var = C.corrected_stats(mu3, var3, rm, rv, alpha, beta)
+        mean, var = mean.reshape(k * m, c), var.reshape(k * m, c)
         if shared:
             x = x.repeat(k, *([1] * (x.dim() - 1)))
         km, mm = C.input_map(mean, var, norm.running_mean, norm.running_var, eps)

@@ -204,3 +204,87 @@ def test_affine_equals_x_times_s_plus_t(shape, per_example, dtype, min_numel, mo
     # a non-contiguous input takes the addcmul path and agrees
     xt = x.transpose(0, 1).contiguous().transpose(0, 1)
     torch.testing.assert_close(C.affine(xt, s.detach(), t.detach()), expected)
+
+
+@pytest.mark.parametrize(
+    "coef_shape,stat_shape,as_float",
+    [
+        ((), (6, 4), False),
+        ((), (6, 4), True),
+        ((4,), (6, 4), False),
+        ((3, 1, 4), (3, 5, 4), False),
+        ((3, 1, 4), (1, 5, 4), False),
+    ],
+    ids=["scalar", "float", "per-channel", "candidates", "candidates-shared-rows"],
+)
+@pytest.mark.parametrize("affine_params", [True, False])
+def test_corrected_scale_shift_equals_the_two_step_form(coef_shape, stat_shape, affine_params, as_float):
+    """The op-saving form gives scale_shift(corrected_stats(...)) for every broadcast the callers use."""
+    g = torch.Generator().manual_seed(len(coef_shape) * 10 + len(stat_shape))
+    c = stat_shape[-1]
+    mu_i = torch.randn(stat_shape, dtype=torch.float64, generator=g) * 2
+    var_i = torch.rand(stat_shape, dtype=torch.float64, generator=g) * 3
+    stats_shape = coef_shape if len(coef_shape) == 3 else (c,)
+    mu_e = torch.randn(stats_shape, dtype=torch.float64, generator=g)
+    var_e = torch.rand(stats_shape, dtype=torch.float64, generator=g) + 0.2
+    alpha = torch.rand(coef_shape, dtype=torch.float64, generator=g)
+    beta = torch.rand(coef_shape, dtype=torch.float64, generator=g)
+    if as_float:
+        alpha, beta = float(alpha), float(beta)
+    weight = torch.randn(c, dtype=torch.float64, generator=g) if affine_params else None
+    bias = torch.randn(c, dtype=torch.float64, generator=g) if affine_params else None
+    inputs = [v.clone() for v in (mu_i, var_i, mu_e, var_e) if isinstance(v, torch.Tensor)]
+    s, t = C.corrected_scale_shift(mu_i, var_i, mu_e, var_e, alpha, beta, 1e-3, weight, bias)
+    for before, after in zip(inputs, (mu_i, var_i, mu_e, var_e), strict=True):
+        assert torch.equal(before, after), "an input was modified in place"
+    ref_s, ref_t = C.scale_shift(
+        *C.corrected_stats(mu_i, var_i, mu_e, var_e, alpha, beta), 1e-3, weight, bias
+    )
+    torch.testing.assert_close(s, ref_s.expand_as(s), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(t, ref_t.expand_as(t), rtol=1e-12, atol=1e-12)
+    assert s.shape == torch.broadcast_shapes(mu_i.shape, mu_e.shape, torch.as_tensor(alpha).shape)
+
+
+def test_scalar_coefficients_with_gradient_stay_differentiable():
+    """0-d coefficients are read as floats on CPU only when no gradient is asked of them."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 3, 5, dtype=torch.float64, generator=g)
+    mu_e, var_e, gamma, b = (t.double() for t in _params(3, 7))
+    alpha = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    beta = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, bb: C.corrected_batch_norm(x, mu_e, var_e, gamma, b, 1e-5, a, bb), (alpha, beta)
+    )
+    # and through the input and the affine parameters (a corrected model in eval mode, backward called)
+    xg, gg, bg = x.clone().requires_grad_(), gamma.clone().requires_grad_(), b.clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda xx, w, bias: C.corrected_batch_norm(xx, mu_e, var_e, w, bias, 1e-5, 0.3, 0.2), (xg, gg, bg)
+    )
+    assert torch.autograd.gradcheck(
+        lambda xx, w: C.corrected_batch_norm(xx, mu_e, var_e, w, None, 1e-5, 0.3, 0.2), (xg, gg)
+    )
+    mu_b, var_b = C.batch_stats(x)
+    mu_i, var_i = C.example_stats(x)
+    assert torch.autograd.gradcheck(
+        lambda a, bb: C.l_aux_given_stats(x, mu_b, var_b, mu_i, var_i, mu_e, var_e, 1e-5, a, bb),
+        (alpha, beta),
+    )
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (1, 7, 33), (2, 3, 2, 2, 5)])
+def test_example_stats_in_pieces_match_whole(shape, monkeypatch):
+    """Large activations take their variance a piece of rows at a time: same values, same gradients."""
+    g = torch.Generator().manual_seed(len(shape))
+    x = (torch.randn(shape, dtype=torch.float64, generator=g) * 3 + 50).requires_grad_()
+    whole = C.example_stats(x)
+    monkeypatch.setattr(C, "STATS_CHUNK_MIN_BYTES", 0)
+    monkeypatch.setattr(C, "STATS_CHUNK_BYTES", 5 * 8)  # pieces of 5 values: rows split unevenly
+    pieces = C.example_stats(x)
+    torch.testing.assert_close(pieces, whole, rtol=1e-13, atol=1e-12)
+    torch.testing.assert_close(pieces[1], x.detach().var(dim=tuple(range(2, x.dim())), unbiased=False))
+    (gw,) = torch.autograd.grad(whole[1].sum() + whole[0].sum(), x)
+    (gp,) = torch.autograd.grad(pieces[1].sum() + pieces[0].sum(), x)
+    torch.testing.assert_close(gp, gw)
+    cl = x.detach().float().contiguous(memory_format=torch.channels_last) if x.dim() == 4 else None
+    if cl is not None:  # not contiguous: taken whole
+        torch.testing.assert_close(C.example_stats(cl)[1], whole[1].detach().float(), rtol=1e-5, atol=1e-4)
