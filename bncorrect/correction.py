@@ -249,10 +249,13 @@ BN_VIEW_MIN_NUMEL = 1 << 17
 def affine(x: Tensor, s: Tensor, t: Tensor) -> Tensor:
     """y = x * s + t with ``s``, ``t`` of shape (C,) or (N, C), broadcast over the spatial axes.
 
-    ``x`` must have the dtype of ``s`` and ``t``. A per-(N, C) scale is applied as eval-mode batch norm of
-    the (1, N*C, L) view with running mean 0, running variance 1 and eps 0: (x - 0) / sqrt(1 + 0) * s + t,
-    exactly x * s + t, in one fused pass.
+    Computed in the dtype of ``s`` and ``t`` (fp16/bf16 ``x`` is upcast to the statistics' float32) and
+    returned in ``x``'s dtype. A per-(N, C) scale is applied as eval-mode batch norm of the (1, N*C, L)
+    view with running mean 0, running variance 1 and eps 0: (x - 0) / sqrt(1 + 0) * s + t, exactly
+    x * s + t, in one fused pass.
     """
+    if x.dtype != s.dtype:
+        return affine(x.to(s.dtype), s, t).to(x.dtype)
     nc = s.numel()
     if (
         s.dim() == 2
@@ -280,9 +283,7 @@ def normalize(
 ) -> Tensor:
     """gamma * (x - mean) / sqrt(var + eps) + b with ``mean``/``var`` of shape (C,) or (N, C)."""
     s, t = scale_shift(mean, var, eps, weight, bias)
-    if x.dtype == s.dtype:
-        return affine(x, s, t)
-    return affine(x.to(s.dtype), s, t).to(x.dtype)
+    return affine(x, s, t)
 
 
 def corrected_batch_norm(
@@ -301,9 +302,7 @@ def corrected_batch_norm(
     s, t = corrected_scale_shift(
         mu_i, var_i, running_mean.to(dt), running_var.to(dt), _as(alpha, dt), _as(beta, dt), eps, weight, bias
     )
-    if x.dtype == s.dtype:
-        return affine(x, s, t)
-    return affine(x.to(s.dtype), s, t).to(x.dtype)
+    return affine(x, s, t)
 
 
 def input_map(

@@ -495,10 +495,7 @@ class _SweepNorm(CorrectedNorm):
             s, t = C.corrected_scale_shift(mu3, var3, rm, rv, alpha, beta, eps, norm.weight, norm.bias)
             s, t = s.expand(k, m, c), t.expand(k, m, c)  # (K, m, C) also when rows are shared
             if not shared:
-                s, t = s.reshape(k * m, c), t.reshape(k * m, c)
-                if x.dtype == s.dtype:
-                    return C.affine(x, s, t)
-                return C.affine(x.to(s.dtype), s, t).to(x.dtype)
+                return C.affine(x, s.reshape(k * m, c), t.reshape(k * m, c))
             view = (k, m, c) + (1,) * (x.dim() - 2)
             xs = x.unsqueeze(0) if x.dtype == s.dtype else x.unsqueeze(0).to(s.dtype)
             out = torch.addcmul(t.reshape(view), xs, s.reshape(view)).reshape(k * m, *x.shape[1:])
