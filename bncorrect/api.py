@@ -13,7 +13,7 @@ keyword arguments. With ``out`` the result is written by suffix: ``.safetensors`
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -396,6 +396,26 @@ def corrections_from_model(model: nn.Module, *, method: str, **meta: Any) -> Cor
 
 
 # ---------------------------------------------------------------- commands that read data
+def _on_runtime(
+    source: Source,
+    torch_fn: Callable[..., Any],
+    onnx_fn: str,
+    *args: Any,
+    forward_fn: Any = None,
+    onnx_kwargs: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Run a pass over data on MODEL's runtime: ``torch_fn(model, *args, forward_fn=..., **kwargs)`` for a
+    PyTorch model, its onnxruntime twin ``bncorrect.onnx_passes.<onnx_fn>(graph, *args, source=path,
+    **onnx_kwargs, **kwargs)`` for an ONNX graph (imported only then: it loads onnxruntime)."""
+    if isinstance(source, OnnxModel):
+        from . import onnx_passes
+
+        run = getattr(onnx_passes, onnx_fn)
+        return run(source.proto, *args, source=source.path, **(onnx_kwargs or {}), **kwargs)
+    return torch_fn(source.model, *args, forward_fn=forward_fn, **kwargs)
+
+
 def open_data(data: Any, spec: Any = None) -> Any:
     """A :class:`~bncorrect.data.Dataset` from a path (or the object itself when it is already data)."""
     from .data import load_data
@@ -510,37 +530,22 @@ def estimate(
     loader, total, description = _loader(
         dataset, batch, shuffle=True, seed=seed, num_workers=num_workers, max_examples=max_examples
     )
-    if isinstance(source, OnnxModel):
-        from .onnx_passes import estimate_onnx
-
-        result = estimate_onnx(
-            source.proto,
-            loader,
-            train_batch_size,
-            layer_batch_size=layer_batch_size,
-            running_stats=None if recal is None else recal.stats,
-            device=device,
-            seed=seed,
-            sample_budget=sample_budget or DEFAULT_SAMPLE_BUDGET,
-            total_examples=total,
-            progress=progress,
-            data_hint=description,
-            source=source.path,
-        )
-    else:
-        result = estimate_alpha_beta(
-            source.model,
-            loader,
-            train_batch_size,
-            layer_batch_size=layer_batch_size,
-            forward_fn=forward_fn,
-            device=device,
-            seed=seed,
-            sample_budget=sample_budget or DEFAULT_SAMPLE_BUDGET,
-            total_examples=total,
-            progress=progress,
-            data_hint=description,
-        )
+    result = _on_runtime(
+        source,
+        estimate_alpha_beta,
+        "estimate_onnx",
+        loader,
+        train_batch_size,
+        forward_fn=forward_fn,
+        onnx_kwargs={"running_stats": None if recal is None else recal.stats},
+        layer_batch_size=layer_batch_size,
+        device=device,
+        seed=seed,
+        sample_budget=sample_budget or DEFAULT_SAMPLE_BUDGET,
+        total_examples=total,
+        progress=progress,
+        data_hint=description,
+    )
     layers = {
         ly.name: LayerCorrection(
             torch.tensor(ly.alpha),
@@ -626,26 +631,14 @@ def _recalibrate_stats(
         num_workers=num_workers,
         max_examples=max_examples,
     )
-    if isinstance(source, OnnxModel):
-        from .onnx_passes import recalibrate_onnx
-
-        return recalibrate_onnx(
-            source.proto,
-            loader,
-            upstream=upstream,  # type: ignore[arg-type]
-            batch_size=batch_size,
-            device=device,
-            total_examples=total,
-            progress=progress,
-            data_hint=description,
-            source=source.path,
-        )
-    return recalibrate_stats(
-        source.model,
+    return _on_runtime(
+        source,
+        recalibrate_stats,
+        "recalibrate_onnx",
         loader,
-        upstream=upstream,  # type: ignore[arg-type]
-        batch_size=batch_size,
         forward_fn=forward_fn,
+        upstream=upstream,
+        batch_size=batch_size,
         device=device,
         total_examples=total,
         progress=progress,
@@ -823,40 +816,23 @@ def sweep_alpha(
     loader, total, description = _loader(
         dataset, 256, shuffle=False, seed=seed, num_workers=num_workers, max_examples=max_examples
     )
-    if isinstance(source, OnnxModel):
-        from .onnx_passes import sweep_onnx
-
-        result = sweep_onnx(
-            source.proto,
-            loader,
-            alphas,
-            beta_mode=beta_mode,
-            train_batch_size=train_batch_size,
-            extra_candidates=extra,
-            metric=metric,
-            output_key=output_key,
-            device=device,
-            total_examples=total,
-            progress=progress,
-            data_hint=description,
-            source=source.path,
-        )
-    else:
-        result = run_sweep(
-            source.model,
-            loader,
-            alphas,
-            beta_mode=beta_mode,
-            train_batch_size=train_batch_size,
-            extra_candidates=extra,
-            metric=metric,
-            output_key=output_key,
-            forward_fn=forward_fn,
-            device=device,
-            total_examples=total,
-            progress=progress,
-            data_hint=description,
-        )
+    result = _on_runtime(
+        source,
+        run_sweep,
+        "sweep_onnx",
+        loader,
+        alphas,
+        forward_fn=forward_fn,
+        beta_mode=beta_mode,
+        train_batch_size=train_batch_size,
+        extra_candidates=extra,
+        metric=metric,
+        output_key=output_key,
+        device=device,
+        total_examples=total,
+        progress=progress,
+        data_hint=description,
+    )
     best = result.best
     chosen = Corrections.uniform(
         list(channels),
