@@ -7,18 +7,65 @@ catches them and turns them into an exit code (with a traceback only under ``--d
 
 from __future__ import annotations
 
+import contextvars
 from pathlib import Path
+from typing import Any
+
+# Who is calling: "api" (Python, the default) or "cli" (set by bncorrect.cli.main). Hints name options the
+# way the caller spells them: ``trust_pickle=True`` in Python, ``--trust-pickle`` on the command line.
+_INTERFACE: contextvars.ContextVar[str] = contextvars.ContextVar("bncorrect_interface", default="api")
+_CLI_FLAGS = {("strict", False): "--non-strict"}
+
+
+def set_interface(name: str) -> contextvars.Token[str]:
+    """Make hints speak ``"cli"`` or ``"api"`` (returns the token for ``_INTERFACE.reset``)."""
+    return _INTERFACE.set(name)
+
+
+def spell(option: str, value: Any = True) -> str:
+    """An option as the caller writes it: ``spell("trust_pickle")`` is ``--trust-pickle`` for the CLI and
+    ``trust_pickle=True`` for the Python API; ``spell("arch", "m:f")`` is ``--arch m:f`` / ``arch='m:f'``."""
+    if _INTERFACE.get() == "cli":
+        flag = _CLI_FLAGS.get((option, value)) if isinstance(value, bool) else None
+        if flag:
+            return flag
+        base = "--" + option.replace("_", "-")
+        return base if value is True else f"{base} {value}"
+    return f"{option}={value!r}"
+
+
+def shorten(text: str, limit: int = 300) -> str:
+    """``text`` on one line, cut at a word boundary (never mid-word) to at most ``limit`` characters."""
+    flat = " ".join(str(text).split())
+    if len(flat) <= limit:
+        return flat
+    cut = flat[: limit - 1]
+    space = cut.rfind(" ")
+    if space > limit // 2:
+        cut = cut[:space]
+    return cut.rstrip(" ,;:") + " …"
 
 
 class BncorrectError(Exception):
-    """Base class: an error a user can fix. ``exit_code`` is what the CLI exits with."""
+    """Base class: an error a user can fix. ``exit_code`` is what the CLI exits with.
+
+    ``detail`` holds long diagnostic output (an exporter's log, a graph dump) that the CLI shows only under
+    ``--debug``; the message itself stays short."""
 
     exit_code: int = 1
 
-    def __init__(self, message: str, *, path: str | Path | None = None, hint: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | Path | None = None,
+        hint: str | None = None,
+        detail: str | None = None,
+    ) -> None:
         self.message = message
         self.path = None if path is None else str(path)
         self.hint = hint
+        self.detail = detail
         super().__init__(self.render())
 
     def render(self) -> str:
