@@ -16,9 +16,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
-from .errors import BncorrectError
+from .errors import BncorrectError, interface
 
 app = typer.Typer(
     name="bncorrect",
@@ -64,6 +65,14 @@ TrustOpt = Annotated[
         help="Allow unpickling a whole pickled nn.Module (this runs code stored in the file).",
     ),
 ]
+TrustArchOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-arch",
+        help="Build the architecture a bncorrect checkpoint records (imports and calls the factory the file "
+        "names); without it, pass the same --arch to confirm.",
+    ),
+]
 NonStrictOpt = Annotated[
     bool, typer.Option("--non-strict", help="Load weights even if some keys are missing/unexpected (warns).")
 ]
@@ -82,14 +91,15 @@ NoVerifyOpt = Annotated[
 
 
 def _load_options(
-    arch: str | None, arch_kwargs: str | None, trust_pickle: bool, non_strict: bool
+    arch: str | None, arch_kwargs: str | None, trust_pickle: bool, non_strict: bool, trust_arch: bool
 ) -> dict[str, Any]:
     from .models import parse_arch_kwargs
 
     return {
         "arch": arch,
-        "arch_kwargs": parse_arch_kwargs(arch_kwargs),
+        "arch_kwargs": parse_arch_kwargs(arch_kwargs) if arch_kwargs else None,
         "trust_pickle": trust_pickle,
+        "trust_arch": trust_arch,
         "strict": not non_strict,
     }
 
@@ -144,7 +154,9 @@ def _fmt(v: Any, digits: int = 4) -> str:
 def _warn_load(outcome_source: Any) -> None:
     meta = getattr(outcome_source, "meta", {}) or {}
     for w in meta.get("warnings", []):
-        err_console.print(f"[yellow]warning:[/] {w}")
+        err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    for note in meta.get("notes", []):
+        err_console.print(f"[dim]{note}[/]", highlight=False)
 
 
 def _report_written(outcome: Any, json_out: bool) -> None:
@@ -257,13 +269,14 @@ def inspect(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustOpt = False,
+    trust_arch: TrustArchOpt = False,
     non_strict: NonStrictOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """List the BatchNorm layers of MODEL, their statistics and whether they can be corrected."""
     from . import api
 
-    source = api.open_model(model, **_load_options(arch, arch_kwargs, trust_pickle, non_strict))
+    source = api.open_model(model, **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch))
     _warn_load(source)
     layers = api.inspect(source)
     if json_out:
@@ -303,6 +316,7 @@ def rule(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustOpt = False,
+    trust_arch: TrustArchOpt = False,
     non_strict: NonStrictOpt = False,
     input_shape: InputShapeOpt = None,
     opset: OpsetOpt = None,
@@ -317,7 +331,7 @@ def rule(
         train_batch_size,
         out=output,
         export=_export_options(input_shape, opset, no_verify),
-        **_load_options(arch, arch_kwargs, trust_pickle, non_strict),
+        **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch),
     )
     _warn_load(outcome.source)
     if json_out:
@@ -340,6 +354,7 @@ def weight(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustOpt = False,
+    trust_arch: TrustArchOpt = False,
     non_strict: NonStrictOpt = False,
     input_shape: InputShapeOpt = None,
     opset: OpsetOpt = None,
@@ -355,7 +370,7 @@ def weight(
         beta,
         out=output,
         export=_export_options(input_shape, opset, no_verify),
-        **_load_options(arch, arch_kwargs, trust_pickle, non_strict),
+        **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch),
     )
     _warn_load(outcome.source)
     if json_out:
@@ -379,6 +394,7 @@ def apply(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustOpt = False,
+    trust_arch: TrustArchOpt = False,
     non_strict: NonStrictOpt = False,
     input_shape: InputShapeOpt = None,
     opset: OpsetOpt = None,
@@ -393,7 +409,7 @@ def apply(
         corrections,
         out=output,
         export=_export_options(input_shape, opset, no_verify),
-        **_load_options(arch, arch_kwargs, trust_pickle, non_strict),
+        **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch),
     )
     _warn_load(outcome.source)
     if json_out:
@@ -551,6 +567,7 @@ def estimate(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustOpt = False,
+    trust_arch: TrustArchOpt = False,
     non_strict: NonStrictOpt = False,
     resize: ResizeOpt = None,
     crop: CropOpt = None,
@@ -587,7 +604,7 @@ def estimate(
             seed=seed,
             progress=bar,
             export=_export_options(input_shape, opset, no_verify, min_effect),
-            **_load_options(arch, arch_kwargs, trust_pickle, non_strict),
+            **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch),
         )
     _warn_load(outcome.source)
     result = outcome.report["estimate"]
@@ -642,6 +659,7 @@ def recalibrate(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustOpt = False,
+    trust_arch: TrustArchOpt = False,
     non_strict: NonStrictOpt = False,
     resize: ResizeOpt = None,
     crop: CropOpt = None,
@@ -675,7 +693,7 @@ def recalibrate(
             seed=seed,
             progress=bar,
             export=_export_options(input_shape, opset, no_verify),
-            **_load_options(arch, arch_kwargs, trust_pickle, non_strict),
+            **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch),
         )
     _warn_load(outcome.source)
     recal = outcome.report["recalibrate"]
@@ -737,6 +755,7 @@ def sweep_alpha(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustOpt = False,
+    trust_arch: TrustArchOpt = False,
     non_strict: NonStrictOpt = False,
     resize: ResizeOpt = None,
     crop: CropOpt = None,
@@ -782,7 +801,7 @@ def sweep_alpha(
             seed=seed,
             progress=bar,
             export=_export_options(input_shape, opset, no_verify, min_effect),
-            **_load_options(arch, arch_kwargs, trust_pickle, non_strict),
+            **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch),
         )
     _warn_load(outcome.source)
     result = outcome.report["sweep"]
@@ -829,6 +848,7 @@ def diagnose(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustOpt = False,
+    trust_arch: TrustArchOpt = False,
     non_strict: NonStrictOpt = False,
     resize: ResizeOpt = None,
     crop: CropOpt = None,
@@ -859,7 +879,7 @@ def diagnose(
             num_workers=num_workers,
             seed=seed,
             progress=bar,
-            **_load_options(arch, arch_kwargs, trust_pickle, non_strict),
+            **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch),
         )
     if json_out:
         data_out = result.as_dict()
@@ -963,6 +983,11 @@ def demo(
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the app, turning library errors into exit codes."""
     args = list(sys.argv[1:] if argv is None else argv)
+    with interface("cli"):
+        return _run(args)
+
+
+def _run(args: list[str]) -> int:
     _DEBUG["on"] = "--debug" in args
     if _DEBUG["on"]:  # accepted anywhere on the command line, not only before the command
         args = ["--debug", *[a for a in args if a != "--debug"]]
@@ -970,8 +995,10 @@ def main(argv: list[str] | None = None) -> int:
         rc = app(args=args, prog_name="bncorrect", standalone_mode=False)
     except BncorrectError as e:
         if _DEBUG["on"]:
+            if e.detail:
+                err_console.print(e.detail, highlight=False, markup=False)
             raise
-        err_console.print(f"[bold red]error:[/] {e.render()}", highlight=False)
+        err_console.print(Text.assemble(("error: ", "bold red"), e.render()), highlight=False)
         return e.exit_code
     except typer.Exit as e:
         return int(e.exit_code or 0)

@@ -49,7 +49,6 @@ of the wrong length, a preprocess hook that cannot be imported); the message nam
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -165,32 +164,13 @@ def _per_channel(
 
 
 def _resolve_hook(hook: str | Callable[..., Any]) -> Callable[..., Any]:
+    """A ``preprocess`` callable, or the one ``module.path:function`` / ``path/to/file.py:function`` names
+    (:func:`bncorrect.factories.import_callable`: the working folder is never put on ``sys.path``)."""
     if callable(hook):
         return hook
-    if not isinstance(hook, str) or ":" not in hook:
-        raise UsageError(
-            f"--preprocess must look like module.path:function, got {hook!r}",
-            hint="e.g. --preprocess mypkg.transforms:preprocess",
-        )
-    module_name, _, attr = hook.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except Exception as exc:
-        raise UsageError(
-            f"cannot import module {module_name!r} for --preprocess {hook}: {exc}",
-            hint="make sure the module is importable (installed, or its folder on PYTHONPATH)",
-        ) from exc
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise UsageError(
-                f"module {module_name!r} has no attribute {attr!r} (--preprocess {hook})",
-                hint="check the function name after the colon",
-            ) from None
-    if not callable(obj):
-        raise UsageError(f"--preprocess {hook} is not callable")
-    return obj
+    from .factories import import_callable
+
+    return import_callable(hook, option="preprocess", error=UsageError)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -643,11 +623,44 @@ def _is_image(name: str) -> bool:
 
 
 def _walk_files(folder: Path) -> list[Path]:
-    """All non-hidden files below ``folder`` in sorted order (following symlinks, like ImageFolder)."""
+    """All non-hidden files below ``folder`` in sorted order (following symlinks, like ImageFolder).
+
+    A symlink that leads back into a folder already on the way down (a loop) is a :class:`DataError`
+    naming the link, instead of a walk that never ends."""
     out: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        out.extend(Path(dirpath) / f for f in sorted(filenames) if not _is_hidden(f))
+
+    def visit(d: Path, ancestors: frozenset[tuple[int, int]]) -> None:
+        try:
+            st = d.stat()
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as exc:
+            raise DataError(
+                f"cannot read folder {d} ({exc.strerror or exc})",
+                path=d,
+                hint="check that it exists and is readable (a broken or looping symlink?)",
+            ) from None
+        key = (st.st_dev, st.st_ino)
+        if key in ancestors:
+            raise DataError(
+                f"{d} is a symlink loop: it leads back to a folder above it",
+                path=d,
+                hint="remove the link, or point it at a folder outside the data folder",
+            )
+        inside = ancestors | {key}
+        for e in entries:
+            if _is_hidden(e.name):
+                continue
+            p = Path(e.path)
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                visit(p, inside)
+            else:
+                out.append(p)
+
+    visit(folder, frozenset())
     return out
 
 

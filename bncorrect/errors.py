@@ -7,7 +7,10 @@ catches them and turns them into an exit code (with a traceback only under ``--d
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +20,14 @@ _INTERFACE: contextvars.ContextVar[str] = contextvars.ContextVar("bncorrect_inte
 _CLI_FLAGS = {("strict", False): "--non-strict"}
 
 
-def set_interface(name: str) -> contextvars.Token[str]:
-    """Make hints speak ``"cli"`` or ``"api"`` (returns the token for ``_INTERFACE.reset``)."""
-    return _INTERFACE.set(name)
+@contextlib.contextmanager
+def interface(name: str) -> Iterator[None]:
+    """Within the block, hints speak ``"cli"`` (option flags) or ``"api"`` (keyword arguments)."""
+    token = _INTERFACE.set(name)
+    try:
+        yield
+    finally:
+        _INTERFACE.reset(token)
 
 
 def spell(option: str, value: Any = True) -> str:
@@ -30,6 +38,8 @@ def spell(option: str, value: Any = True) -> str:
         if flag:
             return flag
         base = "--" + option.replace("_", "-")
+        if isinstance(value, dict):
+            return f"{base} '{json.dumps(value)}'"
         return base if value is True else f"{base} {value}"
     return f"{option}={value!r}"
 
@@ -89,6 +99,10 @@ class ModelLoadError(BncorrectError):
 
 class UntrustedPickleError(ModelLoadError):
     """Loading the file would execute pickled code and the user has not allowed it."""
+
+
+class UntrustedArchError(ModelLoadError):
+    """A checkpoint names an architecture factory the user has not confirmed (``arch`` / ``trust_arch``)."""
 
 
 class NoBatchNormError(BncorrectError):

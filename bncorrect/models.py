@@ -16,11 +16,8 @@ MODEL may be:
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import json
 import pickle
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from .atomic import atomic_path
-from .errors import ModelLoadError, UntrustedPickleError, UsageError
+from .errors import ModelLoadError, UntrustedArchError, UntrustedPickleError, UsageError, shorten, spell
+from .factories import import_callable, is_builtin
 from .layers import coefficients, correct_model, strip_corrections
 
 CHECKPOINT_FORMAT = "bncorrect/checkpoint-1"
@@ -61,59 +59,37 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _KW_EXAMPLE() -> str:
+    return spell("arch_kwargs", {"num_classes": 10})
+
+
 def import_factory(arch: str) -> Any:
-    """Resolve ``package.module:factory`` or ``path/to/file.py:factory`` to the callable."""
-    mod_name, sep, attr = arch.partition(":")
-    if not sep or not mod_name or not attr:
-        raise UsageError(
-            f"--arch {arch!r} is not of the form 'package.module:factory'",
-            hint="e.g. --arch torchvision.models:resnet18 or --arch my_models.py:build",
-        )
-    if mod_name.endswith(".py"):
-        file = Path(mod_name)
-        if not file.is_file():
-            raise ModelLoadError(f"--arch file {file} not found", hint="check the path before ':'")
-        spec = importlib.util.spec_from_file_location(f"_bncorrect_arch_{file.stem}", file)
-        if spec is None or spec.loader is None:
-            raise ModelLoadError(f"cannot import {file}")
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except Exception as e:
-            raise ModelLoadError(f"importing {file} failed: {type(e).__name__}: {e}") from e
-    else:
-        if "" not in sys.path and str(Path.cwd()) not in sys.path:
-            sys.path.insert(0, str(Path.cwd()))
-        try:
-            module = importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            raise ModelLoadError(
-                f"--arch: cannot import module {mod_name!r} ({e})",
-                hint="install the package that defines the model, or run from the folder that holds it "
-                "(or set PYTHONPATH)",
-            ) from None
-        except Exception as e:
-            raise ModelLoadError(f"--arch: importing {mod_name!r} failed: {type(e).__name__}: {e}") from e
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise ModelLoadError(
-            f"--arch: module {mod_name!r} has no attribute {attr!r}", hint="check the name after ':'"
-        ) from None
+    """Resolve ``package.module:factory`` or ``path/to/file.py:factory`` to the callable
+    (:func:`bncorrect.factories.import_callable`: the working folder is never put on ``sys.path``)."""
+    return import_callable(arch, option="arch")
 
 
 def build_arch(arch: str, arch_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
     """Call the ``arch`` factory with ``arch_kwargs`` and check that it returns an ``nn.Module``."""
     factory = import_factory(arch)
+    kwargs = dict(arch_kwargs or {})
     try:
-        model = factory(**dict(arch_kwargs or {}))
+        model = factory(**kwargs)
     except Exception as e:
+        given = (
+            f"it was called with {spell('arch_kwargs', kwargs)}"
+            if kwargs
+            else f"it was called with no arguments (pass {_KW_EXAMPLE()} for its arguments)"
+        )
         raise ModelLoadError(
-            f"--arch {arch}: calling the factory failed: {type(e).__name__}: {e}",
-            hint="the factory is called with no arguments unless --arch-kwargs '{...}' is given",
+            f"{spell('arch', arch)}: calling the factory failed: {type(e).__name__}: {shorten(str(e))}",
+            hint=f"{given}; check that it builds the model without downloading anything",
         ) from e
     if not isinstance(model, nn.Module):
-        raise ModelLoadError(f"--arch {arch} returned {type(model).__name__}, not a torch.nn.Module")
+        raise ModelLoadError(
+            f"{spell('arch', arch)} returned {type(model).__name__}, not a torch.nn.Module",
+            hint="pass the function (or class) that builds the model",
+        )
     return model
 
 
@@ -161,10 +137,10 @@ def _load_into(model: nn.Module, sd: Mapping[str, Tensor], path: Path, arch: str
         first = str(e).strip().splitlines()
         detail = " ".join(line.strip() for line in first[:4])
         raise ModelLoadError(
-            f"the weights do not fit --arch {arch}: {detail[:600]}",
+            f"the weights do not fit {spell('arch', arch)}: {shorten(detail, 600)}",
             path=path,
-            hint="pass the factory that built this checkpoint (and --arch-kwargs); "
-            "use --non-strict to load anyway, ignoring missing/unexpected keys",
+            hint=f"pass the factory that built this checkpoint (and {_KW_EXAMPLE()}); "
+            f"use {spell('strict', False)} to load anyway, ignoring missing/unexpected keys",
         ) from None
     warnings = []
     if result.missing_keys:
@@ -174,18 +150,37 @@ def _load_into(model: nn.Module, sd: Mapping[str, Tensor], path: Path, arch: str
     return warnings
 
 
+def _torch_advice_removed(text: str) -> str:
+    """torch.load's messages advise retrying with ``weights_only=False``, which would run the file's code:
+    cut that advice out (bncorrect says what to do instead)."""
+    first = text.strip().splitlines()[0] if text.strip() else text
+    lines = [
+        ln
+        for ln in text.splitlines()
+        if "weights_only" not in ln
+        and "Re-running `torch.load`" not in ln
+        and "Check the documentation" not in ln
+    ]
+    return shorten(" ".join(lines) or first, 200)
+
+
 def load_model(
     path: str | Path,
     *,
     arch: str | None = None,
     arch_kwargs: Mapping[str, Any] | None = None,
     trust_pickle: bool = False,
+    trust_arch: bool = False,
     strict: bool = True,
     map_location: str | torch.device = "cpu",
 ) -> LoadedModel:
     """Load a PyTorch MODEL file (see the module docstring). Corrections recorded in a bncorrect checkpoint
     are applied (the model comes back with :class:`~bncorrect.layers.CorrectedNorm` layers). The model is
-    returned in eval mode. Non-strict loading records what was skipped in ``meta["warnings"]``."""
+    returned in eval mode. Non-strict loading records what was skipped in ``meta["warnings"]``.
+
+    No code the file names runs without consent: a pickle needs ``trust_pickle=True``; the architecture a
+    bncorrect checkpoint records is used only when ``arch`` names the same factory or ``trust_arch=True``
+    (bncorrect's own sample architectures excepted)."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError("model file not found", path=path, hint="check the path")
@@ -194,21 +189,32 @@ def load_model(
             "is a folder, not a model file", path=path, hint="pass the .pt/.safetensors/.onnx file"
         )
     suffix = path.suffix.lower()
-    sha = file_sha256(path)
+    try:
+        sha = file_sha256(path)
+    except OSError as e:
+        raise ModelLoadError(
+            f"cannot read the file ({e.strerror or e})", path=path, hint="check its permissions"
+        ) from None
     if suffix == ".safetensors":
         if arch is None:
             raise ModelLoadError(
                 "a .safetensors file holds only weights; bncorrect needs the architecture too",
                 path=path,
-                hint="pass --arch package.module:factory (the function that builds the model)",
+                hint=f"pass {spell('arch', 'package.module:factory')} (the function that builds the model)",
             )
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             sd = load_file(str(path), device="cpu")
-        except (SafetensorError, OSError) as e:
-            raise ModelLoadError(f"not a readable safetensors file ({e})", path=path) from None
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelLoadError(
+                f"not a readable safetensors file ({shorten(str(e), 200)})", path=path
+            ) from None
+        if not sd:
+            raise ModelLoadError(
+                "the safetensors file holds no tensors", path=path, hint="pass the model's weights"
+            )
         model = build_arch(arch, arch_kwargs)
         warnings = _load_into(model, sd, path, arch, strict)
         return LoadedModel(
@@ -216,9 +222,10 @@ def load_model(
         )
     if suffix not in TORCH_SUFFIXES:
         raise ModelLoadError(
-            f"unknown model format {suffix!r}",
+            f"unknown model format {suffix or '(no suffix)'!r}",
             path=path,
-            hint="MODEL must be .onnx, .pt/.pth (pickled module or state dict) or .safetensors (with --arch)",
+            hint="MODEL must be .onnx, .pt/.pth (pickled module or state dict) or .safetensors (with an "
+            "architecture)",
         )
     with open(path, "rb") as fh:
         head = fh.read(4)
@@ -227,50 +234,50 @@ def load_model(
             "not a PyTorch checkpoint: torch.save writes a zip archive (or, before PyTorch 1.6, a pickle) "
             + (f"and this file starts with {head!r}" if head else "and this file is empty"),
             path=path,
-            hint="pass a file written by torch.save, a .safetensors file with --arch, or an .onnx graph; "
-            "check that the download or copy is complete",
+            hint="pass a file written by torch.save, a .safetensors file with an architecture, or an .onnx "
+            "graph; check that the download or copy is complete",
         )
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
         pickled = False
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
         if not trust_pickle:
             raise UntrustedPickleError(
                 "this file holds pickled Python objects (e.g. a whole nn.Module); loading it runs code "
                 "stored in the file",
                 path=path,
-                hint="if you trust where the file came from, pass --trust-pickle; otherwise load it from "
-                "a state dict: torch.save(model.state_dict(), 'weights.pt') and pass --arch module:factory",
+                hint=f"if you trust where the file came from, pass {spell('trust_pickle')}; otherwise save a "
+                "state dict: torch.save(model.state_dict(), 'weights.pt') and pass "
+                f"{spell('arch', 'module:factory')}",
             ) from None
-        del e
         obj = _load_pickle(path, map_location)
         pickled = True
     except Exception as e:
         raise ModelLoadError(
-            f"cannot read this file with torch.load ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+            f"cannot read this file with torch.load ({type(e).__name__}: {_torch_advice_removed(str(e))})",
             path=path,
-            hint="pass a checkpoint written by torch.save",
+            hint="pass a checkpoint written by torch.save; check that the download or copy is complete",
         ) from None
     if isinstance(obj, nn.Module):
         if not pickled and not trust_pickle:  # pragma: no cover - weights_only never yields modules
-            raise UntrustedPickleError("pickled module", path=path, hint="pass --trust-pickle")
+            raise UntrustedPickleError("pickled module", path=path, hint=f"pass {spell('trust_pickle')}")
         return LoadedModel(obj.eval(), path, "pickled-module", sha)
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
-        return _load_bncorrect_checkpoint(obj, path, sha, arch, arch_kwargs, strict)
+        return _load_bncorrect_checkpoint(obj, path, sha, arch, arch_kwargs, strict, trust_arch)
     sd = _extract_state_dict(obj)
     if sd is None:
         raise ModelLoadError(
             f"holds a {type(obj).__name__} that is neither an nn.Module nor a state dict",
             path=path,
-            hint="save the model with torch.save(model) (then pass --trust-pickle) or "
-            "torch.save(model.state_dict()) (then pass --arch)",
+            hint=f"save the model with torch.save(model) (then pass {spell('trust_pickle')}) or "
+            f"torch.save(model.state_dict()) (then pass {spell('arch', 'module:factory')})",
         )
     if arch is None:
         raise ModelLoadError(
             "this file holds a state dict (weights only); bncorrect needs the architecture too",
             path=path,
-            hint="pass --arch package.module:factory, the function that builds the model "
-            "(and --arch-kwargs JSON for its arguments)",
+            hint=f"pass {spell('arch', 'package.module:factory')}, the function that builds the model "
+            f"(and {_KW_EXAMPLE()} for its arguments)",
         )
     model = build_arch(arch, arch_kwargs)
     warnings = _load_into(model, sd, path, arch, strict)
@@ -286,10 +293,79 @@ def _load_pickle(path: Path, map_location: str | torch.device) -> object:
         raise ModelLoadError(
             f"the pickled model refers to code that is not importable here ({e})",
             path=path,
-            hint="install/import the package that defines the model class, or use a state dict with --arch",
+            hint="install/import the package that defines the model class, or use a state dict with "
+            f"{spell('arch', 'module:factory')}",
         ) from None
     except Exception as e:
-        raise ModelLoadError(f"cannot unpickle ({type(e).__name__}: {e})", path=path) from None
+        raise ModelLoadError(
+            f"cannot unpickle ({type(e).__name__}: {shorten(str(e), 200)})", path=path
+        ) from None
+
+
+def _recorded_arch(obj: Mapping[str, Any], path: Path) -> tuple[str | None, dict[str, Any]]:
+    arch = obj.get("arch")
+    kwargs = obj.get("arch_kwargs")
+    if arch is not None and not isinstance(arch, str):
+        raise ModelLoadError(
+            f"the checkpoint's 'arch' is a {type(arch).__name__}, not a 'module:factory' string",
+            path=path,
+            hint=f"pass {spell('arch', 'package.module:factory')}",
+        )
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise ModelLoadError(
+            f"the checkpoint's 'arch_kwargs' is a {type(kwargs).__name__}, not a dict of keyword arguments",
+            path=path,
+            hint=f"pass {spell('arch', 'package.module:factory')} and {_KW_EXAMPLE()}",
+        )
+    return arch or None, dict(kwargs)
+
+
+def _consented_arch(
+    recorded: str | None,
+    recorded_kwargs: dict[str, Any],
+    arch: str | None,
+    arch_kwargs: Mapping[str, Any] | None,
+    trust_arch: bool,
+    path: Path,
+) -> tuple[str, dict[str, Any], list[str]]:
+    """The factory and kwargs to build a bncorrect checkpoint with, and notes on the choice: the user's
+    ``arch`` (the recorded kwargs only when it is the recorded factory), else the recorded one with
+    ``trust_arch`` or when it is one of bncorrect's built-in sample architectures; else refuse."""
+    kw_text = json.dumps(recorded_kwargs, default=str) if recorded_kwargs else ""
+    if arch is not None:
+        if arch_kwargs is not None:
+            return arch, dict(arch_kwargs), []
+        if arch == recorded:
+            notes = [f"using the arch_kwargs recorded in the file: {kw_text}"] if recorded_kwargs else []
+            return arch, recorded_kwargs, notes
+        notes = (
+            [f"the file records the architecture {recorded}; building {arch} as you asked"]
+            if recorded
+            else []
+        )
+        return arch, {}, notes
+    if recorded is None:
+        raise ModelLoadError(
+            "bncorrect checkpoint without 'arch'",
+            path=path,
+            hint=f"pass {spell('arch', 'package.module:factory')}, the function that builds the model",
+        )
+    kw = dict(recorded_kwargs) if arch_kwargs is None else dict(arch_kwargs)
+    if trust_arch:
+        return recorded, kw, [f"building the architecture recorded in the file: {recorded}({kw_text})"]
+    if is_builtin(recorded, kw):
+        return recorded, kw, []
+    shown = f"{recorded} with arch_kwargs {kw_text}" if kw_text else recorded
+    raise UntrustedArchError(
+        f"this checkpoint names the architecture factory {shown}; building the model would import and "
+        "call that code, and bncorrect runs no code a file names without your consent",
+        path=path,
+        hint=f"if that is the factory you expect, pass {spell('arch', recorded)}"
+        + (" (the recorded arch_kwargs are then used)" if kw_text else "")
+        + f", or pass {spell('trust_arch')} to trust what the file records",
+    )
 
 
 def _load_bncorrect_checkpoint(
@@ -299,21 +375,96 @@ def _load_bncorrect_checkpoint(
     arch: str | None,
     arch_kwargs: Mapping[str, Any] | None,
     strict: bool,
+    trust_arch: bool = False,
 ) -> LoadedModel:
-    arch = arch or obj.get("arch")
-    if not arch:
-        raise ModelLoadError("bncorrect checkpoint without 'arch'", path=path, hint="pass --arch")
-    kwargs = dict(obj.get("arch_kwargs") or {}) if arch_kwargs is None else dict(arch_kwargs)
-    model = build_arch(arch, kwargs)
-    warnings = _load_into(model, obj["state_dict"], path, arch, strict)
-    corr = obj.get("corrections") or {}
+    recorded, recorded_kwargs = _recorded_arch(obj, path)
+    sd = obj.get("state_dict")
+    if not _is_state_dict(sd):
+        what = (
+            "no 'state_dict'"
+            if sd is None
+            else f"a 'state_dict' that is a {type(sd).__name__} of non-tensors"
+        )
+        raise ModelLoadError(
+            f"bncorrect checkpoint with {what}",
+            path=path,
+            hint="the file is damaged or was not written by bncorrect; use the original checkpoint",
+        )
+    corr = _checkpoint_corrections(obj.get("corrections"), path)
+    meta_in = obj.get("meta") or {}
+    if not isinstance(meta_in, Mapping):
+        raise ModelLoadError(f"the checkpoint's 'meta' is a {type(meta_in).__name__}, not a dict", path=path)
+    build, kwargs, notes = _consented_arch(recorded, recorded_kwargs, arch, arch_kwargs, trust_arch, path)
+    model = build_arch(build, kwargs)
+    warnings = _load_into(model, sd, path, build, strict)
     if corr:
+        from .layers import find_norm_layers
+
+        known = {ly.name for ly in find_norm_layers(model)}
+        unknown = sorted(set(corr) - known)
+        if unknown:
+            raise ModelLoadError(
+                f"the checkpoint corrects layers the model does not have: {', '.join(unknown[:5])}"
+                f" (its BN layers: {', '.join(sorted(known)[:5]) or 'none'})",
+                path=path,
+                hint="the file does not belong to this architecture; pass the factory that made it",
+            )
         alpha = {n: c["alpha"] for n, c in corr.items()}
         beta = {n: c["beta"] for n, c in corr.items()}
-        correct_model(model, alpha, beta, layers=list(corr))
-    meta = dict(obj.get("meta") or {})
+        try:
+            correct_model(model, alpha, beta, layers=list(corr))
+        except UsageError as e:
+            raise ModelLoadError(
+                f"the checkpoint's corrections do not fit the model: {e.message}", path=path
+            ) from None
+    meta = dict(meta_in)
     meta["warnings"] = warnings
-    return LoadedModel(model.eval(), path, "checkpoint", sha, arch, kwargs, meta)
+    meta["notes"] = notes
+    return LoadedModel(model.eval(), path, "checkpoint", sha, build, kwargs, meta)
+
+
+def _checkpoint_corrections(corr: Any, path: Path) -> dict[str, dict[str, Tensor]]:
+    """The per-layer alpha/beta of a bncorrect checkpoint, validated (types, finite, in [0, 1])."""
+    if corr is None:
+        return {}
+    if not isinstance(corr, Mapping):
+        raise ModelLoadError(
+            f"the checkpoint's 'corrections' is a {type(corr).__name__}, not a dict of layers",
+            path=path,
+            hint="the file is damaged or was not written by bncorrect; use the original checkpoint",
+        )
+    out: dict[str, dict[str, Tensor]] = {}
+    for name, entry in corr.items():
+        if not isinstance(name, str) or not isinstance(entry, Mapping):
+            raise ModelLoadError(
+                f"the checkpoint's corrections entry {name!r} is a {type(entry).__name__}, not "
+                "{'alpha': tensor, 'beta': tensor}",
+                path=path,
+                hint="the file is damaged or was not written by bncorrect; use the original checkpoint",
+            )
+        values = {}
+        for label in ("alpha", "beta"):
+            v = entry.get(label)
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                v = torch.tensor(float(v))
+            if not isinstance(v, Tensor) or not v.is_floating_point() or v.dim() > 1:
+                raise ModelLoadError(
+                    f"the checkpoint's {label} for layer {name} is "
+                    f"{'missing' if v is None else type(v).__name__}, not a number or a vector",
+                    path=path,
+                    hint="the file is damaged or was not written by bncorrect; use the original checkpoint",
+                )
+            bad = ~torch.isfinite(v) | (v < 0) | (v > 1)
+            if bool(bad.any()):
+                shown = v.tolist() if v.dim() == 0 else f"{int(bad.sum())} entries such as {float(v[bad][0])}"
+                raise ModelLoadError(
+                    f"the checkpoint's {label} for layer {name} must lie in [0, 1], got {shown}",
+                    path=path,
+                    hint="the file is damaged; re-create it with bncorrect from the original checkpoint",
+                )
+            values[label] = v
+        out[name] = values
+    return out
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -376,14 +527,21 @@ def load(
     *,
     arch_kwargs: Mapping[str, Any] | None = None,
     trust_pickle: bool = False,
+    trust_arch: bool = False,
     strict: bool = True,
 ) -> nn.Module:
     """Load a model (e.g. a patched checkpoint written by bncorrect) ready for inference, in eval mode.
 
-    >>> model = bncorrect.load("corrected.pt")          # arch is recorded in bncorrect checkpoints
+    >>> model = bncorrect.load("corrected.pt", arch="my_models:resnet")   # confirm the recorded factory
+    >>> model = bncorrect.load("corrected.pt", trust_arch=True)           # or trust what the file records
     """
     return load_model(
-        path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, strict=strict
+        path,
+        arch=arch,
+        arch_kwargs=arch_kwargs,
+        trust_pickle=trust_pickle,
+        trust_arch=trust_arch,
+        strict=strict,
     ).model
 
 

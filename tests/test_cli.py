@@ -55,7 +55,7 @@ def test_rule_writes_one_over_b_squared(cli, toy_files, suffix):
         assert corr.method == "rule-of-thumb" and corr.train_batch_size == 4
         assert all(float(lc.alpha) == float(lc.beta) == 1 / 16 for lc in corr.layers.values())
     else:
-        model = load(out)
+        model = load(out, arch=toy_files["arch"])
         assert {n: (float(a), float(b)) for n, (a, b) in coefficients(model).items()} == {
             n: (1 / 16, 1 / 16) for n in ("1", "5", "10")
         }
@@ -86,7 +86,7 @@ def test_weight_and_apply_round_trip(cli, toy_files):
         d / "applied.pt",
     )
     assert res.code == 0, res.err
-    model = load(d / "applied.pt")
+    model = load(d / "applied.pt", arch=toy_files["arch"])
     x, _ = toys.data(8)
     ref = toys.conv_net(seed=0)
     from bncorrect.layers import correct_model
@@ -126,7 +126,7 @@ def test_estimate_end_to_end(cli, toy_files):
     assert [ly["name"] for ly in report["layers"]] == ["1", "5", "10"]
     assert all({"name", "alpha", "beta", "l_aux_ema", "l_aux"} <= set(ly) for ly in report["layers"])
     assert all(ly["l_aux"] <= ly["l_aux_ema"] for ly in report["layers"])
-    model = load(out)
+    model = load(out, arch=toy_files["arch"])
     got = {n: (float(a), float(b)) for n, (a, b) in coefficients(model).items()}
     assert got == {ly["name"]: pytest.approx((ly["alpha"], ly["beta"]), abs=1e-6) for ly in report["layers"]}
     # the table form runs too, and a corrections file records the method and data

@@ -217,7 +217,7 @@ def test_preprocess_hook_string_and_callable(tmp_path: Path) -> None:
         assert "preprocess" in ds.description
     with pytest.raises(DataError, match=r"a\.png.*not a tensor"):
         load_data(tmp_path, DataSpec(preprocess=_bad_hook))
-    with pytest.raises(UsageError, match=r"module\.path:function"):
+    with pytest.raises(UsageError, match=r"package\.module:function"):
         load_data(tmp_path, DataSpec(preprocess="no_colon"))
     with pytest.raises(UsageError, match="cannot import"):
         load_data(tmp_path, DataSpec(preprocess="no_such_module_xyz:f"))
