@@ -17,6 +17,10 @@ import contextlib
 import copy
 import io
 import logging
+import os
+import re
+import sys
+import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,9 +33,11 @@ import torch
 from torch import Tensor, nn
 
 from . import correction as C
-from .errors import OnnxError, VerificationError
+from .errors import OnnxError, VerificationError, shorten, spell
 from .layers import corrected_layers, strip_corrections
 from .onnx_rewrite import (
+    RUNTIME_NOT_WRITTEN,
+    RUNTIME_OK,
     GraphIndex,
     RewriteReport,
     find_bn_nodes,
@@ -64,6 +70,9 @@ class ExportReport:
     kept: list[str] = field(default_factory=list)
     rewrite: RewriteReport | None = None
     min_effect: MinEffectReport | None = None
+    #: whether onnxruntime loads the written graph: "onnxruntime loads it" (proven by the verification run,
+    #: or by a session created on the staged file with ``verify=False``) or "not checked: <why>".
+    runtime_check: str = RUNTIME_NOT_WRITTEN
 
     def summary(self) -> dict[str, object]:
         """JSON-friendly report."""
@@ -75,28 +84,235 @@ class ExportReport:
             "rewritten": list(self.rewritten),
             "kept": list(self.kept),
             "min_effect": None if self.min_effect is None else self.min_effect.summary(),
+            "runtime_check": self.runtime_check,
         }
 
 
+# ------------------------------------------------------------------------------ a silent exporter
+
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
+#: loggers whose records are captured during export (with every child logger that has handlers of its own:
+#: torch._logging gives torch.onnx, torch.export, torch._dynamo, ... stderr handlers that do not propagate).
+_LOGGERS = ("torch", "onnxscript", "onnx_ir", "onnx")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without ANSI colour/cursor escape sequences (torch's error messages carry some)."""
+    return _ANSI.sub("", text)
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, sink: list[str]) -> None:
+        super().__init__(logging.DEBUG)
+        self.sink = sink
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.sink.append(self.format(record))
+
+
+class _Captured:
+    """What the exporter printed, logged and warned while :func:`_capture` was active."""
+
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+        self.records: list[str] = []
+        self.warnings: list[str] = []
+        self.fd_text = ""
+
+    def text(self) -> str:
+        parts = [self.stream.getvalue(), self.fd_text, "\n".join(self.records), "\n".join(self.warnings)]
+        return strip_ansi("\n".join(p.strip("\n") for p in parts if p.strip()))
+
+
+def _flush_c_stdio() -> None:
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+
+
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """torch.onnx prints progress to stdout and logs warnings; a library stays silent."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
-    levels = [lg.level for lg in loggers]
+def _capture() -> Iterator[_Captured]:
+    """Swallow everything torch.onnx.export and its helpers emit: Python-level stdout/stderr, the log
+    records of torch/onnxscript/onnx_ir loggers (their own handlers too, which hold the original stderr),
+    warnings, and the OS-level file descriptors 1 and 2 (torch's C++ side writes there directly). The
+    caller decides whether to show it (the error's ``detail``) or not (success)."""
+    cap = _Captured()
+    with tempfile.TemporaryFile(mode="w+b") as sink, _loggers_to(cap.records), _fds_to(sink):
+        try:
+            with (
+                warnings.catch_warnings(record=True) as caught,
+                contextlib.redirect_stdout(cap.stream),
+                contextlib.redirect_stderr(cap.stream),
+            ):
+                warnings.simplefilter("always")
+                try:
+                    yield cap
+                finally:
+                    cap.warnings = [
+                        f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught
+                    ]
+        finally:
+            _flush_c_stdio()
+            with contextlib.suppress(Exception):
+                sink.flush()
+                sink.seek(0)
+                cap.fd_text = sink.read().decode("utf-8", "replace")
+
+
+@contextlib.contextmanager
+def _loggers_to(sink: list[str]) -> Iterator[None]:
+    """Route the records of the :data:`_LOGGERS` (and of every child of theirs that has handlers) to
+    ``sink`` instead of their handlers; restored on exit."""
+    handler = _ListHandler(sink)
+    names = [
+        n
+        for n, lg in list(logging.Logger.manager.loggerDict.items())
+        if isinstance(lg, logging.Logger) and any(n == p or n.startswith(p + ".") for p in _LOGGERS)
+    ]
+    saved: list[tuple[logging.Logger, list[logging.Handler], bool]] = []
     try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
+        for n in dict.fromkeys([*_LOGGERS, *names]):
+            lg = logging.getLogger(n)
+            if n in _LOGGERS or lg.handlers:
+                saved.append((lg, list(lg.handlers), lg.propagate))
+                lg.handlers = [handler]
+                lg.propagate = False
+        yield
     finally:
-        for lg, lv in zip(loggers, levels, strict=True):
-            lg.setLevel(lv)
+        for lg, handlers, propagate in saved:
+            lg.handlers = handlers
+            lg.propagate = propagate
+
+
+@contextlib.contextmanager
+def _fds_to(sink: Any) -> Iterator[None]:
+    """Point file descriptors 1 and 2 at ``sink`` (a real file) for the duration; restored on exit."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    _flush_c_stdio()
+    saved: list[tuple[int, int]] = []
+    try:
+        for fd in (1, 2):
+            try:
+                dup = os.dup(fd)
+            except OSError:  # no such descriptor (a daemon with closed stdio): nothing to capture there
+                continue
+            saved.append((fd, dup))
+            os.dup2(sink.fileno(), fd)
+        yield
+    finally:
+        _flush_c_stdio()
+        for fd, dup in reversed(saved):
+            with contextlib.suppress(OSError):
+                os.dup2(dup, fd)
+            with contextlib.suppress(OSError):
+                os.close(dup)
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    seen = {id(e)}
+    while e.__cause__ is not None and id(e.__cause__) not in seen:
+        e = e.__cause__
+        seen.add(id(e))
+    return e
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else ""
+    text = strip_ansi(str(e)).strip()
+    return text.splitlines()[0].strip() if text else ""
+
+
+_USER_FRAME = re.compile(
+    r'The following call raised this error:\s*\n\s*File "([^"]+)", line (\d+), in (\S+)\n([^\n]*)'
+)
+
+
+def _export_cause(e: BaseException) -> str:
+    """One line on why torch.onnx.export failed: the innermost exception (torch wraps the real one in a
+    page of advice) and, when torch.export names it, the line of the model's code."""
+    root = _root_cause(e)
+    cause = f"{type(root).__name__}: {_first_line(root)}" if _first_line(root) else type(root).__name__
+    m = _USER_FRAME.search(strip_ansi(str(e)))
+    if m:
+        cause += f" (at {Path(m.group(1)).name}:{m.group(2)} in {m.group(3)}: {m.group(4).strip()[:80]})"
+    return shorten(cause, 300)
+
+
+def _export_detail(e: BaseException, log: str) -> str:
+    import traceback
+
+    tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    return strip_ansi((log.strip() + "\n\n" if log.strip() else "") + tb).strip()
+
+
+def _export_hint() -> str:
+    return (
+        "check that the model runs on the example input; torch.export cannot trace data-dependent Python "
+        "control flow (`if tensor.sum() > 0:`; see https://pytorch.org/docs/stable/generated/exportdb/). "
+        "Or export the model yourself, with BatchNorm kept: torch.onnx.export(model, args, 'model.onnx', "
+        "dynamo=True, optimize=False) (or dynamo=False, training=torch.onnx.TrainingMode.PRESERVE), then "
+        "`bncorrect apply model.onnx CORRECTIONS -o OUT.onnx`. " + _log_where()
+    )
+
+
+def _log_where() -> str:
+    if spell("debug").startswith("--"):
+        return "--debug shows the exporter's log"
+    return "The exporter's log is in the error's .detail"
+
+
+def _shape_text(args: Sequence[Any]) -> str:
+    shapes = [tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__ for a in args]
+    if len(shapes) == 1:
+        return f"an input of shape {shapes[0]}"
+    return "inputs of shapes " + ", ".join(str(s) for s in shapes)
+
+
+def _suggested_shape(model: nn.Module, args: Sequence[Any]) -> tuple[int, ...] | None:
+    """An input shape the model's first Conv/Linear takes, derived from ``args[0]``'s shape."""
+    if len(args) != 1 or not isinstance(args[0], Tensor):
+        return None
+    shape = tuple(int(d) for d in args[0].shape)
+    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd | nn.Linear)), None)
+    if isinstance(first, nn.modules.conv._ConvNd) and not isinstance(first.weight, nn.UninitializedParameter):
+        k = len(first.kernel_size)
+        spatial = shape[2:] if len(shape) == k + 2 else (8,) * k
+        want = (shape[0] if shape else 1, int(first.in_channels), *spatial)
+    elif isinstance(first, nn.Linear) and first.in_features > 0 and len(shape) >= 2:
+        want = (*shape[:-1], int(first.in_features))
+    else:
+        return None
+    return want if want != shape else None
+
+
+def _check_runs(model: nn.Module, args: tuple[Any, ...]) -> None:
+    """Run ``model`` once on the example input, so that a wrong input shape gets a message about the
+    shape, not a page of torch.export internals."""
+    was_training = model.training
+    try:
+        model.eval()  # a check only: no running statistics may change
+        with torch.no_grad(), _capture():
+            model(*args)
+    except Exception as e:
+        want = _suggested_shape(model, args)
+        if spell("input_shape").startswith("--"):  # the command line
+            option = "--input-shape"
+            example = "" if want is None else f", e.g. --input-shape {','.join(map(str, want))}"
+        else:
+            option = "an example input (ExportOptions.input_shape or example_input)"
+            example = "" if want is None else f", e.g. {want}"
+        why = shorten(_first_line(e) or type(e).__name__, 240)
+        raise OnnxError(
+            f"the model cannot run on {_shape_text(args)}: {why}",
+            hint=f"pass {option} with the shape the model takes{example}",
+            detail=_export_detail(e, ""),
+        ) from None
+    finally:
+        model.train(was_training)
 
 
 def export_plain(
@@ -117,9 +333,11 @@ def export_plain(
             hint="pip install onnxscript (torch.onnx's dynamo exporter uses it)",
         ) from None
     args = tuple(example_input) if isinstance(example_input, list | tuple) else (example_input,)
+    _check_runs(model, args)
     dynamic_shapes = tuple({0: torch.export.Dim("batch")} for _ in args) if dynamic_batch else None
+    cap: _Captured | None = None
     try:
-        with _quiet():
+        with _capture() as cap:
             program = torch.onnx.export(
                 model,
                 args,
@@ -137,10 +355,9 @@ def export_plain(
         raise
     except Exception as e:
         raise OnnxError(
-            f"torch.onnx.export failed: {type(e).__name__}: {_first_line(e)}",
-            hint="check that the model runs on the example input; models with data-dependent control flow "
-            "may "
-            "need --no-dynamic-batch or a different --opset",
+            f"torch.onnx.export failed: {_export_cause(e)}",
+            hint=_export_hint(),
+            detail=_export_detail(e, cap.text() if cap is not None else ""),
         ) from None
     got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is not None and got != opset:
@@ -158,8 +375,9 @@ def _export_legacy(
     ``training=TrainingMode.PRESERVE`` (the model is in eval mode, so BN exports in inference form)."""
     names = [f"input_{i}" if len(args) > 1 else "input" for i in range(len(args))]
     buf = io.BytesIO()
+    cap: _Captured | None = None
     try:
-        with _quiet():
+        with _capture() as cap:
             torch.onnx.export(
                 model,
                 args,
@@ -172,8 +390,9 @@ def _export_legacy(
             )
     except Exception as e:
         raise OnnxError(
-            f"exporting to opset {opset} failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}",
-            hint="use --opset 18 or newer (or leave --opset out)",
+            f"exporting to opset {opset} (legacy TorchScript exporter) failed: {_export_cause(e)}",
+            hint=f"use {spell('opset', 18)} or newer, or leave it out (the dynamo exporter writes opset 18+)",
+            detail=_export_detail(e, cap.text() if cap is not None else ""),
         ) from None
     return onnx.load_from_string(buf.getvalue())
 
@@ -249,9 +468,14 @@ def export_onnx(
     node_to_torch = {ly.name: ly.torch_name or ly.name for ly in find_bn_nodes(proto)}
     got_opset = next(o.version for o in corrected.opset_import if o.domain in ("", "ai.onnx"))
     max_abs = rel = None
-    with staged_save(corrected, path, external_data=external_data) as tmp:
+    # With verify, the verification run itself proves onnxruntime loads (and runs) the staged file: one
+    # session either way.
+    with staged_save(
+        corrected, path, external_data=external_data, check_runtime=not verify, report=report
+    ) as tmp:
         if verify:
-            max_abs, rel = _compare(tmp, reference, example_input)
+            max_abs, rel = _verify_staged(tmp, path, reference, example_input)
+            report.runtime_check = RUNTIME_OK
             if not rel <= rtol:
                 raise VerificationError(
                     "the exported graph differs from the corrected PyTorch model: "
@@ -271,7 +495,29 @@ def export_onnx(
         kept=[node_to_torch.get(n, n) for n in report.kept],
         rewrite=report,
         min_effect=effect,
+        runtime_check=report.runtime_check,
     )
+
+
+def _verify_staged(
+    tmp: Path, path: Path, reference: nn.Module, example_input: Tensor | Sequence[Tensor]
+) -> tuple[float, float]:
+    """:func:`_compare` on the staged file, its errors naming the output ``path`` (the staged file is
+    removed) and saying that nothing was written."""
+    try:
+        return _compare(tmp, reference, example_input)
+    except VerificationError as e:
+        raise VerificationError(
+            f"{e.message}; nothing was written", path=path, hint=e.hint, detail=e.detail
+        ) from None
+    except OnnxError as e:
+        raise OnnxError(
+            f"{e.message.replace(str(tmp), str(path))}; nothing was written",
+            path=path,
+            hint="if torch.onnx.export wrote a graph that onnxruntime refuses, please report it with the "
+            "message above; re-running with a different opset may avoid it",
+            detail=e.detail,
+        ) from None
 
 
 def _to_cpu(x: Any) -> Any:

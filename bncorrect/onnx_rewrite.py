@@ -44,6 +44,7 @@ the result passes ``onnx.checker.check_model(full_check=True)``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -52,22 +53,26 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import NoBatchNormError, OnnxError
+from .errors import NoBatchNormError, OnnxError, shorten
+from .health import statistics_problem
 
 __all__ = [
     "FOLDED_BN_HINT",
+    "RUNTIME_NOT_WRITTEN",
+    "RUNTIME_OK",
     "Builder",
     "GraphIndex",
     "LayerPlan",
     "OnnxNormLayer",
     "RewriteReport",
     "cast_in",
+    "check_loadable",
     "checker_error",
     "example_stats_nodes",
     "find_bn_nodes",
@@ -77,8 +82,10 @@ __all__ = [
     "require_bn_nodes",
     "rewrite",
     "rewrite_with",
+    "runtime_check",
     "save_onnx",
     "staged_save",
+    "tensor_problem",
 ]
 
 #: doc_string prefix of every node this module creates (so a rewritten graph is recognised as such).
@@ -109,7 +116,8 @@ Coefficient = Any  # float | torch.Tensor | np.ndarray (kept loose: torch is not
 
 
 def load_onnx(path: str | Path) -> onnx.ModelProto:
-    """Read an ONNX model, external data included; :class:`OnnxError` naming the file on anything else."""
+    """Read an ONNX model, external data included; :class:`OnnxError` naming the file on anything else,
+    including graphs onnxruntime could not load (:func:`check_loadable`), before any pass sees them."""
     path = Path(path)
     if not path.is_file():
         raise OnnxError("file not found", path=path, hint="check the path")
@@ -135,7 +143,252 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         ) from None
     if not model.HasField("graph") or not model.opset_import:
         raise OnnxError("not an ONNX model (no graph or no opset)", path=path, hint="pass a valid .onnx file")
+    check_loadable(model, path)
     return model
+
+
+# ------------------------------------------------------------------------------ what onnxruntime accepts
+
+_ORT_PREFIX = re.compile(r"^\s*\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
+# "/onnxruntime_src/onnxruntime/core/graph/model.cc:256 onnxruntime::Model::Model(onnx::ModelProto&&, ...) "
+_ORT_WHERE = re.compile(r"^\S+\.(?:h|cc|cpp|hpp):\d+\s+(?:[^()]*::[\w~]+\([^()]*\)(?:\s*const)?\s+)?")
+
+
+def _ort_message(e: BaseException) -> str:
+    """onnxruntime's message without its ``[ONNXRuntimeError] : 1 : FAIL : file.cc:12 Class::f(...)``
+    prefix, on one line."""
+    text = _ORT_PREFIX.sub("", str(e).strip())
+    text = _ORT_WHERE.sub("", text)
+    return " ".join(text.split())
+
+
+def _session_options() -> Any:
+    """The cheapest session that still resolves the graph and finds a CPU kernel for every node: no graph
+    optimizations, one thread, and onnxruntime's own logging off (the library never prints)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 4
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    return so
+
+
+@functools.lru_cache(maxsize=64)
+def _ort_refusal(ir_version: int, opset: int) -> str | None:
+    """What onnxruntime says when it loads a one-node (Identity) graph stamped with this IR version and
+    ai.onnx opset: None when it accepts it, None too when onnxruntime is not installed.
+
+    Why a probe and not a version table: onnxruntime has no public "max opset" API, the table in its docs
+    (onnxruntime.ai/docs/reference/compatibility.html) lags releases and custom builds differ, while the
+    installed library itself answers exactly (its ``ValidateOpsetForDomain``/IR check runs at model load,
+    before any kernel). The probe graph holds no weights, so it costs well under a millisecond (a few ms
+    for the very first session of a process) whatever the size of the real model, and it is cached."""
+    try:
+        import onnxruntime as ort
+    except ImportError:  # pragma: no cover - onnxruntime is a dependency
+        return None
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "bncorrect_opset_probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    probe.ir_version = ir_version
+    try:
+        ort.InferenceSession(
+            probe.SerializeToString(), _session_options(), providers=["CPUExecutionProvider"]
+        )
+    except Exception as e:
+        return _ort_message(e) or type(e).__name__
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _ort_max_opset(ir_version: int, upper: int) -> int:
+    """The newest ai.onnx opset below ``upper`` that onnxruntime loads (bisecting :func:`_ort_refusal`)."""
+    lo, hi = 1, upper  # lo: accepted (assumed), hi: refused
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _ort_refusal(ir_version, mid) is None:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _ort_version() -> str:
+    try:
+        import onnxruntime as ort
+    except ImportError:  # pragma: no cover
+        return "?"
+    return str(ort.__version__)
+
+
+_CONVERT_HINT = (
+    "re-export the model with an older opset (torch.onnx.export(..., opset_version={good})), or convert it: "
+    "onnx.save(onnx.version_converter.convert_version(onnx.load('{name}'), {good}), 'converted.onnx')"
+)
+
+
+def check_loadable(model: onnx.ModelProto, path: str | Path | None = None) -> None:
+    """Refuse (:class:`OnnxError` naming ``path``) what onnxruntime could not load, with cheap checks only (no
+    session on the model itself): an ai.onnx opset or IR version newer than the installed onnx or
+    onnxruntime knows, and tensors whose declared shape does not fit their stored data
+    (:func:`tensor_problem`)."""
+    name = Path(path).name if path is not None else "model.onnx"
+    onnx_max = onnx.defs.onnx_opset_version()
+    ir = int(model.ir_version)
+    for o in model.opset_import:
+        if o.domain not in ("", "ai.onnx"):
+            continue
+        v = int(o.version)
+        if v > onnx_max:
+            raise OnnxError(
+                f"the graph declares ai.onnx opset {v}, newer than this onnx package ({onnx.__version__}) "
+                f"knows (up to opset {onnx_max}); its operators cannot be checked or run",
+                path=path,
+                hint=f"re-export the model with an opset this installation runs (torch.onnx.export(..., "
+                f"opset_version={min(onnx_max, _ort_max_opset(ir, onnx_max + 1))})); onnx.version_converter "
+                f"cannot convert from an opset it does not know. If opset {v} is a released one, upgrade "
+                "onnx and onnxruntime",
+            )
+        refusal = _ort_refusal(ir, v)
+        if refusal is not None and "ir version" in refusal.lower():
+            raise OnnxError(
+                f"onnxruntime {_ort_version()} cannot load a model of IR version {ir}: {shorten(refusal)}",
+                path=path,
+                hint="re-export the model with an older exporter (or upgrade onnxruntime)",
+            )
+        if refusal is not None:
+            good = _ort_max_opset(ir, v)
+            raise OnnxError(
+                f"the graph declares ai.onnx opset {v}, newer than the installed onnxruntime "
+                f"({_ort_version()}) supports (up to opset {good})",
+                path=path,
+                hint=_CONVERT_HINT.format(good=good, name=name) + ", or upgrade onnxruntime",
+            )
+    if ir > onnx.IR_VERSION:
+        raise OnnxError(
+            f"the model has IR version {ir}, newer than this onnx package ({onnx.__version__}) knows "
+            f"(up to {onnx.IR_VERSION})",
+            path=path,
+            hint="re-export the model with an older exporter, or upgrade onnx and onnxruntime",
+        )
+    for where, tensor in _all_tensors_deep(model):
+        problem = tensor_problem(tensor)
+        if problem is not None:
+            raise OnnxError(
+                f"{where} {problem}",
+                path=path,
+                hint="the file is damaged (a truncated download or copy) or was written by a broken tool; "
+                "export or download it again",
+            )
+
+
+def _bits() -> dict[int, int]:
+    """Bits per element of every fixed-size tensor element type this onnx package defines."""
+    names = {
+        "FLOAT": 32, "UINT8": 8, "INT8": 8, "UINT16": 16, "INT16": 16, "INT32": 32, "INT64": 64, "BOOL": 8,
+        "FLOAT16": 16, "DOUBLE": 64, "UINT32": 32, "UINT64": 64, "COMPLEX64": 64, "COMPLEX128": 128,
+        "BFLOAT16": 16, "FLOAT8E4M3FN": 8, "FLOAT8E4M3FNUZ": 8, "FLOAT8E5M2": 8, "FLOAT8E5M2FNUZ": 8,
+        "FLOAT8E8M0": 8, "UINT4": 4, "INT4": 4, "FLOAT4E2M1": 4, "UINT2": 2, "INT2": 2,
+    }  # fmt: skip
+    return {int(getattr(TensorProto, k)): b for k, b in names.items() if hasattr(TensorProto, k)}
+
+
+_BITS = _bits()
+_T = TensorProto
+# Typed (non-raw) storage field of each type (int32_data for the others, sub-byte types packed).
+_FIELD = {
+    _T.FLOAT: "float_data", _T.COMPLEX64: "float_data", _T.DOUBLE: "double_data",
+    _T.COMPLEX128: "double_data", _T.INT64: "int64_data", _T.UINT32: "uint64_data",
+    _T.UINT64: "uint64_data", _T.STRING: "string_data",
+}  # fmt: skip
+
+
+def _expected_typed(data_type: int, n: int) -> int | None:
+    """How many entries of the typed field hold ``n`` elements of ``data_type`` (None: unknown type)."""
+    bits = _BITS.get(data_type)
+    if data_type == TensorProto.STRING:
+        return n
+    if bits is None:
+        return None
+    if data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128):
+        return 2 * n
+    if bits < 8:  # int32_data holds one byte of packed sub-byte elements per entry
+        per = 8 // bits
+        return -(-n // per)
+    return n
+
+
+def tensor_problem(t: TensorProto) -> str | None:
+    """Why a tensor's declared dims do not fit its stored data (e.g. declared 2^40 elements, 16 bytes
+    stored; a negative dim), or None. Tensors whose data is still external (not loaded) are not checked."""
+    dims = [int(d) for d in t.dims]
+    if any(d < 0 for d in dims):
+        return f"has a negative dimension (dims {dims})"
+    if t.data_location == TensorProto.EXTERNAL or t.HasField("segment"):
+        return None
+    n = 1
+    for d in dims:
+        n *= d
+    kind = TensorProto.DataType.Name(t.data_type) if t.data_type in TensorProto.DataType.values() else "?"
+    if t.HasField("raw_data"):
+        bits = _BITS.get(t.data_type)
+        if bits is None:
+            return None
+        want = -(-n * bits // 8)
+        got = len(t.raw_data)
+        if got != want:
+            return (
+                f"declares dims {dims} ({n} {kind} elements, {want} bytes) but stores {got} bytes of raw data"
+            )
+        return None
+    want_entries = _expected_typed(t.data_type, n)
+    if want_entries is None:
+        return None
+    fname = _FIELD.get(t.data_type, "int32_data")
+    got_entries = len(getattr(t, fname))
+    if got_entries != want_entries:
+        if got_entries == 0 and not any(len(getattr(t, f)) for f in set(_FIELD.values()) | {"int32_data"}):
+            return f"declares dims {dims} ({n} {kind} elements) but stores no data"
+        return (
+            f"declares dims {dims} ({n} {kind} elements) but stores {got_entries} values in {fname} "
+            f"({want_entries} expected)"
+        )
+    return None
+
+
+def _all_tensors_deep(model: onnx.ModelProto) -> Iterator[tuple[str, TensorProto]]:
+    """(description, tensor) for every initializer and tensor attribute of the model: main graph,
+    control-flow subgraphs and local functions."""
+
+    def graph(g: onnx.GraphProto, where: str) -> Iterator[tuple[str, TensorProto]]:
+        for t in g.initializer:
+            yield f"initializer {t.name!r}{where}", t
+        yield from nodes(g.node, where)
+
+    def nodes(ns: Iterable[onnx.NodeProto], where: str) -> Iterator[tuple[str, TensorProto]]:
+        for node in ns:
+            who = node.name or f"<unnamed, output {node.output[0] if node.output else '?'}>"
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    yield f"tensor {a.name!r} of {node.op_type} node {who!r}{where}", a.t
+                elif a.type == onnx.AttributeProto.TENSORS:
+                    for k, t in enumerate(a.tensors):
+                        yield f"tensor {a.name}[{k}] of {node.op_type} node {who!r}{where}", t
+                elif a.type == onnx.AttributeProto.GRAPH:
+                    yield from graph(a.g, f" (in subgraph {a.name!r} of node {who!r})")
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for g in a.graphs:
+                        yield from graph(g, f" (in subgraph {a.name!r} of node {who!r})")
+
+    yield from graph(model.graph, "")
+    for f in model.functions:
+        yield from nodes(f.node, f" (in function {f.name!r})")
 
 
 def _model_bytes(model: onnx.ModelProto) -> int:
@@ -154,12 +407,95 @@ def _all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
                 yield a.t
 
 
+# --------------------------------------------------------------------------------- proving the output loads
+
+RUNTIME_OK = "onnxruntime loads it"
+#: ``runtime_check`` of a report whose graph was not written (yet).
+RUNTIME_NOT_WRITTEN = "not checked: the graph was not written to a file"
+_UNREGISTERED = re.compile(r"(?:Fatal error: )?([\w.\-]*):(\w+)\((-?\d+)\) is not a registered function/op")
+_NO_KERNEL = re.compile(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'")
+
+
+class _HasRuntimeCheck(Protocol):
+    runtime_check: str
+
+
+def runtime_check(
+    path: str | Path, model: onnx.ModelProto | None = None, *, out: str | Path | None = None
+) -> str:
+    """Prove onnxruntime (CPU) can load the graph written at ``path``: one session, graph optimizations off.
+    Returns :data:`RUNTIME_OK`, or ``"not checked: <why>"`` when the check cannot say anything about the
+    graph bncorrect wrote (onnxruntime missing, a model too big to load twice, an op of the input graph
+    that onnxruntime does not know or has no CPU kernel for); raises :class:`OnnxError` naming ``out``
+    (default ``path``) when onnxruntime refuses the graph for another reason. ``model`` (the proto that was
+    written) tells bncorrect's nodes from the input's and sizes the model."""
+    try:
+        import onnxruntime as ort
+    except ImportError:  # pragma: no cover - onnxruntime is a dependency
+        return "not checked: onnxruntime is not installed"
+    label = out if out is not None else path
+    if model is not None:
+        size = _model_bytes(model)
+        if size > EXTERNAL_DATA_THRESHOLD:
+            return (
+                f"not checked: the model holds {size / 1e9:.1f} GB of tensors, which an onnxruntime session "
+                "would load into memory once more; check it with onnxruntime.InferenceSession(OUT)"
+            )
+    try:
+        ort.InferenceSession(str(path), _session_options(), providers=["CPUExecutionProvider"])
+    except Exception as e:
+        msg = _ort_message(e) or type(e).__name__
+        foreign = _foreign_reason(msg, model)
+        if foreign is not None:
+            return f"not checked: {foreign}"
+        raise OnnxError(
+            f"onnxruntime {_ort_version()} cannot load the written graph ({shorten(msg, 400)}); "
+            "nothing was written",
+            path=label,
+            hint="if onnxruntime loads the input graph, this is a bncorrect bug: please report it with the "
+            "message above and the model's opset; the graph can still be inspected with "
+            "onnx.checker.check_model",
+            detail=str(e),
+        ) from None
+    return RUNTIME_OK
+
+
+def _foreign_reason(msg: str, model: onnx.ModelProto | None) -> str | None:
+    """When onnxruntime's refusal concerns an op that bncorrect does not write (a custom-domain op, or a node
+    of the input graph without a CPU kernel), why the output cannot be checked here; None otherwise."""
+    m = _UNREGISTERED.search(msg)
+    if m and m.group(1) not in ("", "ai.onnx"):
+        return (
+            f"the graph uses op {m.group(2)} of domain {m.group(1)!r}, which onnxruntime does not know "
+            "without its custom-op library (register it with SessionOptions.register_custom_ops_library to "
+            "load the output)"
+        )
+    m = _NO_KERNEL.search(msg)
+    if m and model is not None:
+        node = next((n for n in model.graph.node if n.name == m.group(3)), None)
+        if node is not None and not _is_ours(node):
+            return (
+                f"node {m.group(3)!r} ({m.group(1)}, opset {m.group(2)}) of the input graph has no CPU "
+                "kernel in onnxruntime; load the output with the execution provider it was made for"
+            )
+    return None
+
+
 @contextlib.contextmanager
 def staged_save(
-    model: onnx.ModelProto, path: str | Path, *, external_data: bool | None = None
+    model: onnx.ModelProto,
+    path: str | Path,
+    *,
+    external_data: bool | None = None,
+    check_runtime: bool = True,
+    report: _HasRuntimeCheck | None = None,
 ) -> Iterator[Path]:
     """Write ``model`` to a temporary location beside ``path`` and yield that path; move it into place only
-    when the ``with`` body succeeds (so a failed verification leaves no half-written output)."""
+    when the ``with`` body succeeds (so a failed verification leaves no half-written output).
+
+    ``check_runtime``: before yielding, prove onnxruntime loads the staged file (:func:`runtime_check`;
+    :class:`OnnxError` and nothing written when it does not); the outcome, or why it was not checked, goes
+    to ``report.runtime_check`` when a report is given."""
     path = Path(path)
     if not path.parent.is_dir():
         raise OnnxError(
@@ -183,6 +519,10 @@ def staged_save(
             )
         else:
             onnx.save_model(model, str(tmp))
+        if check_runtime:
+            outcome = runtime_check(tmp, model, out=path)
+            if report is not None:
+                report.runtime_check = outcome
         yield tmp
         if external_data and (tmpdir / data_name).exists():
             os.replace(tmpdir / data_name, path.parent / data_name)
@@ -195,11 +535,22 @@ def staged_save(
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def save_onnx(model: onnx.ModelProto, path: str | Path, *, external_data: bool | None = None) -> Path:
+def save_onnx(
+    model: onnx.ModelProto,
+    path: str | Path,
+    *,
+    external_data: bool | None = None,
+    check_runtime: bool = True,
+    report: _HasRuntimeCheck | None = None,
+) -> Path:
     """Write ``model`` atomically. ``external_data`` None: only models above ~1.8 GB get their tensors in
-    ``<name>.data`` beside the file (protobuf cannot hold 2 GB); True/False forces it."""
+    ``<name>.data`` beside the file (protobuf cannot hold 2 GB); True/False forces it.
+
+    ``check_runtime`` (default): the staged file must load in onnxruntime (CPU) before it is moved into
+    place (:func:`runtime_check`); pass the :class:`RewriteReport` as ``report`` to record the outcome in
+    its ``runtime_check`` field. Callers that open a session on the file right away may pass False."""
     path = Path(path)
-    with staged_save(model, path, external_data=external_data):
+    with staged_save(model, path, external_data=external_data, check_runtime=check_runtime, report=report):
         pass
     return path
 
@@ -257,6 +608,11 @@ class GraphIndex:
             old = self.types.get(v.name)
             if old is None or not old.tensor_type.HasField("shape"):
                 self.types[v.name] = v.type
+            elif not old.tensor_type.elem_type and v.type.tensor_type.elem_type:
+                merged = onnx.TypeProto()
+                merged.CopyFrom(old)
+                merged.tensor_type.elem_type = v.type.tensor_type.elem_type
+                self.types[v.name] = merged
 
     def rank(self, name: str) -> int | None:
         t = self.tensor_type(name)
@@ -273,11 +629,21 @@ class GraphIndex:
             for d in t.tensor_type.shape.dim
         )
 
-    def elem_type(self, name: str, fallback: int) -> int:
+    def known_elem_type(self, name: str) -> int | None:
+        """The element type of tensor ``name`` from the graph's inputs/value_info/outputs, else from shape
+        inference (on a copy, strict mode off, errors tolerated); None when neither says."""
         t = self.types.get(name)
+        if (t is None or not t.tensor_type.elem_type) and not self._inferred:
+            self._infer()
+            t = self.types.get(name)
         if t is not None and t.HasField("tensor_type") and t.tensor_type.elem_type:
             return int(t.tensor_type.elem_type)
-        return fallback
+        return None
+
+    def elem_type(self, name: str, fallback: int) -> int:
+        """:meth:`known_elem_type`, or ``fallback`` when the type is unknown."""
+        known = self.known_elem_type(name)
+        return fallback if known is None else known
 
     def resolve(self, name: str, label: str) -> tuple[np.ndarray | None, str | None]:
         """The constant behind tensor ``name`` (through Identity/Constant nodes): (array, None) or
@@ -353,6 +719,9 @@ class OnnxNormLayer:
     reason: str | None
     torch_name: str | None
     dtype: str | None = None
+    #: why the stored statistics/affine parameters are unusable (NaN, Inf, negative variance; from
+    #: :func:`bncorrect.health.statistics_problem`), None when they are fine. Also the ``reason``.
+    stats_problem: str | None = None
 
     def summary(self) -> dict[str, object]:
         """JSON-friendly description."""
@@ -367,6 +736,7 @@ class OnnxNormLayer:
             "reason": self.reason,
             "torch_name": self.torch_name,
             "params": dict(self.param_names),
+            "stats_problem": self.stats_problem,
         }
 
 
@@ -416,8 +786,36 @@ def _layer_names(model: onnx.ModelProto) -> dict[int, str]:
 
 def _check_layer(
     index: GraphIndex, node: onnx.NodeProto, opset: int
+) -> tuple[dict[str, np.ndarray], str | None, str | None]:
+    """The check of pattern -> check -> rewrite: (parameter arrays, why it cannot be corrected or None,
+    the same reason when it is about broken statistics (:func:`statistics_problem`) or None)."""
+    params, reason = _check_node(index, node, opset)
+    if reason is not None:
+        return params, reason, None
+    problem = statistics_problem(params["mean"], params["var"], params["scale"], params["bias"])
+    if problem is not None:
+        return params, problem, problem
+    x_type = _x_type(index, node, params)
+    if x_type not in _FLOAT_TYPES:
+        return params, f"input of type {TensorProto.DataType.Name(x_type)} is not floating point", None
+    return params, None, None
+
+
+def _x_type(index: GraphIndex, node: onnx.NodeProto, params: Mapping[str, np.ndarray]) -> int:
+    """The BN input's element type: declared or inferred for the input, else for the output (same type T),
+    else the parameters' type (equal to T before opset 15, where T and T1/T2 may first differ)."""
+    known = index.known_elem_type(node.input[0])
+    if known is None and node.output and node.output[0]:
+        known = index.known_elem_type(node.output[0])
+    if known is None:
+        mean = params.get("mean")
+        return TensorProto.FLOAT if mean is None else _np_elem_type(mean)
+    return known
+
+
+def _check_node(
+    index: GraphIndex, node: onnx.NodeProto, opset: int
 ) -> tuple[dict[str, np.ndarray], str | None]:
-    """The check of pattern -> check -> rewrite: (parameter arrays, why it cannot be corrected or None)."""
     if opset < MIN_OPSET:
         return {}, f"opset {opset} < {MIN_OPSET}: convert with onnx.version_converter first"
     if len(node.input) < 5:
@@ -443,13 +841,6 @@ def _check_layer(
         return params, f"parameters of unexpected shapes { ({k: v.shape for k, v in params.items()}) }"
     if not all(np.issubdtype(v.dtype, np.floating) for v in params.values()):
         return params, "parameters are not floating point"
-    if not all(np.isfinite(v).all() for v in params.values()):
-        return params, "parameters contain NaN or Inf"
-    if (params["var"] < 0).any():
-        return params, "running variance has negative entries"
-    x_type = index.elem_type(node.input[0], _np_elem_type(params["mean"]))
-    if x_type not in _FLOAT_TYPES:
-        return params, f"input of type {TensorProto.DataType.Name(x_type)} is not floating point"
     return params, None
 
 
@@ -465,11 +856,11 @@ def find_bn_nodes(model: onnx.ModelProto) -> list[OnnxNormLayer]:
     layers = []
     for i, name in names.items():
         node = model.graph.node[i]
-        params, reason = _check_layer(index, node, opset)
+        params, reason, stats_problem = _check_layer(index, node, opset)
         param_names = dict(zip(_PARAMS, node.input[1:5], strict=False))
         channels = next((int(v.size) for v in params.values()), 0)
         rank = index.rank(node.input[0])
-        x_type = index.elem_type(node.input[0], TensorProto.FLOAT)
+        x_type = _x_type(index, node, params) if len(node.input) else TensorProto.FLOAT
         layers.append(
             OnnxNormLayer(
                 name=name,
@@ -482,6 +873,7 @@ def find_bn_nodes(model: onnx.ModelProto) -> list[OnnxNormLayer]:
                 reason=reason,
                 torch_name=_torch_name(param_names, node),
                 dtype=TensorProto.DataType.Name(x_type).lower(),
+                stats_problem=stats_problem,
             )
         )
     return layers
@@ -897,6 +1289,10 @@ class RewriteReport:
     opset: int = 0
     formulation: str = "layernorm-stats + bn-view"
     notes: list[str] = field(default_factory=list)
+    #: whether onnxruntime loads the written graph: :data:`RUNTIME_OK` ("onnxruntime loads it"), or
+    #: "not checked: <why>" (set by :func:`save_onnx` when given this report; :data:`RUNTIME_NOT_WRITTEN`
+    #: until then).
+    runtime_check: str = RUNTIME_NOT_WRITTEN
 
     def summary(self) -> dict[str, object]:
         """JSON-friendly report."""
@@ -908,6 +1304,7 @@ class RewriteReport:
             "opset": self.opset,
             "formulation": self.formulation,
             "notes": list(self.notes),
+            "runtime_check": self.runtime_check,
         }
 
 
@@ -1009,12 +1406,15 @@ def rewrite_with(
     replacements: dict[int, list[onnx.NodeProto]] = {}
     new_inits: list[TensorProto] = []
     dropped_params: set[str] = set()
+    # IR < 4: every initializer must also be a graph input, i.e. a value a caller may feed instead; the
+    # constants bncorrect adds are Constant nodes there, so none of them becomes such an input.
+    as_constants = out.ir_version < 4
     for ly in layers:
         if ly.name not in wanted:
             report.kept.append(ly.name)
             continue
         node = g.node[ly.node_index]
-        params, reason = _check_layer(index, node, opset)
+        params, reason, _ = _check_layer(index, node, opset)
         if reason is not None:
             report.skipped.append((ly.name, reason))
             continue
@@ -1033,7 +1433,7 @@ def rewrite_with(
         if identity and ly.name not in stats:
             report.kept.append(ly.name)
             continue
-        x_type = index.elem_type(node.input[0], _np_elem_type(params["mean"]))
+        x_type = _x_type(index, node, params)
         stats_type = TensorProto.DOUBLE if x_type == TensorProto.DOUBLE else TensorProto.FLOAT
         b_ = Builder(ly.name + "/bncorrect", opset, taken, shared, stats_type)
         if identity:  # recalibration only: stay a plain (foldable) BN with the new statistics
@@ -1042,8 +1442,11 @@ def rewrite_with(
             ptype = helper.tensor_dtype_to_np_dtype(_np_elem_type(params["mean"]))
             new.input[3] = b_.const("running_mean", mean, ptype)
             new.input[4] = b_.const("running_var", var, ptype)
-            replacements[ly.node_index] = [new]
-            new_inits += b_.inits
+            if as_constants:
+                replacements[ly.node_index] = [*_constant_nodes(b_, b_.inits), new]
+            else:
+                replacements[ly.node_index] = [new]
+                new_inits += b_.inits
             dropped_params |= {node.input[3], node.input[4]}
             report.recalibrated.append(ly.name)
             continue
@@ -1064,8 +1467,11 @@ def rewrite_with(
             shape=index.dims(node.input[0]),
         )
         build(b_, plan)
-        replacements[ly.node_index] = b_.nodes
-        new_inits += b_.shared_inits + b_.inits
+        if as_constants:
+            replacements[ly.node_index] = _constant_nodes(b_, b_.shared_inits + b_.inits) + b_.nodes
+        else:
+            replacements[ly.node_index] = b_.nodes
+            new_inits += b_.shared_inits + b_.inits
         dropped_params |= set(node.input[1:5])
         report.rewritten.append(ly.name)
     if not replacements:
@@ -1092,12 +1498,29 @@ def rewrite_with(
     return out, report
 
 
+def _constant_nodes(b: Builder, inits: list[TensorProto]) -> list[onnx.NodeProto]:
+    """``inits`` as Constant nodes (for IR < 4 graphs, whose initializers must all be graph inputs)."""
+    nodes = []
+    for t in inits:
+        node = helper.make_node("Constant", [], [t.name], name=b.fresh("const_node"), value=t)
+        node.doc_string = f"{MARK} corrected BatchNormalization (DESIGN §2), part of {b.prefix}"
+        nodes.append(node)
+    return nodes
+
+
 def _prune(model: onnx.ModelProto, names: set[str]) -> None:
-    """Remove the rewritten nodes' parameter initializers / Constant / Identity nodes no longer used."""
+    """Remove the rewritten nodes' parameter initializers / Constant / Identity nodes no longer used, and the
+    graph inputs that name removed initializers (every initializer is one in IR < 4 graphs; in later IR
+    versions such an input is an overridable default): a caller feeding one would be silently ignored."""
     g = model.graph
-    keep_inputs = {v.name for v in g.input} | {v.name for v in g.output}
+    init_names = {t.name for t in g.initializer}
+
+    def kept_io() -> set[str]:
+        inputs = {v.name for v in g.input if v.name not in init_names or v.name not in names}
+        return inputs | {v.name for v in g.output}
+
     while True:
-        used = {i for n in g.node for i in n.input} | keep_inputs
+        used = {i for n in g.node for i in n.input} | kept_io()
         dead = [
             k
             for k, n in enumerate(g.node)
@@ -1111,7 +1534,7 @@ def _prune(model: onnx.ModelProto, names: set[str]) -> None:
         for k in reversed(dead):
             names |= set(g.node[k].input)
             del g.node[k]
-    used = {i for n in g.node for i in n.input} | keep_inputs
+    used = {i for n in g.node for i in n.input} | kept_io()
     kept = [t for t in g.initializer if t.name not in names or t.name in used]
     if len(kept) != len(g.initializer):
         del g.initializer[:]
@@ -1121,6 +1544,11 @@ def _prune(model: onnx.ModelProto, names: set[str]) -> None:
     if len(vi) != len(g.value_info):
         del g.value_info[:]
         g.value_info.extend(vi)
+    removed = (init_names - {t.name for t in g.initializer}) & gone
+    inputs = [v for v in g.input if v.name not in removed]
+    if len(inputs) != len(g.input):
+        del g.input[:]
+        g.input.extend(inputs)
 
 
 def _record(model: onnx.ModelProto, report: RewriteReport) -> None:
