@@ -13,6 +13,7 @@ keyword arguments. With ``out`` the result is written by suffix: ``.safetensors`
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .atomic import check_output
 from .correction import rule_of_thumb
 from .corrections import Corrections, LayerCorrection, load_corrections, save_corrections
-from .errors import ModelLoadError, NoBatchNormError, OnnxError, UsageError
+from .errors import ModelLoadError, NoBatchNormError, NumericalError, OnnxError, UsageError, spell
 from .layers import correct_model, corrected_layers, find_norm_layers
 from .models import LoadedModel, load_model, save_checkpoint
 
@@ -38,6 +38,7 @@ class OnnxModel:
     proto: Any
     path: Path
     sha256: str
+    fingerprint: str = ""
 
 
 Source = LoadedModel | OnnxModel
@@ -73,6 +74,23 @@ def open_model(model: ModelLike, **load_options: Any) -> Source:
     An ``nn.Module`` is deep-copied (as ``torch.ao.quantization.prepare`` does by default), so that the
     commands never modify the caller's module: the corrected copy is ``Outcome.model``.
     """
+    source = _open(model, **load_options)
+    if not source.fingerprint:
+        source.fingerprint = model_fingerprint(source)
+    return source
+
+
+def model_fingerprint(source: Source) -> str:
+    """The fingerprint of MODEL's BN layers (:mod:`bncorrect.fingerprint`), what corrections are checked
+    against: equal for a PyTorch model and its ONNX export, different for another checkpoint."""
+    from .fingerprint import onnx_fingerprint, torch_fingerprint
+
+    if isinstance(source, OnnxModel):
+        return onnx_fingerprint(source.proto)
+    return torch_fingerprint(source.model)
+
+
+def _open(model: ModelLike, **load_options: Any) -> Source:
     if isinstance(model, LoadedModel | OnnxModel):
         return model
     if isinstance(model, nn.Module):
@@ -105,9 +123,26 @@ def layer_summaries(source: Source) -> list[dict[str, Any]]:
     return [ly.summary() for ly in find_norm_layers(source.model)]
 
 
-def correctable_channels(source: Source) -> dict[str, int]:
-    """Name -> channels of every layer that can be corrected; NoBatchNormError when there is none."""
+def correctable_channels(source: Source, *, allow_broken_stats: bool = False) -> dict[str, int]:
+    """Name -> channels of every layer that can be corrected; NoBatchNormError when there is none, and
+    NumericalError when a layer's stored statistics are NaN, infinite or negative (``allow_broken_stats``:
+    count such layers in, for ``recalibrate``, which replaces them)."""
+    from .health import STATS_HINT
+
     layers = layer_summaries(source)
+    broken = [ly for ly in layers if ly.get("stats_problem")]
+    if broken and not allow_broken_stats:
+        first = broken[0]
+        more = f" (and {len(broken) - 1} more layers)" if len(broken) > 1 else ""
+        raise NumericalError(
+            f"BN layer {first['name']}: {first['stats_problem']}{more}; every output of the layer would be "
+            "NaN or meaningless",
+            path=source.path,
+            hint=STATS_HINT,
+        )
+    if allow_broken_stats:
+        for ly in broken:
+            ly["correctable"], ly["reason"] = True, None
     out = {ly["name"]: int(ly["channels"]) for ly in layers if ly["correctable"]}
     if not out:
         path = source.path
@@ -145,8 +180,8 @@ def rule(
     **load_options: Any,
 ) -> Outcome:
     """EvalNorm's rule of thumb: alpha = beta = 1/B^2 for every BN layer."""
-    if train_batch_size < 1:
-        raise UsageError(f"--train-batch-size must be >= 1, got {train_batch_size}")
+    _check_batch_size("train_batch_size", train_batch_size)
+    _check_files(model, out=out)
     source = open_model(model, **load_options)
     a = rule_of_thumb(train_batch_size)
     corrections = Corrections.uniform(
@@ -159,6 +194,48 @@ def rule(
     return _finish(source, corrections, out, export)
 
 
+def _check_batch_size(option: str, value: int | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(
+            f"{spell(option, value)}: the normalization batch size must be a whole number >= 1",
+            hint=f"pass the number of examples each BN layer normalized over in training, e.g. "
+            f"{spell(option, 2)}",
+        )
+
+
+def _check_device(device: str | None) -> None:
+    """A clean UsageError for a device name torch does not know (``--device banana``)."""
+    if device is None or str(device) == "auto":
+        return
+    try:  # availability is the runtime's to check (torch, or onnxruntime's providers for .onnx)
+        torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UsageError(
+            f"{spell('device', device)} is not a device ({str(e).splitlines()[0][:120]})",
+            hint=f"use {spell('device', 'cpu')}, {spell('device', 'cuda')}, {spell('device', 'cuda:1')}, "
+            f"{spell('device', 'mps')} or {spell('device', 'auto')}",
+        ) from None
+
+
+def _path_or_none(value: Any) -> Path | None:
+    return Path(value) if isinstance(value, str | Path) else None
+
+
+def _check_files(model: Any, *, data: Any = None, corrections: Any = None, **writes: Any) -> None:
+    """Every output against every input and each other, and each output's folder writable, before any
+    work (:func:`bncorrect.paths.check_paths`)."""
+    from .paths import check_paths
+
+    reads = {
+        "model": _path_or_none(model) if not isinstance(model, LoadedModel | OnnxModel) else model.path,
+        "data": _path_or_none(data) if data is not None else None,
+        "corrections": _path_or_none(corrections) if corrections is not None else None,
+    }
+    check_paths(reads, {k: v for k, v in writes.items() if v is not None})
+
+
 def weight(
     model: ModelLike,
     alpha: float,
@@ -169,9 +246,13 @@ def weight(
     **load_options: Any,
 ) -> Outcome:
     """Inference example weighing: one alpha (and beta, default = alpha) for every BN layer."""
-    for label, v in (("--alpha", alpha), ("--beta", beta)):
+    for label, v in (("alpha", alpha), ("beta", beta)):
         if v is not None and not 0.0 <= v <= 1.0:
-            raise UsageError(f"{label} must lie in [0, 1], got {v}")
+            raise UsageError(
+                f"{spell(label, v)}: must lie in [0, 1]",
+                hint="0 is plain BN; small values such as 0.05-0.2 are typical (see sweep-alpha)",
+            )
+    _check_files(model, out=out)
     source = open_model(model, **load_options)
     corrections = Corrections.uniform(
         list(correctable_channels(source)), alpha, beta, method="example-weighing", model_sha256=_sha(source)
@@ -185,14 +266,16 @@ def apply(
     *,
     out: str | Path | None = None,
     export: ExportOptions | None = None,
+    force: bool = False,
     **load_options: Any,
 ) -> Outcome:
-    """Apply a corrections file (or :class:`Corrections`) to MODEL."""
+    """Apply a corrections file (or :class:`Corrections`) to MODEL. Corrections made for another model
+    (their BN fingerprint differs, :mod:`bncorrect.fingerprint`) are refused unless ``force``."""
+    _check_files(model, corrections=corrections, out=out)
     corr, corr_path = _read_corrections(corrections)
     source = open_model(model, **load_options)
-    if out is not None and corr_path is not None:
-        check_output(out, corr_path)
-    return _finish(source, corr, out, export, corrections_source=corr_path)
+    warning = corr.check_model(source.fingerprint, model=source.path, source=corr_path, force=force)
+    return _finish(source, corr, out, export, corrections_source=corr_path, warnings=[warning])
 
 
 def _read_corrections(corrections: str | Path | Corrections) -> tuple[Corrections, Path | None]:
@@ -233,11 +316,18 @@ def _finish(
     export: ExportOptions | None,
     *,
     corrections_source: Path | None = None,
+    warnings: Sequence[str | None] = (),
 ) -> Outcome:
-    """Correct the model in memory and, with ``out``, write the result by suffix."""
+    """Correct the model in memory and, with ``out``, write the result by suffix. The corrections are
+    stamped with the fingerprint of the model they are now made for."""
     if out is not None:
         out = _check_out(out, source)
-    report: dict[str, Any] = {}
+    corrections = dataclasses.replace(
+        corrections,
+        model_fingerprint=source.fingerprint or None,
+        model_file=source.path.name if source.path.name != "<in-memory>" else None,
+    )
+    report: dict[str, Any] = {"warnings": [w for w in warnings if w]}
     if isinstance(source, OnnxModel):
         from .onnx_rewrite import match_layers, rewrite
 
@@ -250,6 +340,9 @@ def _finish(
             corrections.model_sha256,
             corrections.data,
             corrections.metrics,
+            corrections.version,
+            corrections.model_fingerprint,
+            corrections.model_file,
         )
         channels = correctable_channels(source)
         node_corr.validate(channels, source=corrections_source)
@@ -317,7 +410,9 @@ def _check_out(out: str | Path, source: Source) -> Path:
             path=out,
             hint="write .onnx (rewritten graph) or .safetensors (corrections file)",
         )
-    return check_output(out, source.path if source.path.exists() else None)
+    from .paths import check_paths
+
+    return check_paths({"model": source.path if source.path.exists() else None}, {"out": out})["out"]
 
 
 def _write_onnx_source(outcome: Outcome, out: Path) -> Path:
@@ -325,7 +420,7 @@ def _write_onnx_source(outcome: Outcome, out: Path) -> Path:
 
     if out.suffix.lower() == ".safetensors":
         return save_corrections(outcome.corrections, out)
-    return save_onnx(outcome.model, out)
+    return save_onnx(outcome.model, out, report=outcome.report.get("rewrite"))
 
 
 def write_output(outcome: Outcome, out: str | Path, export: ExportOptions | None = None) -> Path:
@@ -341,6 +436,7 @@ def write_output(outcome: Outcome, out: str | Path, export: ExportOptions | None
         meta = {
             "method": outcome.corrections.method,
             "train_batch_size": outcome.corrections.train_batch_size,
+            "model_fingerprint": outcome.corrections.model_fingerprint,
         }
         return save_checkpoint(outcome.model, out, source=source, meta=meta)
     export = export or ExportOptions()
@@ -500,6 +596,14 @@ def estimate(
     from .estimation import DEFAULT_SAMPLE_BUDGET, estimate_alpha_beta
     from .passes import lcm
 
+    _check_batch_size("train_batch_size", train_batch_size)
+    for pattern, b in (layer_batch_size or {}).items():
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            _bad_layer_b(pattern, b)
+    if recalibrate_first:
+        _check_upstream(upstream)
+    _check_device(device)
+    _check_files(model, data=data, out=out)
     if out is not None:
         out = Path(out)
     source = open_model(model, **load_options)
@@ -507,6 +611,7 @@ def estimate(
     if out is not None:
         _check_out(out, source)
     channels = correctable_channels(source)
+    _check_layer_patterns(layer_batch_size, channels, source)
     dataset = open_data(data, data_spec)
     recal = None
     if recalibrate_first:
@@ -581,6 +686,39 @@ def estimate(
     if recal is not None:
         outcome.report["recalibrate"] = recal
     return outcome
+
+
+def _bad_layer_b(pattern: str, value: Any) -> None:
+    raise UsageError(
+        f"layer_batch_size {pattern!r}: {value!r} is not a normalization batch size (a whole number >= 1)",
+        hint="e.g. --layer-batch-size 'head.*=16' on the command line, "
+        "layer_batch_size={'head.*': 16} in Python",
+    )
+
+
+def _check_layer_patterns(
+    patterns: Mapping[str, int] | None, channels: Mapping[str, int], source: Source
+) -> None:
+    """Every ``layer_batch_size`` pattern must match a layer: one that matches none is a typo, and
+    silently ignoring it would estimate that layer with the wrong B."""
+    import fnmatch
+
+    for pattern in patterns or {}:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in channels):
+            shown = ", ".join(list(channels)[:6]) + (" ..." if len(channels) > 6 else "")
+            raise UsageError(
+                f"layer_batch_size pattern {pattern!r} matches no BN layer (the layers: {shown})",
+                path=source.path,
+                hint="patterns are globs on layer names (BN node names for .onnx), e.g. 'head.*'; see "
+                "`bncorrect inspect MODEL`",
+            )
+
+
+def _check_upstream(upstream: str) -> None:
+    if upstream not in ("eval", "train"):
+        raise UsageError(
+            f"{spell('upstream', upstream)}: must be 'eval' (inference-consistent) or 'train' (PreciseBN)"
+        )
 
 
 def _first_input(batches: Iterable[Any]) -> Tensor | None:
@@ -665,13 +803,17 @@ def recalibrate(
 ) -> Outcome:
     """Replace every BN layer's running statistics by exact population statistics over ``data`` (an ONNX
     model runs in onnxruntime, :mod:`bncorrect.onnx_passes`)."""
+    _check_upstream(upstream)
+    _check_batch_size("batch_size", batch_size)
+    _check_device(device)
+    _check_files(model, data=data, out=out)
     if out is not None:
         out = Path(out)
     source = open_model(model, **load_options)
     is_onnx = _onnx_options(source, "recalibrate", forward_fn)
     if out is not None:
         _check_out(out, source)
-    channels = correctable_channels(source)
+    channels = correctable_channels(source, allow_broken_stats=True)
     dataset = open_data(data, data_spec)
     recal = _recalibrate_stats(
         source, dataset, upstream, batch_size, max_examples, device, num_workers, seed, forward_fn, progress
@@ -713,6 +855,7 @@ def diagnose(
     corrections: str | Path | Corrections | None = None,
     plot: str | Path | None = None,
     histogram_layer: str | None = None,
+    force: bool = False,
     max_examples: int | None = None,
     device: str = "auto",
     num_workers: int = 0,
@@ -725,15 +868,22 @@ def diagnose(
     """Per-layer gap between eval-mode and training-mode normalization (and after ``corrections``)."""
     from .diagnosis import diagnose_model, plot_diagnosis
 
+    _check_batch_size("train_batch_size", train_batch_size)
+    _check_device(device)
+    _check_files(model, data=data, corrections=corrections, plot=plot)
     source = _require_torch(open_model(model, **load_options), "diagnose")
     channels = correctable_channels(source)
     coeffs = None
+    warnings = []
     if corrections is not None:
         corr, corr_path = _read_corrections(corrections)
+        warnings.append(
+            corr.check_model(source.fingerprint, model=source.path, source=corr_path, force=force)
+        )
         corr.validate(channels, source=corr_path)
         coeffs = {n: (lc.alpha, lc.beta) for n, lc in corr.layers.items()}
     if plot is not None:
-        plot = check_output(plot, source.path if source.path.exists() else None)
+        plot = Path(plot)
     dataset = open_data(data, data_spec)
     batch = train_batch_size * max(1, 64 // train_batch_size)
     loader, total, description = _loader(
@@ -753,6 +903,7 @@ def diagnose(
     )
     if plot is not None:
         plot_diagnosis(result, str(plot))
+    result.warnings = [w for w in warnings if w]
     return result
 
 
@@ -777,6 +928,7 @@ def sweep_alpha(
     forward_fn: Any = None,
     progress: Any = None,
     export: ExportOptions | None = None,
+    force: bool = False,
     **load_options: Any,
 ) -> Outcome:
     """Inference example weighing: evaluate a grid of global alphas (plus EMA, the rule 1/B^2 and an
@@ -787,17 +939,21 @@ def sweep_alpha(
     from .sweep import Candidate, plot_sweep, write_report
     from .sweep import sweep_alpha as run_sweep
 
+    _check_batch_size("train_batch_size", train_batch_size)
+    _check_device(device)
+    _check_files(model, data=data, corrections=corrections, out=out, plot=plot, report=report)
     source = open_model(model, **load_options)
     is_onnx = _onnx_options(source, "sweep-alpha", forward_fn)
-    for path in (out, plot, report):
-        if path is not None:
-            check_output(path, source.path if source.path.exists() else None)
     if out is not None:
         _check_out(out, source)
     channels = correctable_channels(source)
     extra = []
+    warnings = []
     if corrections is not None:
         corr, corr_path = _read_corrections(corrections)
+        warnings.append(
+            corr.check_model(source.fingerprint, model=source.path, source=corr_path, force=force)
+        )
         if isinstance(source, OnnxModel):
             from .onnx_passes import node_corrections
 
@@ -846,7 +1002,7 @@ def sweep_alpha(
     chosen.metrics = {"metric": metric, "best": best.as_dict(), "n_examples": result.n_examples}
     if not is_onnx and export is not None and export.example_input is None and export.input_shape is None:
         export.example_input = _first_input(loader)
-    outcome = _finish(source, chosen, out, export)
+    outcome = _finish(source, chosen, out, export, warnings=warnings)
     outcome.report["sweep"] = result
     if plot is not None:
         outcome.report["plot"] = plot_sweep(result, plot)

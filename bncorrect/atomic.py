@@ -8,26 +8,20 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import UsageError
-
 
 def check_output(out: str | Path, *inputs: str | Path | None) -> Path:
-    """Refuse an OUT that would overwrite one of the inputs, or whose folder does not exist."""
-    out = Path(out)
-    for inp in inputs:
-        if inp is None:
-            continue
-        inp = Path(inp)
-        if out.resolve() == inp.resolve() or (out.exists() and inp.exists() and out.samefile(inp)):
-            raise UsageError(
-                f"output {out} is the input file; bncorrect never overwrites its input",
-                hint="choose a different -o/--output path",
-            )
-    if not out.parent.exists():
-        raise UsageError(
-            f"folder {out.parent} does not exist", path=out, hint=f"create it: mkdir -p {out.parent}"
-        )
-    return out
+    """Refuse an OUT that would overwrite one of the inputs, or that cannot be written
+    (:func:`bncorrect.paths.check_paths`, which commands call with all their paths at once)."""
+    from .paths import check_paths
+
+    return check_paths({f"input {i + 1}": p for i, p in enumerate(inputs)}, {"out": out})["out"]
+
+
+def default_mode() -> int:
+    """The permissions a new file gets from ``open()``: 0o666 less the umask (as every other tool)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 @contextlib.contextmanager
@@ -39,6 +33,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, default_mode())  # mkstemp makes 0600 files
         os.replace(tmp_path, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

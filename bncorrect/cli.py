@@ -104,6 +104,13 @@ def _load_options(
     }
 
 
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Use a corrections file even though it was made for another model (its BN fingerprint differs).",
+    ),
+]
 MinEffectOpt = Annotated[
     float | None,
     typer.Option(
@@ -151,6 +158,12 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def _warn_outcome(outcome: Any) -> None:
+    """Warnings the library returned (e.g. a corrections file without a fingerprint, or --force used)."""
+    for w in getattr(outcome, "report", {}).get("warnings", []) or getattr(outcome, "warnings", []) or []:
+        err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
+
+
 def _warn_load(outcome_source: Any) -> None:
     meta = getattr(outcome_source, "meta", {}) or {}
     for w in meta.get("warnings", []):
@@ -172,6 +185,11 @@ def _report_written(outcome: Any, json_out: bool) -> None:
         diff = getattr(export, "max_abs_diff", None)
         if diff is not None:
             err_console.print(f"  verified against PyTorch: max abs diff {diff:.3g}")
+    check = getattr(export, "runtime_check", None) or getattr(
+        outcome.report.get("rewrite"), "runtime_check", None
+    )
+    if check and str(outcome.output).lower().endswith(".onnx"):
+        err_console.print(f"  {check}", highlight=False)
     effect = outcome.report.get("min_effect") or getattr(export, "min_effect", None)
     if effect is not None:
         err_console.print(
@@ -238,6 +256,13 @@ def _written_json(outcome: Any) -> dict[str, Any]:
     export = outcome.report.get("export")
     if export is not None:
         data["verify_max_abs_diff"] = getattr(export, "max_abs_diff", None)
+    check = getattr(export, "runtime_check", None) or getattr(
+        outcome.report.get("rewrite"), "runtime_check", None
+    )
+    if check and data["output"] and data["output"].lower().endswith(".onnx"):
+        data["runtime_check"] = check
+    if outcome.report.get("warnings"):
+        data["warnings"] = list(outcome.report["warnings"])
     effect = outcome.report.get("min_effect") or getattr(export, "min_effect", None)
     if effect is not None:
         data["min_effect"] = effect.summary()
@@ -334,6 +359,7 @@ def rule(
         **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch),
     )
     _warn_load(outcome.source)
+    _warn_outcome(outcome)
     if json_out:
         _print_json(_outcome_json(outcome))
     else:
@@ -373,6 +399,7 @@ def weight(
         **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch),
     )
     _warn_load(outcome.source)
+    _warn_outcome(outcome)
     if json_out:
         _print_json(_outcome_json(outcome))
     else:
@@ -399,6 +426,7 @@ def apply(
     input_shape: InputShapeOpt = None,
     opset: OpsetOpt = None,
     no_verify: NoVerifyOpt = False,
+    force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Apply a corrections file to MODEL (also across formats: PyTorch corrections onto its ONNX export)."""
@@ -408,10 +436,12 @@ def apply(
         model,
         corrections,
         out=output,
+        force=force,
         export=_export_options(input_shape, opset, no_verify),
         **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch),
     )
     _warn_load(outcome.source)
+    _warn_outcome(outcome)
     if json_out:
         _print_json(_outcome_json(outcome))
     else:
@@ -607,6 +637,7 @@ def estimate(
             **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch),
         )
     _warn_load(outcome.source)
+    _warn_outcome(outcome)
     result = outcome.report["estimate"]
     if json_out:
         data_out = {**result.as_dict(), **_written_json(outcome)}
@@ -696,6 +727,7 @@ def recalibrate(
             **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch),
         )
     _warn_load(outcome.source)
+    _warn_outcome(outcome)
     recal = outcome.report["recalibrate"]
     if json_out:
         _print_json(
@@ -769,6 +801,7 @@ def sweep_alpha(
     opset: OpsetOpt = None,
     no_verify: NoVerifyOpt = False,
     min_effect: MinEffectOpt = None,
+    force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Choose one inference example weight alpha for every BN layer on labelled validation data."""
@@ -800,10 +833,12 @@ def sweep_alpha(
             num_workers=num_workers,
             seed=seed,
             progress=bar,
+            force=force,
             export=_export_options(input_shape, opset, no_verify, min_effect),
             **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch),
         )
     _warn_load(outcome.source)
+    _warn_outcome(outcome)
     result = outcome.report["sweep"]
     if json_out:
         data_out = {**result.as_report(), **_written_json(outcome)}
@@ -858,6 +893,7 @@ def diagnose(
     channels: ChannelsOpt = 3,
     preprocess: PreprocessOpt = None,
     skip_bad_files: SkipBadOpt = False,
+    force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """How far eval-mode normalization is from training-mode normalization, per BN layer."""
@@ -874,6 +910,7 @@ def diagnose(
             corrections=corrections,
             plot=plot,
             histogram_layer=histogram_layer,
+            force=force,
             max_examples=max_examples,
             device=device,
             num_workers=num_workers,
@@ -881,6 +918,7 @@ def diagnose(
             progress=bar,
             **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch),
         )
+    _warn_outcome(result)
     if json_out:
         data_out = result.as_dict()
         data_out["plot"] = None if plot is None else str(plot)

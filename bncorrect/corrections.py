@@ -2,8 +2,10 @@
 
 For each corrected layer ``L`` the file holds tensors ``L.alpha`` and ``L.beta`` (0-d or shape [C]) and,
 after ``recalibrate``, ``L.running_mean`` and ``L.running_var``. String metadata: ``format``
-(``bncorrect/1``), ``method``, ``train_batch_size``, ``bncorrect_version``, ``model_sha256``, ``data``,
-``metrics`` (JSON). Layer names are PyTorch module paths (``layer1.0.bn1``) or ONNX BN node names.
+(``bncorrect/1``), ``method``, ``train_batch_size``, ``bncorrect_version``, ``model_sha256``,
+``model_fingerprint`` (of the model's BN layers, :mod:`bncorrect.fingerprint`: a file is refused on another
+model), ``model_file`` (its file name), ``data``, ``metrics`` (JSON). Layer names are PyTorch module
+paths (``layer1.0.bn1``) or ONNX BN node names.
 """
 
 from __future__ import annotations
@@ -54,6 +56,46 @@ class Corrections:
     data: str | None = None
     metrics: dict[str, object] = field(default_factory=dict)
     version: str | None = None
+    model_fingerprint: str | None = None
+    model_file: str | None = None
+
+    def check_model(
+        self,
+        fingerprint: str | None,
+        *,
+        model: str | Path | None = None,
+        source: str | Path | None = None,
+        force: bool = False,
+    ) -> str | None:
+        """Refuse these corrections on a model whose BN fingerprint (:mod:`bncorrect.fingerprint`)
+        differs from the one they were made for, unless ``force``. Returns a warning when the check could
+        not be made (a file from before fingerprints) or was overridden, else None."""
+        from .errors import spell
+        from .fingerprint import short
+
+        if self.model_fingerprint is None or fingerprint is None:
+            return (
+                f"{source or 'the corrections'} records no model fingerprint (written by bncorrect "
+                f"{self.version or 'before 0.1'}), so it cannot be checked to belong to "
+                f"{model or 'this model'}"
+            )
+        if self.model_fingerprint == fingerprint:
+            return None
+        made_for = f" ({self.model_file})" if self.model_file else ""
+        text = (
+            f"the corrections were made for another model{made_for}: their BN fingerprint is "
+            f"{short(self.model_fingerprint)}, {model or 'this model'}'s is {short(fingerprint)} (computed "
+            "from every BN layer's statistics and parameters, so another checkpoint of the same "
+            "architecture differs)"
+        )
+        if force:
+            return f"{text}; applied anyway ({spell('force')})"
+        raise CorrectionsFileError(
+            text,
+            path=source,
+            hint=f"re-run the command that made them on {model or 'this model'}, or pass {spell('force')} "
+            "if you know they fit",
+        )
 
     @classmethod
     def uniform(
@@ -142,6 +184,8 @@ def save_corrections(corrections: Corrections, path: str | Path) -> Path:
         "train_batch_size": "" if corrections.train_batch_size is None else str(corrections.train_batch_size),
         "bncorrect_version": __version__,
         "model_sha256": corrections.model_sha256 or "",
+        "model_fingerprint": corrections.model_fingerprint or "",
+        "model_file": corrections.model_file or "",
         "data": corrections.data or "",
         "metrics": json.dumps(_jsonable(corrections.metrics)),
     }
@@ -207,6 +251,8 @@ def load_corrections(path: str | Path) -> Corrections:
         data=metadata.get("data") or None,
         metrics=metrics,
         version=metadata.get("bncorrect_version"),
+        model_fingerprint=metadata.get("model_fingerprint") or None,
+        model_file=metadata.get("model_file") or None,
     )
 
 

@@ -20,6 +20,11 @@ _INTERFACE: contextvars.ContextVar[str] = contextvars.ContextVar("bncorrect_inte
 _CLI_FLAGS = {("strict", False): "--non-strict"}
 
 
+def current_interface() -> str:
+    """``"cli"`` inside :func:`bncorrect.cli.main`, else ``"api"``."""
+    return _INTERFACE.get()
+
+
 @contextlib.contextmanager
 def interface(name: str) -> Iterator[None]:
     """Within the block, hints speak ``"cli"`` (option flags) or ``"api"`` (keyword arguments)."""
@@ -33,7 +38,7 @@ def interface(name: str) -> Iterator[None]:
 def spell(option: str, value: Any = True) -> str:
     """An option as the caller writes it: ``spell("trust_pickle")`` is ``--trust-pickle`` for the CLI and
     ``trust_pickle=True`` for the Python API; ``spell("arch", "m:f")`` is ``--arch m:f`` / ``arch='m:f'``."""
-    if _INTERFACE.get() == "cli":
+    if current_interface() == "cli":
         flag = _CLI_FLAGS.get((option, value)) if isinstance(value, bool) else None
         if flag:
             return flag

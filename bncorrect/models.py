@@ -48,6 +48,7 @@ class LoadedModel:
     arch: str | None = None
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""  # of the BN layers (bncorrect.fingerprint), filled in by bncorrect.api.open_model
 
 
 def file_sha256(path: str | Path) -> str:
