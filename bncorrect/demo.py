@@ -255,12 +255,14 @@ def run_demo(
     """Run inspect -> rule -> estimate -> sweep-alpha -> ONNX export on each sample checkpoint.
 
     ``fast``: 200 validation examples and a 5-point alpha grid (what the test suite runs)."""
+    from .paths import check_paths
+
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError("the demo's output folder is a file", path=out, hint="pass --out-dir FOLDER")
-    dirs = _sample_dirs(
-        Path(samples_dir) if samples_dir is not None else default_samples_dir(), datasets, batch_sizes
-    )
+    samples = Path(samples_dir) if samples_dir is not None else default_samples_dir()
+    dirs = _sample_dirs(samples, datasets, batch_sizes)
+    check_paths({"samples": samples}, folders={"out_dir": out})
     out.mkdir(parents=True, exist_ok=True)
     demo = DemoResult(out)
     for d in dirs:
