@@ -228,6 +228,8 @@ def _check_files(model: Any, *, data: Any = None, corrections: Any = None, **wri
     work (:func:`bncorrect.paths.check_paths`)."""
     from .paths import check_paths
 
+    if data is not None and not isinstance(data, str | Path):  # an opened Dataset knows its file or folder
+        data = getattr(data, "path", None) or getattr(data, "root", None)
     reads = {
         "model": _path_or_none(model) if not isinstance(model, LoadedModel | OnnxModel) else model.path,
         "data": _path_or_none(data) if data is not None else None,
@@ -290,7 +292,12 @@ def apply_to_module(
     model: nn.Module, corrections: Corrections, *, source: str | Path | None = None
 ) -> nn.Module:
     """Validate ``corrections`` against ``model`` and correct it in place (running stats included)."""
-    channels = {ly.name: ly.channels for ly in find_norm_layers(model) if ly.correctable}
+    replaced = {n for n, lc in corrections.layers.items() if lc.running_var is not None}
+    channels = {
+        ly.name: ly.channels
+        for ly in find_norm_layers(model)
+        if ly.correctable or (getattr(ly, "stats_problem", None) and ly.name in replaced)
+    }
     corrections.validate(channels, source=source)
     layers = {ly.name: ly for ly in find_norm_layers(model)}
     for name, lc in corrections.layers.items():
@@ -478,7 +485,10 @@ def parse_shape(text: str) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if not shape or any(s < 1 for s in shape):
-        raise UsageError(f"--input-shape {text!r} is not a list of positive integers, e.g. 1,3,224,224")
+        raise UsageError(
+            f"--input-shape {text!r} is not a list of positive integers",
+            hint="give the example input's shape, batch first, e.g. --input-shape 1,3,224,224",
+        )
     return shape
 
 
@@ -717,7 +727,9 @@ def _check_layer_patterns(
 def _check_upstream(upstream: str) -> None:
     if upstream not in ("eval", "train"):
         raise UsageError(
-            f"{spell('upstream', upstream)}: must be 'eval' (inference-consistent) or 'train' (PreciseBN)"
+            f"{spell('upstream', upstream)}: must be 'eval' (inference-consistent) or 'train' (PreciseBN)",
+            hint=f"{spell('upstream', 'eval')} (the default) or {spell('upstream', 'train')} with "
+            f"{spell('batch_size', 8)}",
         )
 
 
@@ -756,7 +768,9 @@ def _recalibrate_stats(
     if upstream == "train":
         if batch_size is None:
             raise UsageError(
-                "--upstream train needs --batch-size B (the normalization batch size in training)"
+                f"{spell('upstream', 'train')} needs the normalization batch size of training",
+                hint=f"pass {spell('batch_size', 8)} (the examples each BN layer normalized over), or use "
+                f"{spell('upstream', 'eval')}",
             )
         loader_batch = batch_size * max(1, 64 // batch_size)
     else:

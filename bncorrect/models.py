@@ -105,7 +105,10 @@ def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
             f"--arch-kwargs is not valid JSON: {e}", hint="e.g. --arch-kwargs '{\"num_classes\": 10}'"
         ) from None
     if not isinstance(value, dict):
-        raise UsageError("--arch-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+        raise UsageError(
+            f"--arch-kwargs must be a JSON object, got {type(value).__name__}",
+            hint="e.g. --arch-kwargs '{\"num_classes\": 10}'",
+        )
     return value
 
 
@@ -438,7 +441,7 @@ def _checkpoint_corrections(corr: Any, path: Path) -> dict[str, dict[str, Tensor
     for name, entry in corr.items():
         if not isinstance(name, str) or not isinstance(entry, Mapping):
             raise ModelLoadError(
-                f"the checkpoint's corrections entry {name!r} is a {type(entry).__name__}, not "
+                f"the checkpoint's corrections for layer {name!r} are a {type(entry).__name__}, not "
                 "{'alpha': tensor, 'beta': tensor}",
                 path=path,
                 hint="the file is damaged or was not written by bncorrect; use the original checkpoint",

@@ -162,7 +162,11 @@ def check_paths(
                     hint=f"choose a {role(name)} that holds none of the inputs",
                 )
         if folder.exists() and not folder.is_dir():
-            raise UsageError(f"{role(name)} {folder} is a file, not a folder", path=folder)
+            raise UsageError(
+                f"{role(name)} {folder} is a file, not a folder",
+                path=folder,
+                hint=f"name a folder for {role(name)} (it is created when missing)",
+            )
         parent = folder if folder.is_dir() else _existing_parent(folder)
         _check_writable_folder(parent, name, folder)
         outs[name] = folder
@@ -189,7 +193,11 @@ def _check_writable_folder(folder: Path, name: str, out: Path) -> None:
             hint=f"create it first: mkdir -p {folder}",
         )
     if not folder.is_dir():
-        raise UsageError(f"{folder} (in {role(name)} {out}) is a file, not a folder", path=out)
+        raise UsageError(
+            f"{folder} (in {role(name)} {out}) is a file, not a folder",
+            path=out,
+            hint=f"choose a {role(name)} in an existing folder",
+        )
     try:
         fd, probe = tempfile.mkstemp(prefix=".bncorrect-probe-", dir=folder)
     except OSError as e:
