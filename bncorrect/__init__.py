@@ -45,6 +45,35 @@ _EXPORTS = {
     "save_checkpoint": "models",
 }
 
+_SUBMODULES = frozenset(
+    {
+        "api",
+        "atomic",
+        "cli",
+        "correction",
+        "corrections",
+        "data",
+        "demo",
+        "diagnosis",
+        "errors",
+        "estimation",
+        "factories",
+        "fingerprint",
+        "health",
+        "layers",
+        "models",
+        "nn",
+        "onnx_export",
+        "onnx_passes",
+        "onnx_rewrite",
+        "passes",
+        "paths",
+        "recalibration",
+        "sample_models",
+        "sweep",
+    }
+)
+
 if TYPE_CHECKING:  # pragma: no cover
     from .api import (
         ExportOptions,
@@ -68,6 +97,8 @@ if TYPE_CHECKING:  # pragma: no cover
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
+        if name in _SUBMODULES:  # bncorrect.api, bncorrect.data, ... without importing them first
+            return importlib.import_module(f".{name}", __name__)
         raise AttributeError(f"module 'bncorrect' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value

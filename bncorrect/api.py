@@ -689,7 +689,8 @@ def estimate(
         description,
         metrics,
     )
-    if not is_onnx and export is not None and export.example_input is None and export.input_shape is None:
+    export = export or ExportOptions()
+    if not is_onnx and export.example_input is None and export.input_shape is None:
         export.example_input = _first_input(loader)
     outcome = _finish(source, corrections, out, export)
     outcome.report["estimate"] = result
@@ -848,9 +849,9 @@ def recalibrate(
         description,
         {"examples": recal.examples, "passes": recal.passes, "upstream": upstream},
     )
+    export = export or ExportOptions()
     if (
         not is_onnx
-        and export is not None
         and export.example_input is None
         and export.input_shape is None
         and hasattr(dataset, "__getitem__")
@@ -1014,7 +1015,8 @@ def sweep_alpha(
     )
     chosen.data = description
     chosen.metrics = {"metric": metric, "best": best.as_dict(), "n_examples": result.n_examples}
-    if not is_onnx and export is not None and export.example_input is None and export.input_shape is None:
+    export = export or ExportOptions()
+    if not is_onnx and export.example_input is None and export.input_shape is None:
         export.example_input = _first_input(loader)
     outcome = _finish(source, chosen, out, export, warnings=warnings)
     outcome.report["sweep"] = result

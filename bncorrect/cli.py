@@ -1057,6 +1057,8 @@ def _run(args: list[str]) -> int:
             highlight=False,
         )
         return 70
+    if rc == 130:  # typer turns Ctrl-C into a silent exit code 130 (no command returns one)
+        err_console.print("[red]interrupted[/]")
     return rc if isinstance(rc, int) else 0
 
 
