@@ -26,8 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from . import correction as C
-from .errors import UsageError
-from .layers import correct_model, corrected_layers
+from .errors import NumericalError, UsageError
+from .health import STATS_HINT, statistics_problem
+from .layers import batch_statistics_layers, correct_model, corrected_layers
 from .passes import Batch, ForwardFn, Observer, Progress, resolve_device, training_mode_pass
 
 HISTOGRAM_VALUES = 200_000
@@ -82,6 +83,30 @@ class DiscrepancyMeter:
         self.train_max = max(self.train_max, float(train.max()))
         self.bound = math.sqrt(max(values_per_group - 1, 0))
         self.outside += int((evaluated.abs() > self.bound).sum())
+
+    def check(self, name: str, norm: nn.Module, data_hint: str = "") -> None:
+        """:class:`NumericalError` naming layer ``name`` (and the data) when a sum went NaN/Inf: plain eval
+        normalization (``norm``'s running statistics) or the corrected one gave non-finite values."""
+        on = f" on {data_hint}" if data_hint else ""
+        if not bool(torch.isfinite(self.l1_eval).all()):
+            weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+            broken = statistics_problem(norm.running_mean, norm.running_var, weight, bias)
+            raise NumericalError(
+                f"eval-mode normalization of layer {name} gives NaN/Inf values{on}"
+                + (f": {broken}" if broken else " although its input is finite"),
+                path=data_hint or None,
+                hint=STATS_HINT
+                if broken
+                else "check the checkpoint's statistics and parameters (`bncorrect inspect MODEL`)",
+            )
+        if self.has_corr and not bool(torch.isfinite(self.l1_corr).all()):
+            raise NumericalError(
+                f"the corrected normalization of layer {name} gives NaN/Inf values{on} with the corrections' "
+                "alpha/beta",
+                path=data_hint or None,
+                hint="check the corrections file (made for this model? `bncorrect inspect MODEL`) and the "
+                "checkpoint's statistics",
+            )
 
     def result(self, name: str) -> LayerDiagnosis:
         per_channel = self.l1_eval / max(self.count, 1)
@@ -167,6 +192,9 @@ def diagnose_model(
 
     ``corrections`` maps layer names to (alpha, beta). ``histogram``: False, True (the layer and channel
     with the largest discrepancy; needs a second pass, so ``batches`` must be re-iterable) or a layer name.
+    Layers with ``track_running_stats=False`` normalize over groups of B, as in training. NaN/Inf
+    activations, or sums that go NaN/Inf (broken statistics), raise :class:`NumericalError` naming the
+    layer and the data.
     """
     if train_batch_size < 1:
         raise UsageError(f"--train-batch-size must be >= 1, got {train_batch_size}")
@@ -188,6 +216,7 @@ def diagnose_model(
             train, evaluated, corrected = _normalized(x, mu_i, var_i, mu_b, var_b, m.norm, coeffs)
             per_example = x[0, 0].numel() if x.dim() > 2 else 1
             meters[name].add(train, evaluated, corrected, train_batch_size * per_example)
+            meters[name].check(name, m.norm, data_hint)
 
         return observe
 
@@ -254,6 +283,7 @@ def _run(
         total_examples=total,
         progress=progress,
         data_hint=hint,
+        batch_stat_sizes=dict.fromkeys(batch_statistics_layers(work), b),
     )
     return examples
 

@@ -28,8 +28,18 @@ from torch import Tensor, nn
 
 from . import correction as C
 from .errors import DataError, NumericalError, UsageError
-from .layers import correct_model, corrected_layers, layer_batch_sizes
-from .passes import Batch, ForwardFn, Observer, Progress, TrainingPass, resolve_device, training_mode_pass
+from .health import STATS_HINT, statistics_problem
+from .layers import batch_statistics_layers, correct_model, corrected_layers, layer_batch_sizes
+from .passes import (
+    Batch,
+    ForwardFn,
+    Observer,
+    Progress,
+    TrainingPass,
+    check_observed,
+    resolve_device,
+    training_mode_pass,
+)
 
 #: Default number of sampled activation values kept per layer (float32): 2^19 values = 2 MiB.
 DEFAULT_SAMPLE_BUDGET = 1 << 19
@@ -162,8 +172,16 @@ class EvalNormEstimator:
         positions: int = DEFAULT_POSITIONS,
         solve_rows: int = DEFAULT_SOLVE_ROWS,
         generator: torch.Generator,
+        data_hint: str = "",
     ) -> None:
+        problem = statistics_problem(running_mean, running_var)
+        if problem is not None:
+            raise NumericalError(
+                f"layer {name} cannot be estimated against its running statistics: {problem}",
+                hint=STATS_HINT,
+            )
         self.name = name
+        self.data_hint = data_hint
         self.running_mean = running_mean.detach().double().cpu()
         self.running_var = running_var.detach().double().cpu()
         self.eps = float(eps)
@@ -184,11 +202,7 @@ class EvalNormEstimator:
                 hint="pass the batch size the model was trained with (B >= 2), or --layer-batch-size "
                 f"'{self.name}=B' for this layer",
             )
-        if not (torch.isfinite(mu_i).all() and torch.isfinite(var_i).all()):
-            raise NumericalError(
-                f"NaN or Inf in the input of layer {self.name}",
-                hint="check the data (and its preprocessing) and the checkpoint; run `bncorrect inspect`",
-            )
+        check_observed(self.name, x, (mu_i, var_i, mu_b, var_b), data_hint=self.data_hint)
         if self.reservoir is None:
             c = x.shape[1]
             size = 1 if x.dim() == 2 else int(x[0, 0].numel())
@@ -253,6 +267,14 @@ class EvalNormEstimator:
         )
         res = self.reservoir
         assert res is not None
+        if not bool(torch.isfinite(values).all()):
+            raise NumericalError(
+                f"L_aux of layer {self.name} is NaN/Inf at alpha = {alpha:g}, beta = {beta:g} "
+                f"(EMA: {float(values[1])}) on the sample of {self.data_hint or 'the data'}",
+                path=self.data_hint or None,
+                hint="check the data and its preprocessing (values, --mean/--std) and the checkpoint's "
+                "statistics (`bncorrect inspect MODEL`)",
+            )
         return LayerEstimate(
             name=self.name,
             alpha=alpha,
@@ -314,7 +336,9 @@ def estimate_alpha_beta(
     ``batches`` should be shuffled and hold a multiple of the normalization batch size B examples (each
     batch is cut to a multiple of the least common multiple of all layers' B; the rest is counted in
     ``dropped``). ``layer_batch_size`` maps glob patterns of layer names to their own B (e.g. heads that
-    normalize over more examples). ``model`` itself is not modified.
+    normalize over more examples). Layers with ``track_running_stats=False`` (left uncorrected) normalize
+    over groups of their B too, as in training. ``model`` itself is not modified. NaN/Inf activations
+    raise :class:`NumericalError` naming the first layer that meets them and the data.
     """
     check_batch_sizes(train_batch_size, layer_batch_size)
     dev = resolve_device(device)
@@ -323,6 +347,7 @@ def estimate_alpha_beta(
     work.to(dev)
     layers = corrected_layers(work)
     sizes = layer_batch_sizes(list(layers), train_batch_size, layer_batch_size)
+    untracked = layer_batch_sizes(list(batch_statistics_layers(work)), train_batch_size, layer_batch_size)
 
     def run_pass(group_sizes: Mapping[str, int], observers: Mapping[str, Observer]) -> tuple[int, int]:
         return training_mode_pass(
@@ -336,6 +361,7 @@ def estimate_alpha_beta(
             total_examples=total_examples,
             progress=progress,
             data_hint=data_hint,
+            batch_stat_sizes=untracked,
         )
 
     return estimate_from_pass(
@@ -347,6 +373,7 @@ def estimate_alpha_beta(
         sample_budget=sample_budget,
         positions=positions,
         solve_rows=solve_rows,
+        data_hint=data_hint,
     )
 
 
@@ -369,6 +396,7 @@ def estimate_from_pass(
     sample_budget: int = DEFAULT_SAMPLE_BUDGET,
     positions: int = DEFAULT_POSITIONS,
     solve_rows: int = DEFAULT_SOLVE_ROWS,
+    data_hint: str = "",
 ) -> EstimateResult:
     """EvalNorm offline over one training-mode pass, whatever runs the model (PyTorch or onnxruntime).
 
@@ -376,6 +404,8 @@ def estimate_from_pass(
     one generator seeded with ``seed``, so the order fixes the samples); ``sizes``: each layer's
     normalization batch size B. ``run_pass`` (:data:`bncorrect.passes.TrainingPass`) runs the training-mode
     pass with these group sizes and an observer per layer; then every layer's (alpha, beta) is solved.
+    Running statistics with NaN/Inf/negative variances, and NaN/Inf activations, raise
+    :class:`NumericalError` naming the layer (and ``data_hint``, the data).
     """
     gen = torch.Generator().manual_seed(seed)
     estimators = {
@@ -389,6 +419,7 @@ def estimate_from_pass(
             positions=positions,
             solve_rows=solve_rows,
             generator=gen,
+            data_hint=data_hint,
         )
         for name, (mean, var, eps) in layers.items()
     }

@@ -30,6 +30,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from . import correction as C
 from .errors import NoBatchNormError, UsageError
+from .health import statistics_problem
 
 Mode = Literal["corrected", "batch"]
 
@@ -79,7 +80,13 @@ def not_correctable_reason(module: nn.Module) -> str | None:
 
 @dataclass
 class NormLayer:
-    """One BN layer of a model, as :func:`find_norm_layers` reports it."""
+    """One BN layer of a model, as :func:`find_norm_layers` reports it.
+
+    ``stats_problem`` says what is wrong with the stored statistics or affine parameters (NaN, Inf, a
+    negative variance: :func:`bncorrect.health.statistics_problem`), or None. Such a layer is reported
+    ``correctable=False`` with that ``reason`` (unless a structural reason comes first), yet
+    :func:`correct_model` still wraps it, so that ``recalibrate`` can recompute its statistics.
+    """
 
     name: str
     type: str
@@ -91,6 +98,7 @@ class NormLayer:
     reason: str | None
     module: nn.Module = field(repr=False)
     strategy: str = "direct"
+    stats_problem: str | None = None
 
     def summary(self) -> dict[str, object]:
         """JSON-friendly description (without the module)."""
@@ -103,6 +111,7 @@ class NormLayer:
             "affine": self.affine,
             "correctable": self.correctable,
             "reason": self.reason,
+            "stats_problem": self.stats_problem,
         }
         rm = getattr(self.module, "running_mean", None)
         rv = getattr(self.module, "running_var", None)
@@ -118,8 +127,25 @@ def _inner(module: nn.Module) -> nn.Module:
     return module.norm if isinstance(module, CorrectedNorm) else module
 
 
+def _stats_problem(module: nn.Module) -> str | None:
+    """:func:`bncorrect.health.statistics_problem` of a BN-like layer's tensors (None without statistics)."""
+    rm, rv = getattr(module, "running_mean", None), getattr(module, "running_var", None)
+    if not isinstance(rm, Tensor) or not isinstance(rv, Tensor):
+        return None
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    return statistics_problem(
+        rm,
+        rv,
+        weight if isinstance(weight, Tensor) else None,
+        bias if isinstance(bias, Tensor) else None,
+    )
+
+
 def find_norm_layers(model: nn.Module) -> list[NormLayer]:
-    """Every BN layer of ``model`` (already-corrected ones included), in module order."""
+    """Every BN layer of ``model`` (already-corrected ones included), in module order.
+
+    A layer is ``correctable`` when it is structurally correctable (:func:`not_correctable_reason`) and its
+    stored statistics and affine parameters are usable (``stats_problem`` is None)."""
     layers: list[NormLayer] = []
 
     def visit(module: nn.Module, prefix: str) -> None:
@@ -127,9 +153,11 @@ def find_norm_layers(model: nn.Module) -> list[NormLayer]:
             name = f"{prefix}.{child_name}" if prefix else child_name
             inner = _inner(child)
             if isinstance(child, CorrectedNorm) or is_batchnorm_like(child):
-                reason = not_correctable_reason(inner)
+                structural = not_correctable_reason(inner)
                 rm = getattr(inner, "running_mean", None)
                 weight = getattr(inner, "weight", None)
+                problem = _stats_problem(inner)
+                reason = structural if structural is not None else problem
                 channels = (
                     int(rm.numel())
                     if isinstance(rm, Tensor)
@@ -147,6 +175,7 @@ def find_norm_layers(model: nn.Module) -> list[NormLayer]:
                         reason=reason,
                         module=child,
                         strategy=_strategy(inner),
+                        stats_problem=problem,
                     )
                 )
             else:
@@ -272,6 +301,10 @@ def correct_model(
 ) -> nn.Module:
     """Wrap every correctable BN layer of ``model`` in :class:`CorrectedNorm`, in place; returns the model.
 
+    Layers whose only problem is their stored statistics (``NormLayer.stats_problem``: NaN, Inf, negative
+    variance) are wrapped too: recalibration recomputes those statistics through the wrapper. Refusing
+    such models is the commands' business.
+
     ``alpha``/``beta`` are one value for every layer or a mapping from layer name to value (layers missing
     from a mapping get 0, i.e. stay plain BN in effect). ``beta`` defaults to ``alpha``. Layers that are
     already wrapped get their coefficients updated. With ``strict`` a model without any correctable BN
@@ -280,7 +313,12 @@ def correct_model(
     if beta is None:
         beta = alpha
     found = find_norm_layers(model)
-    correctable = [ly for ly in found if ly.correctable and (layers is None or ly.name in layers)]
+    # structurally correctable layers, broken statistics included: recalibration must be able to wrap them
+    correctable = [
+        ly
+        for ly in found
+        if not_correctable_reason(_inner(ly.module)) is None and (layers is None or ly.name in layers)
+    ]
     if strict and not correctable:
         if found:
             reasons = "; ".join(f"{ly.name}: {ly.reason}" for ly in found)
@@ -345,6 +383,66 @@ def normalization_mode(
             layers[name].group_size = gs
         for name, m in model.named_modules():
             m.training = saved_training.get(name, m.training)
+
+
+def uses_batch_statistics(module: nn.Module) -> bool:
+    """True for a BN-like layer that normalizes with batch statistics in training *and* keeps none to
+    correct (``track_running_stats=False``): bncorrect leaves it uncorrected, but a training-mode pass must
+    let it normalize over groups of B examples, as it did in training."""
+    if isinstance(module, CorrectedNorm) or not is_batchnorm_like(module):
+        return False
+    rm, rv = getattr(module, "running_mean", None), getattr(module, "running_var", None)
+    return rm is None or rv is None or not getattr(module, "track_running_stats", True)
+
+
+def batch_statistics_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Name -> module of every layer of ``model`` for which :func:`uses_batch_statistics` holds."""
+    return {n: m for n, m in model.named_modules() if n and uses_batch_statistics(m)}
+
+
+def _grouped_forward(module: nn.Module, forward: Callable[..., Tensor], size: int) -> Callable[..., Tensor]:
+    """``module``'s forward with batch statistics taken over consecutive groups of ``size`` examples."""
+    direct = _strategy(module) == "direct"
+
+    def grouped(x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        if args or kwargs or x.dim() < 2 or x.shape[0] <= size:
+            return forward(x, *args, **kwargs)
+        if direct:  # plain BN types: the group statistics of the training-mode pass, in one go
+            mu_i, var_i = C.example_stats(x)
+            mu_b, var_b = C.group_stats(mu_i, var_i, size)
+            weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+            return C.normalize(x, mu_b, var_b, float(module.eps), weight, bias)
+        return torch.cat([forward(part) for part in x.split(size)])  # whatever else its forward does
+
+    return grouped
+
+
+@contextlib.contextmanager
+def grouped_batch_statistics(
+    model: nn.Module, group_sizes: Mapping[str, int] | int | None
+) -> Iterator[dict[str, nn.Module]]:
+    """Temporarily make every layer of :func:`batch_statistics_layers` normalize over consecutive groups of
+    its group size (one size for all, or per layer name; a layer missing from a mapping, or ``None``, keeps
+    the whole batch). Each module's own ``forward`` is shadowed by an instance attribute and restored
+    afterwards, also on failure; nothing else of the model changes."""
+    layers = batch_statistics_layers(model)
+    missing = object()
+    saved: dict[str, object] = {}
+    try:
+        for name, m in layers.items():
+            size = group_sizes.get(name) if isinstance(group_sizes, Mapping) else group_sizes
+            if size is None:
+                continue
+            saved[name] = m.__dict__.get("forward", missing)
+            object.__setattr__(m, "forward", _grouped_forward(m, m.forward, int(size)))
+        yield layers
+    finally:
+        for name, previous in saved.items():
+            m = layers[name]
+            if previous is missing:
+                m.__dict__.pop("forward", None)
+            else:
+                object.__setattr__(m, "forward", previous)
 
 
 def layer_batch_sizes(names: list[str], default: int, patterns: Mapping[str, int] | None) -> dict[str, int]:

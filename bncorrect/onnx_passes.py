@@ -56,12 +56,12 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnx import helper
+from onnx import helper, numpy_helper
 from torch import Tensor
 
 from . import correction as C
 from .corrections import Corrections
-from .errors import DataError, NoBatchNormError, OnnxError, UsageError
+from .errors import DataError, NoBatchNormError, NumericalError, OnnxError, UsageError
 from .estimation import (
     DEFAULT_POSITIONS,
     DEFAULT_SAMPLE_BUDGET,
@@ -70,6 +70,7 @@ from .estimation import (
     check_batch_sizes,
     estimate_from_pass,
 )
+from .health import STATS_HINT, statistics_problem
 from .layers import layer_batch_sizes
 from .onnx_rewrite import (
     Builder,
@@ -78,12 +79,24 @@ from .onnx_rewrite import (
     OnnxNormLayer,
     cast_in,
     example_stats_nodes,
+    find_bn_nodes,
     finish_layer,
     match_layers,
     rewrite_with,
 )
 from .onnx_rewrite import require_bn_nodes as _require_bn_nodes
-from .passes import Batch, Observer, Progress, batch_size_of, first_tensor, lcm, run_trimmed
+from .passes import (
+    Batch,
+    Observer,
+    Progress,
+    batch_size_of,
+    check_observed,
+    describe_values,
+    first_tensor,
+    lcm,
+    nonfinite_error,
+    run_trimmed,
+)
 from .recalibration import (
     PopulationMoments,
     RecalibrateResult,
@@ -101,6 +114,7 @@ from .sweep import (
     build_candidates,
     check_labels,
     check_metric,
+    ema_outputs_error,
     resolve_tables,
     select_logits,
     sweep_result,
@@ -137,7 +151,8 @@ _ORT_NUMPY = {
 # ---------------------------------------------------------------------------------------------- layers
 @dataclass(frozen=True)
 class OnnxLayer:
-    """A correctable BN node: its name, input tensor, channels, eps and running statistics (float64)."""
+    """A correctable BN node: its name, input tensor, channels, eps, running statistics (float64) and
+    output tensor."""
 
     name: str
     x: str
@@ -145,13 +160,21 @@ class OnnxLayer:
     eps: float
     running_mean: Tensor
     running_var: Tensor
+    y: str = ""
 
 
 def correctable_layers(model: onnx.ModelProto, *, source: str | Path | None = None) -> list[OnnxLayer]:
     """Every correctable BN node in graph order; :class:`NoBatchNormError` (with the folded-BN explanation)
-    when there is none."""
+    when there is none. Nodes whose only problem is their stored statistics (``stats_problem``: NaN, Inf,
+    negative variance) are included, as :func:`bncorrect.layers.correct_model` wraps such layers: the
+    passes observe their inputs (recalibration replaces their statistics) and raise
+    :class:`NumericalError` where the broken statistics would be used."""
     found = _require_bn_nodes(model, source=source)
-    ok = [ly for ly in found if ly.correctable]
+    ok = [
+        ly
+        for ly in found
+        if ly.correctable or (ly.stats_problem is not None and ly.reason == ly.stats_problem)
+    ]
     if not ok:
         reasons = "; ".join(f"{ly.name}: {ly.reason}" for ly in found[:5])
         raise NoBatchNormError(f"no BatchNorm layer can be corrected ({reasons})", path=source)
@@ -163,6 +186,7 @@ def correctable_layers(model: onnx.ModelProto, *, source: str | Path | None = No
             ly.channels,
             ly.eps,
             *stats[ly.name],
+            y=model.graph.node[ly.node_index].output[0],
         )
         for ly in ok
     ]
@@ -523,6 +547,26 @@ def _working_copy(model: onnx.ModelProto, source: str | Path | None) -> tuple[on
     return work, _fixed_batch(work, source)
 
 
+def _placeholder_statistics(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (a working copy: changed in place) with the stored running statistics of every BN node
+    whose statistics are broken (``stats_problem``) replaced by finite placeholders (mean 0, variance 1),
+    where they are initializers. For the passes that never use them (training-mode normalization, the
+    input taps of recalibration, layers already recalibrated), so that a checkpoint with NaN statistics
+    can still be recalibrated; nothing computed from the placeholders is ever reported."""
+    broken = [ly for ly in find_bn_nodes(model) if ly.stats_problem is not None]
+    if not broken:
+        return model
+    inits = {t.name: k for k, t in enumerate(model.graph.initializer)}
+    for ly in broken:
+        for key, fill in (("mean", 0.0), ("var", 1.0)):
+            name = ly.param_names.get(key)
+            if name is not None and name in inits:
+                tensor = model.graph.initializer[inits[name]]
+                values = np.full_like(numpy_helper.to_array(tensor), fill)
+                tensor.CopyFrom(numpy_helper.from_array(values, name))
+    return model
+
+
 def _input_tensor(batch: Batch) -> Tensor:
     x = first_tensor(batch)
     if x is None:
@@ -547,10 +591,12 @@ def training_pass(
 ) -> tuple[int, int]:
     """One pass over ``batches`` with the BN nodes of ``group_sizes`` in training-mode normalization over
     their group sizes; ``observers`` (by node name) see ``(x, mu_i, var_i, mu_b, var_b)`` per batch, in
-    graph order. Returns (examples used, examples dropped); DataError when no whole group was seen. The
+    graph order. Returns (examples used, examples dropped); DataError when no whole group was seen;
+    NumericalError naming the first layer (in graph order) whose input or statistics hold NaN/Inf. The
     ONNX counterpart of :func:`bncorrect.passes.training_mode_pass`."""
     work, fixed = _working_copy(model, source)
     layers = [ly for ly in correctable_layers(work, source=source) if ly.name in group_sizes]
+    _placeholder_statistics(work)  # training-mode normalization never reads the stored statistics
     graph = training_graph(work, {ly.name: group_sizes[ly.name] for ly in layers}, source=source)
     graph = tap_graph(graph, [ly.x for ly in layers])
     runner = GraphRunner(
@@ -564,14 +610,15 @@ def training_pass(
     )
 
     def run(batch: Batch) -> None:
-        values = runner.run(_input_tensor(batch))
-        for ly, x in zip(layers, values, strict=True):
-            observer = observers.get(ly.name)
-            if observer is None:
-                continue
+        data = _input_tensor(batch)
+        values = runner.run(data)
+        for ly, x in zip(layers, values, strict=True):  # graph order: the first layer at fault is named
             mu_i, var_i = C.example_stats(x)
             mu_b, var_b = C.group_stats(mu_i, var_i, group_sizes[ly.name])
-            observer(x, mu_i, var_i, mu_b, var_b)
+            check_observed(ly.name, x, (mu_i, var_i, mu_b, var_b), data_hint=data_hint, data=data)
+            observer = observers.get(ly.name)
+            if observer is not None:
+                observer(x, mu_i, var_i, mu_b, var_b)
 
     return run_trimmed(
         batches,
@@ -635,6 +682,7 @@ def estimate_onnx(
         sample_budget=sample_budget,
         positions=positions,
         solve_rows=solve_rows,
+        data_hint=data_hint,
     )
 
 
@@ -673,9 +721,13 @@ def recalibrate_onnx(
                 source=source,
             )
 
-        return train_consistent_stats({ly.name: ly.channels for ly in layers}, batch_size, run_pass)
+        return train_consistent_stats(
+            {ly.name: ly.channels for ly in layers}, batch_size, run_pass, data_hint=data_hint
+        )
     check_upstream(upstream, batches)
     work, fixed = _working_copy(model, source)
+    # layer k's pass reads the layers before it with their new statistics and stops at its own input
+    _placeholder_statistics(work)
     done: dict[str, tuple[Tensor, Tensor]] = {}
     examples = 0
     for ly in layers:
@@ -692,11 +744,12 @@ def recalibrate_onnx(
             data_hint=data_hint,
             fixed_batch=fixed,
         )
-        moments = PopulationMoments(ly.channels)
+        moments = PopulationMoments(ly.channels, name=ly.name, data_hint=data_hint)
         examples = 0
         for batch in batches:
-            (x,) = runner.run(_input_tensor(batch))
-            moments.add(x)
+            data = _input_tensor(batch)
+            (x,) = runner.run(data)
+            moments.add(x, data)
             examples += batch_size_of(batch)
             if progress is not None:
                 progress(f"recalibrate {ly.name}", examples, total_examples)
@@ -705,7 +758,7 @@ def recalibrate_onnx(
                 "the data is empty", path=data_hint or None, hint="pass a dataset with at least one example"
             )
         mean, var = moments.mean, moments.variance()
-        check_finite(ly.name, mean, var)
+        check_finite(ly.name, mean, var, data_hint=data_hint)
         done[ly.name] = (mean.float(), var.float())
     return RecalibrateResult(dict(done), "eval", examples, len(layers), None, [])
 
@@ -721,6 +774,7 @@ class SweepInputs:
     var: str
     shape: tuple[int, ...]  # (C, 1, ...): broadcasts against the layer's (N, C, *spatial) statistics
     dtype: Any  # numpy dtype of the statistics
+    check: str = ""  # an extra graph output: float64 sum of mu_hat and var_hat, NaN/Inf exactly when they are
 
 
 def _sweep_builder(specs: dict[str, SweepInputs]) -> Callable[[Builder, LayerPlan], None]:
@@ -736,7 +790,6 @@ def _sweep_builder(specs: dict[str, SweepInputs]) -> Callable[[Builder, LayerPla
         else:
             r = p.rank
         a_in, b_in, m_in, v_in = (b.fresh(k) for k in ("alpha", "beta", "running_mean", "running_var"))
-        specs[p.name] = SweepInputs(a_in, b_in, m_in, v_in, (p.channels,) + (1,) * (r - 2), b.np_dtype)
         mu, v, is_inv_std = example_stats_nodes(b, replace(p, beta=np.ones(())), x, r)
         var_i = b.op("Reciprocal", [b.op("Mul", [v, v], "inv_var")], "var_i") if is_inv_std else v
         d = b.op("Sub", [mu, m_in], "d")
@@ -751,6 +804,16 @@ def _sweep_builder(specs: dict[str, SweepInputs]) -> Callable[[Builder, LayerPla
             ],
             "var_hat",
         )
+        # NaN/Inf in x, its statistics (var_i overflow included: beta * Inf is NaN for beta = 0) or the
+        # running statistics reach mu_hat or var_hat; summed in float64, which no float32 value overflows
+        double = onnx.TensorProto.DOUBLE
+        axes = list(range(r))
+        sums = [
+            b.reduce("ReduceSum", b.op("Cast", [t], f"{label}_f64", to=double), axes, 0, label)
+            for t, label in ((mu_hat, "mu_hat_sum"), (var_hat, "var_hat_sum"))
+        ]
+        check = b.op("Add", sums, "nonfinite_check")
+        specs[p.name] = SweepInputs(a_in, b_in, m_in, v_in, (p.channels,) + (1,) * (r - 2), b.np_dtype, check)
         flat = b.shape([-1])
         n = b.batch_size(x, p.batch_dim)
         g_in = b.op("Tile", [b.const("gamma", p.gamma), n], "gamma_tiled")
@@ -768,7 +831,9 @@ def sweep_graph(
     model: onnx.ModelProto, layers: Sequence[OnnxLayer], *, source: str | Path | None = None
 ) -> tuple[onnx.ModelProto, dict[str, SweepInputs]]:
     """A copy of ``model`` with every layer of ``layers`` corrected with alpha, beta and running statistics
-    read from graph inputs (:class:`SweepInputs` per node name): one session serves every candidate."""
+    read from graph inputs (:class:`SweepInputs` per node name): one session serves every candidate. After
+    the model's outputs come one scalar output per layer (``SweepInputs.check``), NaN/Inf exactly when that
+    layer's statistics are."""
     specs: dict[str, SweepInputs] = {}
     graph = _build_every(
         model,
@@ -784,6 +849,7 @@ def sweep_graph(
             graph.graph.input.append(
                 helper.make_tensor_value_info(name, elem(np.dtype(spec.dtype)), spec.shape)
             )
+        graph.graph.output.append(helper.make_tensor_value_info(spec.check, onnx.TensorProto.DOUBLE, []))
     return graph, specs
 
 
@@ -822,6 +888,55 @@ def _outputs(values: list[Tensor], names: list[str]) -> Any:
     return values[0] if len(values) == 1 else dict(zip(names, values, strict=True))
 
 
+def _explain_ema(
+    model: onnx.ModelProto,
+    layers: Sequence[OnnxLayer],
+    data: Tensor,
+    device: str | None,
+    threads: int | None,
+    source: str | Path | None,
+    data_hint: str,
+    fixed: int | None,
+) -> Exception:
+    """The error for plain BN (the graph as it is, EMA) meeting NaN/Inf on the batch ``data``: the graph is
+    run once with every BN node's input and output as outputs, and the first node (in graph order) whose
+    input is NaN/Inf or too large for its statistics, or whose output is NaN/Inf from a fine input, is
+    named; otherwise the non-finite values arise outside the BN nodes."""
+    taps = [t for ly in layers for t in (ly.x, ly.y) if t]
+    graph = tap_graph(model, taps)
+    runner = GraphRunner(
+        graph,
+        [tap_name(graph, t) for t in taps],
+        device=device,
+        threads=threads,
+        source=source,
+        data_hint=data_hint,
+        fixed_batch=fixed,
+    )
+    values = dict(zip(taps, runner.run(data), strict=True))
+    for ly in layers:
+        x = values[ly.x]
+        try:
+            check_observed(ly.name, x, C.example_stats(x), data_hint=data_hint, data=data)
+        except NumericalError as e:
+            return e
+        out = values.get(ly.y)
+        if out is not None and not bool(torch.isfinite(out).all()):
+            broken = statistics_problem(ly.running_mean, ly.running_var)
+            return nonfinite_error(
+                ly.name,
+                out,
+                data_hint=data_hint,
+                what="the output",
+                problem=f"{describe_values(out)}, although its input is finite"
+                + (f" ({broken})" if broken else ""),
+                hint=STATS_HINT
+                if broken
+                else "check the graph's BN statistics and parameters (`bncorrect inspect MODEL`)",
+            )
+    return ema_outputs_error(data_hint)
+
+
 def sweep_onnx(
     model: onnx.ModelProto,
     batches: Iterable[Batch],
@@ -843,18 +958,30 @@ def sweep_onnx(
     1/B^2, ``extra_candidates`` keyed by node name) evaluated on labelled ``batches`` (iterated once) with
     its own corrected graph; nll (log-softmax in float64), top1 and top5 tallied as in the PyTorch sweep.
     Returns a :class:`~bncorrect.sweep.SweepResult`; ``output_key`` picks the logits among several graph
-    outputs (index or output name)."""
+    outputs (index or output name). Non-finite values follow the PyTorch sweep's rules: NaN/Inf with plain
+    BN (the EMA row; BN nodes with broken stored statistics included) is a :class:`NumericalError` naming
+    the first BN node at fault; a corrected row that alone meets NaN/Inf is marked and never chosen."""
     metric = check_metric(metric)
     candidates = build_candidates(
         alphas, beta_mode=beta_mode, train_batch_size=train_batch_size, extra=extra_candidates
     )
     work, fixed = _working_copy(model, source)
     layers = correctable_layers(work, source=source)
+    for node in find_bn_nodes(work):
+        if node.stats_problem is not None:  # plain BN (the EMA row) would be NaN or meaningless
+            raise NumericalError(
+                f"BN node {node.name} cannot be swept: {node.stats_problem}",
+                path=source,
+                hint=STATS_HINT,
+            )
     graph, specs = sweep_graph(work, layers, source=source)
     feeds = _candidate_feeds(candidates, layers, specs)
     extra = [n for spec in specs.values() for n in (spec.alpha, spec.beta, spec.mean, spec.var)]
+    checks = [spec.check for spec in specs.values()]
+    names = [o.name for o in graph.graph.output if o.name not in set(checks)]
     runner = GraphRunner(
         graph,
+        names + checks,
         device=device,
         threads=threads,
         source=source,
@@ -862,7 +989,6 @@ def sweep_onnx(
         fixed_batch=fixed,
         extra_inputs=extra,
     )
-    names = runner.outputs
     tally = Tally(len(candidates))
     num_classes = top_k = 0
     for batch in batches:
@@ -870,15 +996,22 @@ def sweep_onnx(
         if rows == 0:
             continue
         y = batch_labels(batch, rows, data_hint)
-        x = runner.feed(_input_tensor(batch))
-        logits = torch.stack(
-            [select_logits(_outputs(runner.run(x, f), names), output_key, rows) for f in feeds]
-        )
+        data = _input_tensor(batch)
+        x = runner.feed(data)
+        outs, bad = [], []
+        for f in feeds:
+            values = runner.run(x, f)
+            outs.append(select_logits(_outputs(values[: len(names)], names), output_key, rows))
+            bad.append(not all(bool(torch.isfinite(v).all()) for v in values[len(names) :]))
+        logits = torch.stack(outs)
+        nonfinite = torch.tensor(bad) | (~torch.isfinite(logits)).flatten(1).any(1)
+        if bool(nonfinite[0]):  # plain BN itself meets NaN/Inf: the model or the data is broken
+            raise _explain_ema(work, layers, data, device, threads, source, data_hint, fixed)
         if top_k == 0:
             num_classes = int(logits.shape[-1])
             top_k = min(5, num_classes)
         check_labels(y, num_classes, data_hint, output_key)
-        tally.add(logits, y, top_k)
+        tally.add(logits, y, top_k, nonfinite)
         if progress is not None:
             progress("sweep-alpha", tally.n, total_examples)
     return sweep_result(

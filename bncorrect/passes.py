@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import DataError, UsageError
+from . import correction as C
+from .errors import DataError, NumericalError, UsageError
 
 Batch = Any
 ForwardFn = Callable[[nn.Module, Batch], Any]
@@ -134,6 +135,144 @@ def run_forward(
         ) from e
 
 
+# ---------------------------------------------------------------------------------------------- non-finite
+def describe_values(x: Tensor) -> str:
+    """What is wrong with activations ``x``, in words: how many NaN/Inf values, or (all finite) how large
+    they get, when their statistics overflow."""
+    xd = x.detach()
+    nan, inf = int(torch.isnan(xd).sum()), int(torch.isinf(xd).sum())
+    if nan or inf:
+        parts = ([f"{nan} NaN"] if nan else []) + ([f"{inf} Inf"] if inf else [])
+        return f"{' and '.join(parts)} among {xd.numel()} values"
+    big = float(xd.abs().max()) if xd.numel() else 0.0
+    dtype = str(C.stats_dtype(xd)).removeprefix("torch.")
+    return (
+        f"values up to {big:.3g} in magnitude, too large for statistics in {dtype} (their variance overflows)"
+    )
+
+
+def _all_finite(t: Tensor | None) -> bool:
+    return t is None or not t.is_floating_point() or bool(torch.isfinite(t).all())
+
+
+def nonfinite_error(
+    layer: str,
+    x: Tensor | None,
+    *,
+    data_hint: str = "",
+    data: Tensor | None = None,
+    what: str = "the input",
+    problem: str | None = None,
+    hint: str | None = None,
+) -> NumericalError:
+    """The :class:`NumericalError` for non-finite values met at ``what`` (e.g. "the input") of ``layer``:
+    the message names the layer, the data (``data_hint``) and what is wrong (``problem``, or
+    :func:`describe_values` of ``x``); the hint says what to do. ``data``: the batch as read, to tell
+    NaN/Inf in the data itself from NaN/Inf the model makes of finite data."""
+    too_large = problem is None and x is not None and _all_finite(x)  # finite, yet statistics overflow
+    if problem is None:
+        problem = "NaN or Inf values" if x is None else describe_values(x)
+    on = f" on {data_hint}" if data_hint else ""
+    if data is not None and not _all_finite(data):
+        return NumericalError(
+            f"the data{' ' + data_hint if data_hint else ''} holds NaN/Inf values ({describe_values(data)} "
+            f"in one batch); they reach {what} of layer {layer}",
+            path=data_hint or None,
+            hint="remove or repair the examples with NaN/Inf values, or fix the preprocessing that makes "
+            "them (values, --mean/--std)",
+        )
+    if too_large:
+        return NumericalError(
+            f"values too large at {what} of layer {layer}{on}: {problem}",
+            path=data_hint or None,
+            hint=hint
+            or "check the data and its preprocessing (values, scale, --mean/--std): inputs are expected at "
+            f"about unit scale; the first too large values appear at {what} of layer {layer}",
+        )
+    return NumericalError(
+        f"non-finite values (NaN/Inf) at {what} of layer {layer}{on}: {problem}",
+        path=data_hint or None,
+        hint=hint
+        or "check the data and its preprocessing (values, --mean/--std) and the checkpoint (`bncorrect "
+        f"inspect MODEL`); the first non-finite values appear at {what} of layer {layer}",
+    )
+
+
+def check_observed(
+    layer: str,
+    x: Tensor,
+    stats: Sequence[Tensor],
+    *,
+    data_hint: str = "",
+    data: Tensor | None = None,
+) -> None:
+    """:func:`nonfinite_error` unless layer ``layer``'s input ``x`` gave finite statistics ``stats``
+    (e.g. mu_i, var_i, mu_b, var_b: small (N, C) tensors, cheap to check; NaN/Inf in ``x`` makes them
+    non-finite, and so do values whose variance overflows the statistics' dtype)."""
+    if all(_all_finite(t) for t in stats):
+        return
+    raise nonfinite_error(layer, x, data_hint=data_hint, data=data)
+
+
+def raise_first_nonfinite(
+    model: nn.Module,
+    batch: Batch,
+    layers: Mapping[str, nn.Module],
+    *,
+    forward_fn: ForwardFn | None,
+    device: torch.device,
+    data_hint: str = "",
+) -> None:
+    """Run ``model`` once on ``batch`` with hooks on the BN ``layers`` and raise :func:`nonfinite_error`
+    for the first of them (in execution order) whose input is non-finite or too large for its statistics,
+    or whose output is non-finite although its input is fine (broken statistics or parameters). Returns
+    normally when every BN layer is fine (the non-finite values arise elsewhere). Meant for after the fact:
+    a pass that met NaN/Inf somewhere uses it to say where."""
+    from .health import STATS_HINT
+    from .layers import _stats_problem
+
+    data = first_tensor(batch)
+
+    def pre(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(_m: nn.Module, inputs: tuple[Any, ...]) -> None:
+            x = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
+            if x is None or x.dim() < 2 or not x.is_floating_point():
+                return
+            mu_i, var_i = C.example_stats(x)
+            check_observed(name, x, (mu_i, var_i), data_hint=data_hint, data=data)
+
+        return hook
+
+    def post(name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def hook(m: nn.Module, _inputs: tuple[Any, ...], output: Any) -> None:
+            if not isinstance(output, Tensor) or _all_finite(output):
+                return
+            broken = _stats_problem(getattr(m, "norm", m))
+            raise nonfinite_error(
+                name,
+                output,
+                data_hint=data_hint,
+                what="the output",
+                problem=f"{describe_values(output)}, although its input is finite"
+                + (f" ({broken})" if broken else ""),
+                hint=STATS_HINT
+                if broken
+                else "check the checkpoint's statistics and parameters (`bncorrect inspect MODEL`)",
+            )
+
+        return hook
+
+    handles = []
+    try:
+        for name, m in layers.items():
+            handles.append(m.register_forward_pre_hook(pre(name)))
+            handles.append(m.register_forward_hook(post(name)))
+        run_forward(model, batch, forward_fn, device, data_hint=data_hint)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 Observer = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], None]
 #: One training-mode pass over data the caller has fixed, whatever runs the model:
 #: ``run(group_sizes, observers)`` normalizes every layer named in ``group_sizes`` over groups of that many
@@ -154,24 +293,44 @@ def training_mode_pass(
     total_examples: int | None = None,
     progress: Progress | None = None,
     data_hint: str = "",
+    batch_stat_sizes: Mapping[str, int] | None = None,
 ) -> tuple[int, int]:
     """One pass with every CorrectedNorm of ``work`` in training-mode normalization over its group size.
 
-    Each batch is cut to a multiple of the least common multiple of the group sizes. ``observers`` (by
-    layer name) see ``(x, mu_i, var_i, mu_b, var_b)`` at every call. Everything is restored afterwards,
+    Layers that normalize with batch statistics even in eval mode (``track_running_stats=False``,
+    :func:`bncorrect.layers.batch_statistics_layers`; left uncorrected) normalize over groups of their
+    size in ``batch_stat_sizes`` (by name), as in training, instead of the whole batch. Each batch is cut
+    to a multiple of the least common multiple of all group sizes. ``observers`` (by layer name) see
+    ``(x, mu_i, var_i, mu_b, var_b)`` at every call; NaN/Inf in any of these at any corrected layer raises
+    :class:`NumericalError` naming the first such layer and the data. Everything is restored afterwards,
     also on failure. Returns (examples used, examples dropped); DataError when no whole group was seen.
     """
-    from .layers import corrected_layers, normalization_mode
+    from .layers import corrected_layers, grouped_batch_statistics, normalization_mode
 
     layers = corrected_layers(work)
-    with normalization_mode(work, "batch", group_sizes):
+    current: list[Tensor | None] = [None]
+
+    def checked(name: str, observe: Observer | None) -> Observer:
+        def check(x: Tensor, mu_i: Tensor, var_i: Tensor, mu_b: Tensor, var_b: Tensor) -> None:
+            check_observed(name, x, (mu_i, var_i, mu_b, var_b), data_hint=data_hint, data=current[0])
+            if observe is not None:
+                observe(x, mu_i, var_i, mu_b, var_b)
+
+        return check
+
+    def run(batch: Batch) -> object:
+        current[0] = first_tensor(batch)
+        return run_forward(work, batch, forward_fn, device, data_hint=data_hint)
+
+    sizes = [*group_sizes.values(), *(batch_stat_sizes or {}).values()]
+    with normalization_mode(work, "batch", group_sizes), grouped_batch_statistics(work, batch_stat_sizes):
         try:
             for name, m in layers.items():
-                m.observer = observers.get(name)
+                m.observer = checked(name, observers.get(name))
             return run_trimmed(
                 batches,
-                lcm(group_sizes.values()),
-                lambda batch: run_forward(work, batch, forward_fn, device, data_hint=data_hint),
+                lcm(sizes),
+                run,
                 label=label,
                 total_examples=total_examples,
                 progress=progress,

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from . import correction as C
-from .errors import DataError, UsageError
+from .errors import DataError, NumericalError, UsageError
 from .layers import CorrectedNorm, correct_model, corrected_layers
 from .passes import (
     Batch,
@@ -63,6 +63,7 @@ from .passes import (
     batch_size_of,
     default_forward,
     map_batch,
+    raise_first_nonfinite,
     resolve_device,
     run_forward,
 )
@@ -457,9 +458,54 @@ class _SweepNorm(CorrectedNorm):
             self.register_buffer(name, None if t is None else t.to(dev), persistent=False)
         self.stack: tuple[int, int, bool] | None = None
         self.row_bytes = 0  # bytes per example of the last input (sizes the passes on CPU)
+        #: (K,) bool on the layer's device, shared by the layers of a sweep (None: no bookkeeping): set for
+        #: the candidates whose input statistics or normalization at this layer met NaN/Inf
+        self.bad: Tensor | None = None
+        self.current = 0
+
+    def _mark(self, *stats: Tensor) -> None:
+        """Flag the candidates whose ``stats`` hold NaN/Inf; each is (blocks, rows, C) with blocks = K, or 1
+        for rows every candidate shares (then all are flagged). One float64 sum per block and tensor (no
+        float32 value can make it overflow: it is non-finite exactly when a value is; 4-8x cheaper than
+        ``isfinite(...).all()`` on CPU), kept on the device: no synchronisation."""
+        if self.bad is None:
+            return
+        total = sum(t.flatten(1).sum(1, dtype=torch.float64) for t in stats)
+        self.bad |= ~torch.isfinite(torch.as_tensor(total))
+
+    def _mark_current(self, *stats: Tensor) -> None:
+        """Flag the selected candidate (one candidate per forward) if any of ``stats`` holds NaN/Inf."""
+        if self.bad is None:
+            return
+        total = sum(t.sum(dtype=torch.float64) for t in stats)
+        self.bad[self.current] |= ~torch.isfinite(torch.as_tensor(total))
+
+    def _one_candidate(self, x: Tensor) -> Tensor:
+        """Eval forward of the selected candidate, as :class:`CorrectedNorm` computes it, flagging it when
+        its statistics at this layer are NaN/Inf. Plain BN (EMA) computes no per-example statistics; here
+        they are taken anyway, to check its input (NaN/Inf, or values whose variance overflows)."""
+        norm = self.norm
+        if self.is_identity():
+            if x.dim() >= 2 and x.is_floating_point():
+                self._mark_current(*C.example_stats(x))
+            return norm(x)
+        self._check_input(x)
+        mu_i, var_i = C.example_stats(x)
+        dt = mu_i.dtype
+        rm, rv = norm.running_mean.to(dt), norm.running_var.to(dt)
+        alpha, beta, eps = self.alpha.to(dt), self.beta.to(dt), float(norm.eps)
+        if self.strategy == "direct":
+            s, t = C.corrected_scale_shift(mu_i, var_i, rm, rv, alpha, beta, eps, norm.weight, norm.bias)
+            self._mark_current(var_i, s, t)
+            return C.affine(x, s, t)
+        mean, var = C.corrected_stats(mu_i, var_i, rm, rv, alpha, beta)
+        self._mark_current(var_i, mean, var)
+        k, m = C.input_map(mean, var, norm.running_mean, norm.running_var, eps)
+        return norm((x.to(k.dtype) * C.expand_to(k, x) + C.expand_to(m, x)).to(x.dtype))
 
     def select(self, k: int) -> None:
         """Become candidate k (one candidate per forward)."""
+        self.current = k
         self.alpha = self.tab_alpha[k]
         self.beta = self.tab_beta[k]
         if self.tab_mean is not None and self.tab_var is not None:
@@ -470,8 +516,10 @@ class _SweepNorm(CorrectedNorm):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim():
             self.row_bytes = x.numel() // max(1, x.shape[0]) * x.element_size()
-        if self.stack is None or self.training:
+        if self.training or (self.stack is None and self.bad is None):
             return super().forward(x)
+        if self.stack is None:
+            return self._one_candidate(x)
         k, m, expand = self.stack
         n = x.shape[0] if x.dim() else -1
         if n == k * m:
@@ -494,6 +542,9 @@ class _SweepNorm(CorrectedNorm):
         if self.strategy == "direct":
             s, t = C.corrected_scale_shift(mu3, var3, rm, rv, alpha, beta, eps, norm.weight, norm.bias)
             s, t = s.expand(k, m, c), t.expand(k, m, c)  # (K, m, C) also when rows are shared
+            # NaN/Inf in mu_i reach t (even with alpha = 0: 0 * Inf is NaN); var_i = Inf (overflow) need
+            # not reach s or t, so it is checked itself
+            self._mark(var3, s, t)
             if not shared:
                 return C.affine(x, s.reshape(k * m, c), t.reshape(k * m, c))
             view = (k, m, c) + (1,) * (x.dim() - 2)
@@ -501,6 +552,7 @@ class _SweepNorm(CorrectedNorm):
             out = torch.addcmul(t.reshape(view), xs, s.reshape(view)).reshape(k * m, *x.shape[1:])
             return out if out.dtype == x.dtype else out.to(x.dtype)
         mean, var = C.corrected_stats(mu3, var3, rm, rv, alpha, beta)
+        self._mark(var3, mean, var)
         mean, var = mean.reshape(k * m, c), var.reshape(k * m, c)
         if shared:
             x = x.repeat(k, *([1] * (x.dim() - 1)))
@@ -660,6 +712,11 @@ class _Evaluator:
         self.auto = False
         self.timing: dict[str, list[float]] = {}
         self.notes: list[str] = []
+        #: per candidate: NaN/Inf met in a BN layer's input statistics or normalization (see
+        #: :meth:`_SweepNorm._mark`), since the last :meth:`evaluate`
+        self.bad = torch.zeros(k, dtype=torch.bool, device=device)
+        for layer in layers.values():
+            layer.bad = self.bad
 
     def sequential(self, batch: Batch, rows: int) -> Tensor:
         """Candidate after candidate, in pieces of at most ``seq_rows`` examples."""
@@ -766,7 +823,29 @@ class _Evaluator:
             f"{1e3 * per_example['sequential']:.3g} ms/example; kept {self.mode}"
         )
 
+    def nonfinite(self, logits: Tensor) -> Tensor:
+        """(K,) bool on the CPU: the candidates whose logits of the last :meth:`evaluate` or whose BN
+        statistics in it held NaN/Inf."""
+        return (self.bad | (~torch.isfinite(logits)).flatten(1).any(1)).cpu()
+
+    def explain_ema(self, batch: Batch) -> NumericalError:
+        """The error for plain BN (EMA, candidate 0) meeting NaN/Inf on ``batch``: reruns it once with hooks
+        and raises for the first BN layer whose input (or output) is at fault; otherwise returns the error
+        for non-finite values that arise outside the BN layers."""
+        for layer in self.layers.values():
+            layer.select(0)
+        raise_first_nonfinite(
+            self.model,
+            batch,
+            self.layers,
+            forward_fn=self.forward_fn,
+            device=self.device,
+            data_hint=self.data_hint,
+        )
+        return ema_outputs_error(self.data_hint)
+
     def evaluate(self, batch: Batch, rows: int) -> Tensor:
+        self.bad.zero_()
         if self.mode == "sequential":
             return self.sequential(batch, rows)
         shared = self.mode == "stacked+shared-prefix"
@@ -810,7 +889,9 @@ class Tally:
         self.diff, self.diff2, self.better, self.worse = z.clone(), z.clone(), z.clone(), z.clone()
         self.nonfinite = torch.zeros(k, dtype=torch.bool)
 
-    def add(self, logits: Tensor, y: Tensor, top_k: int) -> None:
+    def add(self, logits: Tensor, y: Tensor, top_k: int, nonfinite: Tensor | None = None) -> None:
+        """``nonfinite`` (K,): candidates to mark non-finite besides those with NaN/Inf logits (e.g. NaN/Inf
+        statistics inside the model)."""
         logits = logits.detach()
         y = y.to(logits.device)
         logp = torch.log_softmax(logits.to(torch.float64), dim=-1)
@@ -829,6 +910,8 @@ class Tally:
         self.better += (hit1 & ~hit1[:1]).sum(1).double().cpu()
         self.worse += (~hit1 & hit1[:1]).sum(1).double().cpu()
         self.nonfinite |= (~torch.isfinite(logits)).flatten(1).any(1).cpu()
+        if nonfinite is not None:
+            self.nonfinite |= nonfinite.to(self.nonfinite.device)
 
 
 @dataclass
@@ -1114,6 +1197,11 @@ def sweep_alpha(
 
     Raises DataError for unlabelled data, labels outside the model's classes or an empty iterable,
     UsageError for bad options or outputs, NoBatchNormError for a model without correctable BN layer.
+    NaN/Inf with plain BN (the EMA row: NaN/Inf logits, or NaN/Inf at a BN layer's input or in its
+    per-example statistics, e.g. values whose variance overflows float32) mean the model or the data is
+    broken: :class:`NumericalError` naming the first BN layer at fault and the data. A corrected row that
+    alone meets NaN/Inf (in its logits or its BN statistics) stays in the result marked ``finite=False``,
+    is never chosen, and is named in :attr:`SweepResult.notes`.
     """
     metric = check_metric(metric)
     if stack_rows is not None and (isinstance(stack_rows, bool) or int(stack_rows) < 1):
@@ -1162,7 +1250,10 @@ def sweep_alpha(
         if timed:
             _synchronize(dev)
             evaluator.record(time.perf_counter() - started, rows)
-        tally.add(logits, y, top_k)
+        bad = evaluator.nonfinite(logits)
+        if bool(bad[0]):  # plain BN itself meets NaN/Inf: the model or the data is broken
+            raise evaluator.explain_ema(batch)
+        tally.add(logits, y, top_k, bad)
         if progress is not None:
             progress("sweep-alpha", tally.n, total_examples)
     strategy = evaluator.mode
@@ -1234,10 +1325,25 @@ def check_labels(y: Tensor, num_classes: int, data_hint: str, output_key: str | 
         )
 
 
+def ema_outputs_error(data_hint: str) -> NumericalError:
+    """The error for plain BN (EMA) logits that are NaN/Inf while every BN layer is fine."""
+    on = f" on {data_hint}" if data_hint else ""
+    return NumericalError(
+        f"the model's outputs are NaN/Inf with plain BN (EMA statistics, alpha = 0){on}, although the inputs "
+        "and outputs of its BN layers are finite",
+        path=data_hint or None,
+        hint="the non-finite values arise in other operations of the model (e.g. a log, a division or an "
+        "exp): check the data's range and preprocessing (values, --mean/--std) and the model",
+    )
+
+
 def _add_notes(result: SweepResult) -> None:
     bad = [r.label for r in result.rows if not r.finite]
     if bad:
-        result.notes.append(f"NaN/Inf outputs for: {', '.join(bad)}")
+        result.notes.append(
+            f"NaN/Inf in the outputs or BN statistics of {', '.join(bad)}: "
+            f"{'this row is' if len(bad) == 1 else 'these rows are'} shown but never chosen"
+        )
     grid = [r.alpha for r in result.rows if r.alpha is not None and "grid" in r.kind.split("+")]
     if len(grid) >= 2:
         top = max(a for a in grid if a is not None)
