@@ -497,9 +497,13 @@ def _read_pt(path: Path) -> tuple[Any, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        from .errors import torch_load_message
+
         raise DataError(
-            f"cannot read {path} safely (torch.load weights_only=True): {exc}", path=path, hint=hint
-        ) from exc
+            f"cannot read {path} as data without running code from it: {torch_load_message(str(exc))}",
+            path=path,
+            hint=hint,
+        ) from None
     if not isinstance(obj, dict):
         raise DataError(f"{path} holds a {type(obj).__name__}, not a dict of tensors", path=path, hint=hint)
     if "x" not in obj:

@@ -61,6 +61,14 @@ def shorten(text: str, limit: int = 300) -> str:
     return cut.rstrip(" ,;:") + " …"
 
 
+def torch_load_message(text: str, limit: int = 200) -> str:
+    """A ``torch.load`` error without torch's advice to retry with ``weights_only=False`` (which would run
+    the file's code; bncorrect says what to do instead), on one line, cut at a word boundary."""
+    drop = ("weights_only", "Re-running `torch.load`", "Check the documentation", "In PyTorch 2.6")
+    lines = [ln for ln in str(text).splitlines() if ln.strip() and not any(d in ln for d in drop)]
+    return shorten(" ".join(lines) or "the file is not a readable checkpoint", limit)
+
+
 class BncorrectError(Exception):
     """Base class: an error a user can fix. ``exit_code`` is what the CLI exits with.
 

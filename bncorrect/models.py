@@ -27,7 +27,15 @@ import torch
 from torch import Tensor, nn
 
 from .atomic import atomic_path
-from .errors import ModelLoadError, UntrustedArchError, UntrustedPickleError, UsageError, shorten, spell
+from .errors import (
+    ModelLoadError,
+    UntrustedArchError,
+    UntrustedPickleError,
+    UsageError,
+    shorten,
+    spell,
+    torch_load_message,
+)
 from .factories import import_callable, is_builtin
 from .layers import coefficients, correct_model, strip_corrections
 
@@ -154,20 +162,6 @@ def _load_into(model: nn.Module, sd: Mapping[str, Tensor], path: Path, arch: str
     return warnings
 
 
-def _torch_advice_removed(text: str) -> str:
-    """torch.load's messages advise retrying with ``weights_only=False``, which would run the file's code:
-    cut that advice out (bncorrect says what to do instead)."""
-    first = text.strip().splitlines()[0] if text.strip() else text
-    lines = [
-        ln
-        for ln in text.splitlines()
-        if "weights_only" not in ln
-        and "Re-running `torch.load`" not in ln
-        and "Check the documentation" not in ln
-    ]
-    return shorten(" ".join(lines) or first, 200)
-
-
 def load_model(
     path: str | Path,
     *,
@@ -258,7 +252,7 @@ def load_model(
         pickled = True
     except Exception as e:
         raise ModelLoadError(
-            f"cannot read this file with torch.load ({type(e).__name__}: {_torch_advice_removed(str(e))})",
+            f"cannot read this file with torch.load ({type(e).__name__}: {torch_load_message(str(e))})",
             path=path,
             hint="pass a checkpoint written by torch.save; check that the download or copy is complete",
         ) from None

@@ -1329,18 +1329,19 @@ def _stat(value: Any, name: str, label: str, channels: int, source: str | Path |
     if hasattr(value, "detach"):
         value = value.detach().cpu().numpy()
     arr = np.asarray(value, dtype=np.float64)
-    if (
-        arr.shape != (channels,)
-        or not np.all(np.isfinite(arr))
-        or (label == "running_var" and np.any(arr < 0))
-    ):
-        raise OnnxError(
-            f"{label} for layer {name} must be a finite vector of length {channels}"
-            + (" with no negative entry" if label == "running_var" else "")
-            + f", got shape {list(arr.shape)}",
-            path=source,
-        )
-    return arr
+    if arr.shape != (channels,):
+        problem = f"has shape {list(arr.shape)}, but the layer has {channels} channels"
+    elif not np.all(np.isfinite(arr)):
+        problem = f"holds {int((~np.isfinite(arr)).sum())} NaN or infinite values"
+    elif label == "running_var" and np.any(arr < 0):
+        problem = f"has {int((arr < 0).sum())} negative entries"
+    else:
+        return arr
+    raise OnnxError(
+        f"{label} for layer {name} {problem}",
+        path=source,
+        hint="use statistics computed for this graph (e.g. `bncorrect recalibrate` on it)",
+    )
 
 
 def rewrite(

@@ -424,7 +424,7 @@ def test_options_that_do_not_apply_to_onnx_are_refused(pair2d: Pair) -> None:
             api.sweep_alpha(pair2d.onnx, pair2d.data, alphas=[0.0], device="cuda")
     with pytest.raises(UsageError, match="B >= 2"):  # a rank-2 BN with B = 1, as on the PyTorch path
         api.estimate(pair2d.onnx, pair2d.data, 1)
-    with pytest.raises(UsageError, match="--batch-size"):
+    with pytest.raises(UsageError, match="batch_size=8"):
         api.recalibrate(pair2d.onnx, pair2d.data, upstream="train")
 
 
