@@ -140,9 +140,10 @@ def correctable_channels(source: Source, *, allow_broken_stats: bool = False) ->
             path=source.path,
             hint=STATS_HINT,
         )
-    if allow_broken_stats:
+    if allow_broken_stats:  # only where broken statistics are the one reason
         for ly in broken:
-            ly["correctable"], ly["reason"] = True, None
+            if ly.get("reason") == ly["stats_problem"]:
+                ly["correctable"], ly["reason"] = True, None
     out = {ly["name"]: int(ly["channels"]) for ly in layers if ly["correctable"]}
     if not out:
         path = source.path
@@ -329,6 +330,7 @@ def _finish(
     stamped with the fingerprint of the model they are now made for."""
     if out is not None:
         out = _check_out(out, source)
+    _check_repaired(source, corrections)
     corrections = dataclasses.replace(
         corrections,
         model_fingerprint=source.fingerprint or None,
@@ -351,7 +353,7 @@ def _finish(
             corrections.model_fingerprint,
             corrections.model_file,
         )
-        channels = correctable_channels(source)
+        channels = correctable_channels(source, allow_broken_stats=True)  # _check_repaired ran above
         node_corr.validate(channels, source=corrections_source)
         alpha, beta = node_corr.coefficients()
         stats = {
@@ -374,6 +376,31 @@ def _finish(
     if out is not None:
         outcome.output = write_output(outcome, out, export)
     return outcome
+
+
+def _check_repaired(source: Source, corrections: Corrections) -> None:
+    """A layer whose stored statistics are broken (NaN, Inf, negative variance) may only be written when
+    the corrections replace them (a recalibration); anything else would write a model that outputs NaN."""
+    from .health import STATS_HINT
+
+    broken = {ly["name"]: ly for ly in layer_summaries(source) if ly.get("stats_problem")}
+    if not broken:
+        return
+    replaced = {n for n, lc in corrections.layers.items() if lc.running_var is not None}
+    if isinstance(source, OnnxModel) and replaced:
+        from .onnx_rewrite import match_layers
+
+        mapping = match_layers(source.proto, sorted(replaced))
+        replaced = set(mapping.values())
+    left = [n for n in broken if n not in replaced]
+    if left:
+        first = broken[left[0]]
+        raise NumericalError(
+            f"BN layer {first['name']}: {first['stats_problem']}; the corrections do not replace these "
+            "statistics, so the written model would output NaN or meaningless values",
+            path=source.path,
+            hint=STATS_HINT,
+        )
 
 
 def _min_effect_onnx(
@@ -714,8 +741,13 @@ def _check_layer_patterns(
     silently ignoring it would estimate that layer with the wrong B."""
     import fnmatch
 
+    names = list(channels)
+    if isinstance(source, LoadedModel):  # layers that use batch statistics are grouped by B too
+        from .layers import batch_statistics_layers
+
+        names += list(batch_statistics_layers(source.model))
     for pattern in patterns or {}:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in channels):
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             shown = ", ".join(list(channels)[:6]) + (" ..." if len(channels) > 6 else "")
             raise UsageError(
                 f"layer_batch_size pattern {pattern!r} matches no BN layer (the layers: {shown})",

@@ -1415,7 +1415,12 @@ def rewrite_with(
             report.kept.append(ly.name)
             continue
         node = g.node[ly.node_index]
-        params, reason, _ = _check_layer(index, node, opset)
+        params, reason, problem = _check_layer(index, node, opset)
+        if problem is not None and ly.name in stats:  # broken stored statistics that are being replaced
+            new_mean, new_var = stats[ly.name]
+            if statistics_problem(new_mean, new_var, params["scale"], params["bias"]) is None:
+                x_type = _x_type(index, node, params)
+                reason = None if x_type in _FLOAT_TYPES else f"input of type {x_type} is not floating point"
         if reason is not None:
             report.skipped.append((ly.name, reason))
             continue

@@ -427,3 +427,30 @@ def test_recalibrate_repairs_broken_statistics(cli, ws, tmp_path):
     assert res.code == 0, res.err
     corr = bncorrect.load_corrections(out)
     assert torch.isfinite(corr.layers["5"].running_var).all()
+
+
+def test_broken_onnx_statistics_are_repaired_by_recalibrate_and_refused_otherwise(pristine, tmp_path):
+    """An ONNX graph with a NaN running_var: recalibrate writes a graph with finite statistics that
+    onnxruntime runs to finite outputs; a correction that does not replace the statistics is refused."""
+    import onnxruntime as ort
+
+    from bncorrect.errors import NumericalError
+
+    m = _onnx_conv_bn()
+    var = numpy_helper.to_array(m.graph.initializer[4]).copy()
+    var[1] = np.nan
+    m.graph.initializer[4].CopyFrom(numpy_helper.from_array(var, "bn.running_var"))
+    broken = tmp_path / "broken.onnx"
+    onnx.save(m, broken)
+    layers = bncorrect.inspect(broken)
+    assert layers[0]["correctable"] is False and "NaN" in layers[0]["reason"]
+    with pytest.raises(NumericalError, match="recalibrate"):
+        bncorrect.weight(broken, 0.1, out=tmp_path / "w.onnx")
+    fixed = tmp_path / "fixed.onnx"
+    out = bncorrect.recalibrate(broken, pristine / "data.npz", out=fixed)
+    stats = out.corrections.layers[layers[0]["name"]]
+    assert torch.isfinite(stats.running_var).all()
+    sess = ort.InferenceSession(str(fixed), providers=["CPUExecutionProvider"])
+    x = np.load(pristine / "data.npz")["x"][:4]
+    assert np.isfinite(sess.run(None, {"x": x})[0]).all()
+    assert not (tmp_path / "w.onnx").exists()

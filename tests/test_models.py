@@ -30,7 +30,7 @@ def test_weights_with_arch(toy_files, kind):
 
 @pytest.mark.parametrize("kind", ["state_dict", "safetensors"])
 def test_weights_without_arch_say_what_to_do(toy_files, kind):
-    with pytest.raises(ModelLoadError, match="arch='package.module:factory'"):
+    with pytest.raises(ModelLoadError, match=r"arch='package\.module:factory'"):
         load_model(toy_files[kind])
 
 

@@ -146,7 +146,11 @@ class OnlineEvalNorm:
                     f"layers not in the model: {', '.join(unknown)}",
                     hint=f"the model's BN layers: {', '.join(sorted(known)) or 'none'}",
                 )
-        chosen = [ly for ly in found if ly.correctable and (wanted is None or ly.name in wanted)]
+        # layers with broken stored statistics too: training replaces them (momentum updates)
+        usable = [
+            ly for ly in found if ly.correctable or (ly.stats_problem and ly.reason == ly.stats_problem)
+        ]
+        chosen = [ly for ly in usable if wanted is None or ly.name in wanted]
         if not chosen:
             if found:
                 reasons = "; ".join(f"{ly.name}: {ly.reason}" for ly in found if ly.reason)
