@@ -61,7 +61,7 @@ from torch import Tensor
 
 from . import correction as C
 from .corrections import Corrections
-from .errors import DataError, NoBatchNormError, NumericalError, OnnxError, UsageError
+from .errors import DataError, NoBatchNormError, NumericalError, OnnxError, UsageError, shorten
 from .estimation import (
     DEFAULT_POSITIONS,
     DEFAULT_SAMPLE_BUDGET,
@@ -91,10 +91,9 @@ from .passes import (
     Progress,
     batch_size_of,
     check_observed,
-    describe_values,
     first_tensor,
     lcm,
-    nonfinite_error,
+    nonfinite_output_error,
     run_trimmed,
 )
 from .recalibration import (
@@ -529,7 +528,7 @@ class GraphRunner:
                 )
             shape = tuple(feed[self.input.name].shape)
             raise DataError(
-                f"the ONNX model failed on a data batch of shape {shape}: {_first_line(e)[:300]}",
+                f"the ONNX model failed on a data batch of shape {shape}: {shorten(_first_line(e))}",
                 path=self.data_hint or None,
                 hint=hint,
             ) from None
@@ -923,17 +922,7 @@ def _explain_ema(
         out = values.get(ly.y)
         if out is not None and not bool(torch.isfinite(out).all()):
             broken = statistics_problem(ly.running_mean, ly.running_var)
-            return nonfinite_error(
-                ly.name,
-                out,
-                data_hint=data_hint,
-                what="the output",
-                problem=f"{describe_values(out)}, although its input is finite"
-                + (f" ({broken})" if broken else ""),
-                hint=STATS_HINT
-                if broken
-                else "check the graph's BN statistics and parameters (`bncorrect inspect MODEL`)",
-            )
+            return nonfinite_output_error(ly.name, out, broken, data_hint=data_hint, owner="graph")
     return ema_outputs_error(data_hint)
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from . import correction as C
-from .errors import DataError, NumericalError, UsageError
+from .errors import DataError, NumericalError, UsageError, shorten
 
 Batch = Any
 ForwardFn = Callable[[nn.Module, Batch], Any]
@@ -124,7 +124,7 @@ def run_forward(
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
         if type(e).__name__ in ("OutOfMemoryError",):
             raise
-        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        msg = shorten(str(e).strip().splitlines()[0]) if str(e).strip() else type(e).__name__
         t = first_tensor(batch)
         shape = tuple(t.shape) if t is not None else "?"
         raise DataError(
@@ -198,6 +198,27 @@ def nonfinite_error(
     )
 
 
+def nonfinite_output_error(
+    name: str, output: Tensor, broken: str | None, *, data_hint: str | None, owner: str
+) -> NumericalError:
+    """The error for a BN layer whose output is NaN/Inf although its input is finite: its statistics
+    (``broken``, from :func:`bncorrect.health.statistics_problem`) or parameters are at fault. ``owner``:
+    "checkpoint" or "graph", for the hint."""
+    from .health import STATS_HINT
+
+    return nonfinite_error(
+        name,
+        output,
+        data_hint=data_hint,
+        what="the output",
+        problem=f"{describe_values(output)}, although its input is finite"
+        + (f" ({broken})" if broken else ""),
+        hint=STATS_HINT
+        if broken
+        else f"check the {owner}'s statistics and parameters (`bncorrect inspect MODEL`)",
+    )
+
+
 def check_observed(
     layer: str,
     x: Tensor,
@@ -228,7 +249,6 @@ def raise_first_nonfinite(
     or whose output is non-finite although its input is fine (broken statistics or parameters). Returns
     normally when every BN layer is fine (the non-finite values arise elsewhere). Meant for after the fact:
     a pass that met NaN/Inf somewhere uses it to say where."""
-    from .health import STATS_HINT
     from .layers import _stats_problem
 
     data = first_tensor(batch)
@@ -248,17 +268,7 @@ def raise_first_nonfinite(
             if not isinstance(output, Tensor) or _all_finite(output):
                 return
             broken = _stats_problem(getattr(m, "norm", m))
-            raise nonfinite_error(
-                name,
-                output,
-                data_hint=data_hint,
-                what="the output",
-                problem=f"{describe_values(output)}, although its input is finite"
-                + (f" ({broken})" if broken else ""),
-                hint=STATS_HINT
-                if broken
-                else "check the checkpoint's statistics and parameters (`bncorrect inspect MODEL`)",
-            )
+            raise nonfinite_output_error(name, output, broken, data_hint=data_hint, owner="checkpoint")
 
         return hook
 

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from . import correction as C
-from .errors import DataError, NumericalError, UsageError
+from .errors import DataError, NumericalError, UsageError, shorten
 from .layers import CorrectedNorm, correct_model, corrected_layers
 from .passes import (
     Batch,
@@ -775,7 +775,7 @@ class _Evaluator:
                 with self._measure_memory(p):
                     got = self.stacked(probe, p, shared)
             except Exception as exc:  # anything the stacked pass trips over means: do not stack this way
-                self.notes.append(f"{mode} not used: {type(exc).__name__}: {str(exc)[:200]}")
+                self.notes.append(f"{mode} not used: {type(exc).__name__}: {shorten(str(exc), 200)}")
                 continue
             if got.shape == reference.shape and bool(
                 torch.allclose(got.float(), reference.float(), rtol=1e-3, atol=tol, equal_nan=True)
@@ -867,7 +867,7 @@ class _Evaluator:
                 # whatever else the stacked pass trips over, one candidate at a time gives the result (or
                 # the real error, reported through run_forward)
                 self.notes.append(
-                    f"{self.mode} stopped ({type(exc).__name__}: {str(exc)[:200]}); one candidate at a time"
+                    f"{self.mode} stopped ({type(exc).__name__}: {shorten(str(exc), 200)}); one candidate at a time"
                 )
                 self.mode = "sequential"
                 self.auto = False
