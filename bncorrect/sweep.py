@@ -867,7 +867,8 @@ class _Evaluator:
                 # whatever else the stacked pass trips over, one candidate at a time gives the result (or
                 # the real error, reported through run_forward)
                 self.notes.append(
-                    f"{self.mode} stopped ({type(exc).__name__}: {shorten(str(exc), 200)}); one candidate at a time"
+                    f"{self.mode} stopped ({type(exc).__name__}: {shorten(str(exc), 200)}); "
+                    "one candidate at a time"
                 )
                 self.mode = "sequential"
                 self.auto = False
