@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -479,17 +480,38 @@ def write_output(outcome: Outcome, out: str | Path, export: ExportOptions | None
     example = _example_input(export, source)
     from .onnx_export import export_onnx
 
-    report = export_onnx(
-        outcome.model,
-        example,
-        out,
-        opset=export.opset,
-        dynamic_batch=export.dynamic_batch,
-        verify=export.verify,
-        min_effect=export.min_effect,
-    )
+    try:
+        report = export_onnx(
+            outcome.model,
+            example,
+            out,
+            opset=export.opset,
+            dynamic_batch=export.dynamic_batch,
+            verify=export.verify,
+            min_effect=export.min_effect,
+        )
+    except OnnxError as e:  # keep what the command computed: corrections first, derived artefacts after
+        raise _with_saved_corrections(e, outcome.corrections, out) from None
     outcome.report["export"] = report
     return out
+
+
+def _with_saved_corrections(error: OnnxError, corrections: Corrections, out: Path) -> OnnxError:
+    """``error`` (ONNX export or verification failed) after saving the corrections beside OUT as
+    ``<OUT>.safetensors`` (never over an existing file), with the message saying where and what next."""
+    fallback = out.with_suffix(".safetensors")
+    if fallback.exists():
+        saved = f"the corrections were not saved: {fallback} exists already"
+        next_step = f"write them with -o {fallback.with_name(fallback.stem + '-corrections.safetensors')}"
+    else:
+        save_corrections(corrections, fallback)
+        saved = f"the corrections were saved to {fallback}"
+        next_step = (
+            "export the model to ONNX yourself (BN kept: torch.onnx.export(..., dynamo=True, "
+            f"optimize=False)) and run `bncorrect apply that.onnx {fallback} -o {out}`"
+        )
+    hint = f"{error.hint}; or {next_step}" if error.hint else next_step
+    return type(error)(f"{error.message}; {saved}", path=error.path, hint=hint, detail=error.detail)
 
 
 def _example_input(export: ExportOptions, source: LoadedModel) -> Tensor:
@@ -550,18 +572,41 @@ def _on_runtime(
 
 
 def open_data(data: Any, spec: Any = None) -> Any:
-    """A :class:`~bncorrect.data.Dataset` from a path (or the object itself when it is already data)."""
-    from .data import load_data
+    """What the commands read data from, as people pass it: a path (``--data``), a tensor or numpy array
+    ``x`` (N, ...), a tuple ``(x,)`` / ``(x, y)`` of them, a :class:`~bncorrect.data.Dataset`, any map-style
+    ``torch.utils.data.Dataset``, a ``DataLoader`` or any iterable of batches (tuples, lists or dicts; give
+    ``forward_fn`` for batches the model does not take as ``model(batch[0])``)."""
+    from .data import from_arrays, load_data
 
     if isinstance(data, str | Path):
         return load_data(data, spec)
+    if isinstance(data, Tensor | np.ndarray):
+        return from_arrays(data)
+    if (
+        isinstance(data, tuple)
+        and len(data) in (1, 2)
+        and all(isinstance(a, Tensor | np.ndarray) for a in data)
+    ):
+        return from_arrays(*data)
     return data
+
+
+#: Commands whose normalization groups of B must be random draws, as in training (estimate, diagnose,
+#: recalibrate --upstream train): a class-sorted loader would bias them.
+_NEEDS_SHUFFLE = "normalization groups of B consecutive examples must be random draws, as in training"
 
 
 def _loader(
     dataset: Any, batch_size: int, *, shuffle: bool, seed: int, num_workers: int, max_examples: int | None
 ) -> tuple[Iterable[Any], int | None, str]:
-    """Batches over ``dataset`` (a Dataset is wrapped in a seeded DataLoader; anything else is used as is)."""
+    """Batches over ``dataset``: a Dataset (bncorrect's, or any map-style torch Dataset) is wrapped in a
+    seeded, optionally shuffled loader; a DataLoader or other iterable of batches is used as it is (with a
+    warning when ``shuffle`` is needed but the loader reads in order)."""
+    import warnings
+
+    from torch.utils.data import DataLoader, SequentialSampler, Subset
+    from torch.utils.data import Dataset as TorchDataset
+
     from .data import Dataset, make_loader
 
     if isinstance(dataset, Dataset):
@@ -575,7 +620,50 @@ def _loader(
         )
         total = len(dataset) if max_examples is None else min(len(dataset), max_examples)
         return loader, total, dataset.description
+    if isinstance(dataset, TorchDataset) and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+        n = len(dataset)
+        order = (
+            torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
+            if shuffle
+            else range(n)
+        )
+        if max_examples is not None:
+            order = list(order)[:max_examples]
+        loader = DataLoader(Subset(dataset, list(order)), batch_size=batch_size, num_workers=num_workers)
+        return loader, len(order), f"{type(dataset).__name__} of {n} examples"
+    if isinstance(dataset, DataLoader):
+        if shuffle and isinstance(dataset.sampler, SequentialSampler):
+            warnings.warn(
+                f"the DataLoader reads its data in order, but {_NEEDS_SHUFFLE}: a loader sorted by class "
+                "biases the result; pass DataLoader(..., shuffle=True), or the Dataset itself (bncorrect "
+                "then shuffles it with the seed)",
+                UserWarning,
+                stacklevel=4,
+            )
+        total = len(dataset.dataset) if hasattr(dataset.dataset, "__len__") else None  # type: ignore[arg-type]
+        if max_examples is not None:
+            total = None if total is None else min(total, max_examples)
+        return dataset, total, f"DataLoader of {type(dataset.dataset).__name__}"
+    if isinstance(dataset, str | bytes) or not hasattr(dataset, "__iter__"):
+        raise UsageError(
+            f"cannot read data from a {type(dataset).__name__}",
+            hint="pass a path, a tensor x, a tuple (x, y), a Dataset, a DataLoader or an iterable of batches",
+        )
     return dataset, None, type(dataset).__name__
+
+
+def _with_progress(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Let a command take ``progress=True`` (bars on stderr), ``False``/``None`` (quiet) or a callable."""
+    import functools
+
+    from .progress import progress_callback
+
+    @functools.wraps(fn)
+    def run(*args: Any, progress: Any = None, **kwargs: Any) -> Any:
+        with progress_callback(progress) as callback:
+            return fn(*args, progress=callback, **kwargs)
+
+    return run
 
 
 def _require_torch(source: Source, command: str) -> LoadedModel:
@@ -604,6 +692,7 @@ def _onnx_options(source: Source, command: str, forward_fn: Any) -> bool:
     return True
 
 
+@_with_progress
 def estimate(
     model: ModelLike,
     data: Any,
@@ -831,6 +920,7 @@ def _recalibrate_stats(
     )
 
 
+@_with_progress
 def recalibrate(
     model: ModelLike,
     data: Any,
@@ -894,6 +984,7 @@ def recalibrate(
     return outcome
 
 
+@_with_progress
 def diagnose(
     model: ModelLike,
     data: Any,

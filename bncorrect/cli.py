@@ -514,35 +514,10 @@ def _data_spec(
     )
 
 
-class _ProgressBar:
-    """Rich progress bars on stderr, one task per description; the library calls it as a function."""
+def _progress_bar(enabled: bool = True) -> Any:
+    from .progress import ConsoleProgress
 
-    def __init__(self, enabled: bool = True) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("examples"),
-            TimeElapsedColumn(),
-            console=err_console,
-            transient=False,
-            disable=not enabled,
-        )
-        self.tasks: dict[str, Any] = {}
-
-    def __call__(self, description: str, completed: int, total: int | None) -> None:
-        if description not in self.tasks:
-            self.tasks[description] = self.progress.add_task(description, total=total)
-        self.progress.update(self.tasks[description], completed=completed, total=total)
-
-    def __enter__(self) -> _ProgressBar:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
+    return ConsoleProgress(enabled=enabled, console=err_console)
 
 
 def _parse_layer_batch_sizes(items: list[str] | None) -> dict[str, int]:
@@ -619,7 +594,7 @@ def estimate(
     spec = _data_spec(resize, crop, mean, std, no_normalize, channels, preprocess, skip_bad_files)
     dataset = api.open_data(data, spec)
     _warn_skipped(dataset)
-    with _ProgressBar(enabled=not json_out) as bar:
+    with _progress_bar(enabled=not json_out) as bar:
         outcome = api.estimate(
             model,
             dataset,
@@ -711,7 +686,7 @@ def recalibrate(
     spec = _data_spec(resize, crop, mean, std, no_normalize, channels, preprocess, skip_bad_files)
     dataset = api.open_data(data, spec)
     _warn_skipped(dataset)
-    with _ProgressBar(enabled=not json_out) as bar:
+    with _progress_bar(enabled=not json_out) as bar:
         outcome = api.recalibrate(
             model,
             dataset,
@@ -815,7 +790,7 @@ def sweep_alpha(
     spec = _data_spec(resize, crop, mean, std, no_normalize, channels, preprocess, skip_bad_files)
     dataset = api.open_data(data, spec)
     _warn_skipped(dataset)
-    with _ProgressBar(enabled=not json_out) as bar:
+    with _progress_bar(enabled=not json_out) as bar:
         outcome = api.sweep_alpha(
             model,
             dataset,
@@ -902,7 +877,7 @@ def diagnose(
     spec = _data_spec(resize, crop, mean, std, no_normalize, channels, preprocess, skip_bad_files)
     dataset = api.open_data(data, spec)
     _warn_skipped(dataset)
-    with _ProgressBar(enabled=not json_out) as bar:
+    with _progress_bar(enabled=not json_out) as bar:
         result = api.diagnose(
             model,
             dataset,
@@ -972,7 +947,7 @@ def demo(
     estimate, sweep-alpha and a verified ONNX export, then one comparison table."""
     from .demo import METHODS, run_demo
 
-    with _ProgressBar(enabled=not json_out) as bar:
+    with _progress_bar(enabled=not json_out) as bar:
         result = run_demo(
             out_dir,
             samples_dir=samples,

@@ -75,6 +75,7 @@ __all__ = [
     "iterate_batches",
     "load_data",
     "make_loader",
+    "from_arrays",
     "parse_floats",
     "parse_size",
 ]
@@ -414,6 +415,15 @@ _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, t
 def _default_spec_fields_changed(spec: DataSpec) -> list[str]:
     default = DataSpec()
     return [f.name for f in fields(DataSpec) if getattr(spec, f.name) != getattr(default, f.name)]
+
+
+def from_arrays(x: Any, y: Any = None, *, name: str = "<in-memory>") -> ArrayDataset:
+    """A :class:`Dataset` over arrays already in memory (a tensor or numpy array ``x`` of shape (N, ...),
+    optional labels ``y``), checked as the array files are (float32 x, finite; integer labels)."""
+    path = Path(name)
+    xt = _check_x(x, path)
+    yt = _check_y(y, len(xt), path) if y is not None else None
+    return ArrayDataset(path, xt, yt, kind="arrays")
 
 
 def load_data(path: str | Path, spec: DataSpec | None = None) -> Dataset:

@@ -350,6 +350,44 @@ def strip_corrections(model: nn.Module) -> nn.Module:
     return model
 
 
+class ExportBatchNorm(_BatchNorm):
+    """Plain eval-mode BatchNorm of any input rank: what a BN-like layer that is not a ``_BatchNorm``
+    (torchvision's ``FrozenBatchNorm2d``: ``x * scale + shift`` from its buffers) becomes for ONNX export, so
+    that the exporter writes a BatchNormalization node (with the layer's own parameter names) that the
+    rewrite can correct. Same function: ``(x - mean) / sqrt(var + eps) * weight + bias``."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input of rank >= 2, got {input.dim()}")
+
+
+def as_batchnorm(model: nn.Module) -> nn.Module:
+    """Replace every BN-like layer that is not a ``_BatchNorm`` (e.g. ``FrozenBatchNorm2d``) by an
+    :class:`ExportBatchNorm` computing the same function, recursively, in place; returns ``model``.
+    Every parameter and buffer is copied explicitly (weight, bias, running_mean, running_var, eps)."""
+    for ly in find_norm_layers(model):
+        inner = _inner(ly.module)
+        if isinstance(inner, _BatchNorm) or not_correctable_reason(inner) is not None:
+            continue
+        rm = inner.running_mean
+        weight, bias = getattr(inner, "weight", None), getattr(inner, "bias", None)
+        new = ExportBatchNorm(rm.numel(), eps=float(inner.eps), affine=weight is not None).to(rm.device)
+        new = new.to(rm.dtype)
+        with torch.no_grad():
+            new.running_mean.copy_(rm)
+            new.running_var.copy_(inner.running_var)
+            if weight is not None:
+                new.weight.copy_(weight.detach())
+                new.bias.copy_(bias.detach() if bias is not None else torch.zeros_like(rm))
+        new.eval()
+        if isinstance(ly.module, CorrectedNorm):
+            ly.module.norm = new
+            ly.module.strategy = _strategy(new)
+        else:
+            _set_submodule(model, ly.name, new)
+    return model
+
+
 def corrected_layers(model: nn.Module) -> dict[str, CorrectedNorm]:
     """Name -> CorrectedNorm for every corrected layer of ``model``."""
     return {n: m for n, m in model.named_modules() if isinstance(m, CorrectedNorm)}

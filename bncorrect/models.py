@@ -490,6 +490,32 @@ def _is_wrapper(model: nn.Module, name: str) -> bool:
         return False
 
 
+def importable_factory(model: nn.Module) -> str | None:
+    """``module:Class`` for a model whose class can be imported and rebuilt with no arguments into the same
+    structure (same ``repr``, same state-dict keys and shapes): then a state dict plus that factory saves
+    it without pickling code. None otherwise (a ``Sequential`` from a function, a class defined in
+    ``__main__`` or a function, constructor arguments that matter)."""
+    import copy
+
+    plain = strip_corrections(copy.deepcopy(model))
+    cls = type(plain)
+    if cls.__module__ in ("__main__", "builtins") or "<locals>" in cls.__qualname__:
+        return None
+    if cls.__module__.startswith("torch.nn"):
+        return None  # Sequential, ModuleList...: their structure is not in the class
+    spec = f"{cls.__module__}:{cls.__qualname__}"
+    try:
+        if import_callable(spec, option="arch") is not cls:
+            return None
+        rebuilt = cls()
+    except Exception:
+        return None
+    a, b = plain.state_dict(), rebuilt.state_dict()
+    if repr(rebuilt) != repr(plain) or a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+        return None
+    return spec
+
+
 def save_checkpoint(
     model: nn.Module, out: str | Path, *, source: LoadedModel, meta: Mapping[str, Any] | None = None
 ) -> Path:
@@ -497,11 +523,18 @@ def save_checkpoint(
 
     A pickled-module source gives a pickled module (load with ``torch.load(out, weights_only=False)``;
     bncorrect must be importable). Any other source gives a bncorrect checkpoint: the original state dict
-    keys plus the recorded arch and per-layer alpha/beta, which :func:`load` rebuilds in one call.
+    keys plus the recorded arch and per-layer alpha/beta, which :func:`load` rebuilds in one call. A module
+    passed in from Python becomes a bncorrect checkpoint when its class can be rebuilt from its import
+    path (:func:`importable_factory`), and a pickle only when it cannot.
     """
     out = Path(out)
+    arch, arch_kwargs = source.arch, dict(source.arch_kwargs)
+    pickled = source.kind == "pickled-module"
+    if pickled and str(source.path) == "<in-memory>":
+        arch = importable_factory(model)
+        pickled, arch_kwargs = arch is None, {}
     with atomic_path(out) as tmp:
-        if source.kind == "pickled-module":
+        if pickled:
             torch.save(model, tmp)
         else:
             corr = {
@@ -509,11 +542,13 @@ def save_checkpoint(
             }
             obj = {
                 "format": CHECKPOINT_FORMAT,
-                "arch": source.arch,
-                "arch_kwargs": dict(source.arch_kwargs),
+                "arch": arch,
+                "arch_kwargs": arch_kwargs,
                 "state_dict": plain_state_dict(model),
                 "corrections": corr,
-                "meta": {k: v for k, v in {**source.meta, **(meta or {})}.items() if k != "warnings"},
+                "meta": {
+                    k: v for k, v in {**source.meta, **(meta or {})}.items() if k not in ("warnings", "notes")
+                },
             }
             torch.save(obj, tmp)
     return out
@@ -549,6 +584,7 @@ __all__ = [
     "build_arch",
     "file_sha256",
     "import_factory",
+    "importable_factory",
     "load",
     "load_model",
     "parse_arch_kwargs",

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from . import correction as C
 from .errors import OnnxError, VerificationError, shorten, spell
-from .layers import corrected_layers, strip_corrections
+from .layers import as_batchnorm, corrected_layers, strip_corrections
 from .onnx_rewrite import (
     RUNTIME_NOT_WRITTEN,
     RUNTIME_OK,
@@ -425,7 +425,9 @@ def export_onnx(
     """
     path = Path(path)
     reference = copy.deepcopy(model).cpu().eval()
-    plain = strip_corrections(copy.deepcopy(reference)).eval()
+    # BN-like layers that are not _BatchNorm (FrozenBatchNorm2d) become equivalent BatchNorm modules, so the
+    # exporter writes BatchNormalization nodes named after them, which the rewrite then corrects
+    plain = as_batchnorm(strip_corrections(copy.deepcopy(reference))).eval()
     example_input = _to_cpu(example_input)
     coefs = {
         name: (m.alpha.detach().cpu(), m.beta.detach().cpu())

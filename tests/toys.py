@@ -62,3 +62,97 @@ def data(
     x = torch.randn(n, *shape, generator=g) * 1.5 + 0.3
     y = torch.randint(0, classes, (n,), generator=g)
     return x, y
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """A mirror of torchvision.ops.FrozenBatchNorm2d (BN-like, not a _BatchNorm subclass): the backbone norm
+    of every torchvision detection model."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.reshape(1, -1, 1, 1)
+        b = self.bias.reshape(1, -1, 1, 1)
+        rv = self.running_var.reshape(1, -1, 1, 1)
+        rm = self.running_mean.reshape(1, -1, 1, 1)
+        scale = w * (rv + self.eps).rsqrt()
+        return x * scale + (b - rm * scale)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """A mirror of timm's BatchNormAct2d: a BatchNorm2d subclass whose forward applies an activation."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__(num_features, eps=eps)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, self.eps
+        )
+        return self.act(x)
+
+
+def _init_frozen(model: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            c = m.weight.numel()
+            m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return model
+
+
+def frozen_backbone(seed: int = 0) -> nn.Module:
+    """Conv-FrozenBN-ReLU x2 (a detection backbone's norm), then Conv-BatchNormAct2d, pooling, Linear:
+    input (N, 3, 8, 8), 5 outputs."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1, bias=False),
+        FrozenBatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3, padding=1, bias=False),
+        FrozenBatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, bias=False),
+        BatchNormAct2d(8),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    )
+    return _init_frozen(_init(model, seed), seed)
+
+
+class TinyDetector(nn.Module):
+    """Returns a list with one dict per image, like torchvision detection models in eval mode."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.backbone = frozen_backbone(seed)[:8]
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        boxes = self.head(self.backbone(x)).flatten(2).transpose(1, 2)  # (N, positions, 4)
+        return [{"boxes": b, "scores": b.sum(-1).sigmoid()} for b in boxes]
+
+
+def tiny_detector(seed: int = 0) -> nn.Module:
+    return TinyDetector(seed).eval()
+
+
+class TwoInputNet(nn.Module):
+    """forward(image, extra): needs a forward_fn to be run over dict batches."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.body = conv_net(seed)
+
+    def forward(self, image: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        return self.body(image) + extra
