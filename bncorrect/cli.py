@@ -482,6 +482,14 @@ ChannelsOpt = Annotated[int, typer.Option(help="Images: 3 (RGB) or 1 (grayscale)
 PreprocessOpt = Annotated[
     str | None, typer.Option(help="Images: 'module:function' taking a PIL image and returning a tensor.")
 ]
+DataConfigOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Images: preprocess as the model expects. 'model' reads a timm model's pretrained_cfg; "
+        "'module:Weights.NAME' a torchvision weights enum's transforms() (e.g. "
+        "torchvision.models:ResNet50_Weights.IMAGENET1K_V2). --resize/--crop/--mean/--std still win.",
+    ),
+]
 SkipBadOpt = Annotated[
     bool,
     typer.Option(
@@ -512,6 +520,33 @@ def _data_spec(
         preprocess=preprocess,
         skip_bad_files=skip_bad_files,
     )
+
+
+def _say_preprocessing(dataset: Any, json_out: bool) -> None:
+    """Image folders: which preprocessing is used (resize, crop, mean/std, where they came from)."""
+    if not json_out and getattr(dataset, "root", None) is not None:
+        err_console.print(f"[dim]data: {dataset.description}[/]", highlight=False)
+
+
+def _model_and_spec(model: Path, spec: Any, data_config: str | None, load_options: dict[str, Any]) -> Any:
+    """With --data-config: the loaded model (passed on to the command, so it is loaded once) and the
+    preprocessing the model expects, merged with the options given explicitly."""
+    if not data_config:
+        return model, spec
+    from . import api
+    from .data_config import merge, resolve_data_config
+
+    source = api.open_model(model, **load_options)
+    if data_config == "model" and not isinstance(source, api.LoadedModel):
+        from .errors import UsageError
+
+        raise UsageError(
+            "--data-config model reads a PyTorch model's pretrained_cfg; an ONNX graph has none",
+            path=model,
+            hint="name the weights instead (--data-config module:Weights.NAME), or give "
+            "--resize/--crop/--mean/--std",
+        )
+    return source, merge(resolve_data_config(data_config, getattr(source, "model", None)), spec)
 
 
 def _progress_bar(enabled: bool = True) -> Any:
@@ -582,6 +617,7 @@ def estimate(
     channels: ChannelsOpt = 3,
     preprocess: PreprocessOpt = None,
     skip_bad_files: SkipBadOpt = False,
+    data_config: DataConfigOpt = None,
     input_shape: InputShapeOpt = None,
     opset: OpsetOpt = None,
     no_verify: NoVerifyOpt = False,
@@ -592,11 +628,14 @@ def estimate(
     from . import api
 
     spec = _data_spec(resize, crop, mean, std, no_normalize, channels, preprocess, skip_bad_files)
+    load = _load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch)
+    model_or_source, spec = _model_and_spec(model, spec, data_config, load)
     dataset = api.open_data(data, spec)
     _warn_skipped(dataset)
+    _say_preprocessing(dataset, json_out)
     with _progress_bar(enabled=not json_out) as bar:
         outcome = api.estimate(
-            model,
+            model_or_source,
             dataset,
             train_batch_size,
             out=output,
@@ -609,7 +648,7 @@ def estimate(
             seed=seed,
             progress=bar,
             export=_export_options(input_shape, opset, no_verify, min_effect),
-            **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch),
+            **load,
         )
     _warn_load(outcome.source)
     _warn_outcome(outcome)
@@ -868,6 +907,7 @@ def diagnose(
     channels: ChannelsOpt = 3,
     preprocess: PreprocessOpt = None,
     skip_bad_files: SkipBadOpt = False,
+    data_config: DataConfigOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -875,11 +915,14 @@ def diagnose(
     from . import api
 
     spec = _data_spec(resize, crop, mean, std, no_normalize, channels, preprocess, skip_bad_files)
+    load = _load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch)
+    model_or_source, spec = _model_and_spec(model, spec, data_config, load)
     dataset = api.open_data(data, spec)
     _warn_skipped(dataset)
+    _say_preprocessing(dataset, json_out)
     with _progress_bar(enabled=not json_out) as bar:
         result = api.diagnose(
-            model,
+            model_or_source,
             dataset,
             train_batch_size,
             corrections=corrections,
@@ -891,7 +934,7 @@ def diagnose(
             num_workers=num_workers,
             seed=seed,
             progress=bar,
-            **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch),
+            **load,
         )
     _warn_outcome(result)
     if json_out:

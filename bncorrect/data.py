@@ -72,10 +72,10 @@ __all__ = [
     "DataSpec",
     "Dataset",
     "ImageFolderDataset",
+    "from_arrays",
     "iterate_batches",
     "load_data",
     "make_loader",
-    "from_arrays",
     "parse_floats",
     "parse_size",
 ]
@@ -118,6 +118,8 @@ class DataSpec:
     channels: int = 3
     preprocess: str | Callable[..., Any] | None = None
     skip_bad_files: bool = False
+    interpolation: str = "bilinear"
+    source: str | None = None  # where the options came from (e.g. "timm pretrained_cfg"), for the description
 
 
 def _check_size(value: Any, name: str) -> tuple[int, int] | int | None:
@@ -269,6 +271,7 @@ class ImageFolderDataset(Dataset):
         self._mode = "RGB" if spec.channels == 3 else "L"
         self._resize = _check_size(spec.resize, "resize")
         self._crop = _check_size(spec.crop, "crop")
+        _INTERPOLATION[spec.interpolation]  # an unknown name fails here, not on the first image
         self._mean = _per_channel(spec.mean, IMAGENET_MEAN, spec.channels, "mean")
         self._std = _per_channel(spec.std, IMAGENET_STD, spec.channels, "std")
         self._hook = _resolve_hook(spec.preprocess) if spec.preprocess is not None else None
@@ -298,8 +301,13 @@ class ImageFolderDataset(Dataset):
             parts.append(f"preprocess {self._hook_name}")
         else:
             parts.append("RGB" if self.spec.channels == 3 else "grayscale")
+            if self.spec.source:
+                parts.append(f"from {self.spec.source}")
             if self._resize is not None:
-                parts.append(f"resize {self._resize}")
+                parts.append(
+                    f"resize {self._resize}"
+                    + ("" if self.spec.interpolation == "bilinear" else f" ({self.spec.interpolation})")
+                )
             if self._crop is not None:
                 parts.append(f"crop {self._crop}")
             if self.spec.normalize:
@@ -373,7 +381,6 @@ class ImageFolderDataset(Dataset):
         return out.to(torch.float32)
 
     def _transform(self, img: Any, path: Path) -> Tensor:
-        from PIL import Image
 
         if self._resize is not None:
             w, h = img.size
@@ -384,7 +391,7 @@ class ImageFolderDataset(Dataset):
             else:
                 new_h, new_w = self._resize
             if (new_w, new_h) != (w, h):
-                img = img.resize((new_w, new_h), Image.BILINEAR)
+                img = img.resize((new_w, new_h), _INTERPOLATION[self.spec.interpolation])
         arr = np.asarray(img, dtype=np.float32)
         if arr.ndim == 2:
             arr = arr[:, :, None]
@@ -405,6 +412,27 @@ class ImageFolderDataset(Dataset):
         return x
 
 
+def _pil_modes() -> dict[str, int]:
+    from PIL import Image
+
+    return {
+        "nearest": Image.NEAREST,
+        "bilinear": Image.BILINEAR,
+        "bicubic": Image.BICUBIC,
+        "lanczos": Image.LANCZOS,
+    }
+
+
+class _Modes(dict):  # PIL imported on first use
+    def __missing__(self, key: str) -> int:
+        self.update(_pil_modes())
+        if key not in self:
+            raise UsageError(f"interpolation must be one of nearest, bilinear, bicubic, lanczos, got {key!r}")
+        return self[key]
+
+
+_INTERPOLATION = _Modes()
+
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)
 
 
@@ -414,7 +442,8 @@ _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, t
 
 def _default_spec_fields_changed(spec: DataSpec) -> list[str]:
     default = DataSpec()
-    return [f.name for f in fields(DataSpec) if getattr(spec, f.name) != getattr(default, f.name)]
+    changed = [f.name for f in fields(DataSpec) if getattr(spec, f.name) != getattr(default, f.name)]
+    return [("data_config" if name == "source" else name) for name in changed]
 
 
 def from_arrays(x: Any, y: Any = None, *, name: str = "<in-memory>") -> ArrayDataset:

@@ -46,8 +46,13 @@ def is_builtin(spec: str, kwargs: Any = None) -> bool:
     )
 
 
+def import_object(spec: str, *, option: str, error: type[BncorrectError] = UsageError) -> Any:
+    """Like :func:`import_callable` for any object (``torchvision.models:ResNet50_Weights.IMAGENET1K_V2``)."""
+    return import_callable(spec, option=option, error=error, require_callable=False)
+
+
 def import_callable(
-    spec: str, *, option: str, error: type[BncorrectError] = ModelLoadError
+    spec: str, *, option: str, error: type[BncorrectError] = ModelLoadError, require_callable: bool = True
 ) -> Callable[..., Any]:
     """Resolve ``package.module:attr`` or ``path/to/file.py:attr`` (see the module docstring) to a callable.
 
@@ -94,7 +99,7 @@ def import_callable(
             raise error(
                 f"{flag}: {mod_name!r} has no attribute {attr!r}", hint="check the name after ':'"
             ) from None
-    if not callable(obj):
+    if require_callable and not callable(obj):
         raise error(f"{flag}: {attr!r} in {mod_name!r} is a {type(obj).__name__}, not a function or class")
     return obj
 
@@ -115,4 +120,4 @@ def _exec_file(file: Path, flag: str, error: type[BncorrectError]) -> Any:
     return module
 
 
-__all__ = ["BUILTIN_FACTORIES", "import_callable", "is_builtin"]
+__all__ = ["BUILTIN_FACTORIES", "import_callable", "import_object", "is_builtin"]

@@ -156,3 +156,48 @@ class TwoInputNet(nn.Module):
 
     def forward(self, image: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
         return self.body(image) + extra
+
+
+TIMM_CFG = {
+    "architecture": "cfg_net",
+    "input_size": (3, 8, 8),
+    "crop_pct": 0.8,
+    "crop_mode": "center",
+    "interpolation": "bicubic",
+    "mean": (0.5, 0.4, 0.3),
+    "std": (0.2, 0.25, 0.3),
+}
+
+
+def cfg_net(seed: int = 0) -> nn.Module:
+    """conv_net carrying a timm-style ``pretrained_cfg`` (what timm.create_model attaches)."""
+    model = conv_net(seed)
+    model.pretrained_cfg = dict(TIMM_CFG)
+    return model
+
+
+class _Interpolation:
+    """Like torchvision's InterpolationMode member: ``.value`` is the name."""
+
+    value = "bilinear"
+
+
+class _ImageClassification:
+    """The attributes of torchvision.transforms._presets.ImageClassification that bncorrect reads."""
+
+    def __init__(self) -> None:
+        self.resize_size = [10]
+        self.crop_size = [8]
+        self.mean = [0.485, 0.456, 0.406]
+        self.std = [0.229, 0.224, 0.225]
+        self.interpolation = _Interpolation()
+
+
+class _Weights:
+    """Like a torchvision weights enum member (``ResNet50_Weights.IMAGENET1K_V2``)."""
+
+    def transforms(self) -> _ImageClassification:
+        return _ImageClassification()
+
+
+WEIGHTS = _Weights()
