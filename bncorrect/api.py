@@ -326,6 +326,7 @@ def _finish(
     *,
     corrections_source: Path | None = None,
     warnings: Sequence[str | None] = (),
+    data_pass: bool = False,
 ) -> Outcome:
     """Correct the model in memory and, with ``out``, write the result by suffix. The corrections are
     stamped with the fingerprint of the model they are now made for."""
@@ -375,7 +376,7 @@ def _finish(
     model.eval()
     outcome = Outcome(corrections, model, source, None, report)
     if out is not None:
-        outcome.output = write_output(outcome, out, export)
+        outcome.output = write_output(outcome, out, export, keep_corrections=data_pass)
     return outcome
 
 
@@ -458,8 +459,12 @@ def _write_onnx_source(outcome: Outcome, out: Path) -> Path:
     return save_onnx(outcome.model, out, report=outcome.report.get("rewrite"))
 
 
-def write_output(outcome: Outcome, out: str | Path, export: ExportOptions | None = None) -> Path:
-    """Write a corrected PyTorch model by OUT's suffix (corrections file, checkpoint, or ONNX)."""
+def write_output(
+    outcome: Outcome, out: str | Path, export: ExportOptions | None = None, *, keep_corrections: bool = False
+) -> Path:
+    """Write a corrected PyTorch model by OUT's suffix (corrections file, checkpoint, or ONNX).
+    ``keep_corrections`` (the corrections came from a pass over data): when the ONNX export fails, save
+    them beside OUT first, so the pass is not lost."""
     out = Path(out)
     suffix = out.suffix.lower()
     source = outcome.source
@@ -490,7 +495,9 @@ def write_output(outcome: Outcome, out: str | Path, export: ExportOptions | None
             verify=export.verify,
             min_effect=export.min_effect,
         )
-    except OnnxError as e:  # keep what the command computed: corrections first, derived artefacts after
+    except OnnxError as e:  # keep what the pass computed: corrections first, derived artefacts after
+        if not keep_corrections:
+            raise
         raise _with_saved_corrections(e, outcome.corrections, out) from None
     outcome.report["export"] = report
     return out
@@ -808,7 +815,7 @@ def estimate(
     export = export or ExportOptions()
     if not is_onnx and export.example_input is None and export.input_shape is None:
         export.example_input = _first_input(loader)
-    outcome = _finish(source, corrections, out, export)
+    outcome = _finish(source, corrections, out, export, data_pass=True)
     outcome.report["estimate"] = result
     if recal is not None:
         outcome.report["recalibrate"] = recal
