@@ -22,7 +22,7 @@ import re
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,10 @@ __all__ = [
     "run_onnx",
     "verify_onnx",
 ]
+
+
+#: The progress description of an ONNX export (its steps: export, rewrite, verification).
+EXPORT_STEPS = "ONNX export, rewrite, verification"
 
 
 @dataclass
@@ -409,6 +413,7 @@ def export_onnx(
     external_data: bool | None = None,
     min_effect: float | None = None,
     probe: Tensor | Sequence[Tensor] | None = None,
+    progress: Callable[[str, int, int | None], None] | None = None,
 ) -> ExportReport:
     """Export ``model`` (which may contain CorrectedNorm wrappers) to ``path`` with its normalization
     rewritten as corrected-BN subgraphs, and (``verify``) check it against the corrected PyTorch model.
@@ -422,7 +427,12 @@ def export_onnx(
     output's RMS, :func:`min_effect_filter`) on ``probe`` (default ``example_input``; give real data) stay
     plain BatchNormalization nodes, which runtimes fold into the preceding Conv; the verification then
     compares against the PyTorch model with those layers plain too.
+
+    ``progress(EXPORT_STEPS, k, 3)`` is called before the export (k = 0), after it (1), after the rewrite (2)
+    and after the verification (3): torch.onnx can take tens of seconds on a large model.
     """
+    step = progress or (lambda *_: None)
+    step(EXPORT_STEPS, 0, 3)
     path = Path(path)
     reference = copy.deepcopy(model).cpu().eval()
     # BN-like layers that are not _BatchNorm (FrozenBatchNorm2d) become equivalent BatchNorm modules, so the
@@ -435,6 +445,7 @@ def export_onnx(
         if not m.is_identity()
     }
     proto = export_plain(plain, example_input, opset=opset, dynamic_batch=dynamic_batch)
+    step(EXPORT_STEPS, 1, 3)
     alpha: dict[str, Tensor] = {}
     beta: dict[str, Tensor] = {}
     if coefs:
@@ -444,9 +455,9 @@ def export_onnx(
             raise OnnxError(
                 "the exported graph's BatchNormalization nodes do not match the corrected layers: "
                 f"{e.message}",
-                hint="layers whose forward is not plain BatchNorm (e.g. FrozenBatchNorm2d, BN fused with an "
-                "activation) export as other ops and cannot be corrected in ONNX; correct only plain BN "
-                "layers",
+                hint="a corrected layer whose forward does not go through batch_norm (custom code computing "
+                "the normalization itself) exports as other ops and cannot be corrected in ONNX; write "
+                ".safetensors or .pt instead, or correct only the layers that export as BatchNormalization",
             ) from None
         for torch_name, node_name in mapping.items():
             alpha[node_name], beta[node_name] = coefs[torch_name]
@@ -461,6 +472,7 @@ def export_onnx(
             layers[node_names[node]].alpha.zero_()
             layers[node_names[node]].beta.zero_()
     corrected, report = rewrite(proto, alpha, beta)
+    step(EXPORT_STEPS, 2, 3)
     if report.skipped:
         raise OnnxError(
             "some corrected layers cannot be rewritten in the exported graph: "
@@ -488,6 +500,7 @@ def export_onnx(
                     "report "
                     "the model",
                 )
+    step(EXPORT_STEPS, 3, 3)
     return ExportReport(
         path=path,
         opset=int(got_opset),

@@ -29,7 +29,7 @@ class ConsoleProgress:
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("examples"),
+            TextColumn("{task.fields[unit]}"),
             TimeElapsedColumn(),
             console=console if console is not None else Console(stderr=True),
             transient=False,
@@ -39,7 +39,8 @@ class ConsoleProgress:
 
     def __call__(self, description: str, completed: int, total: int | None) -> None:
         if description not in self.tasks:
-            self.tasks[description] = self.progress.add_task(description, total=total)
+            unit = "steps" if description.startswith("ONNX") else "examples"
+            self.tasks[description] = self.progress.add_task(description, total=total, unit=unit)
         self.progress.update(self.tasks[description], completed=completed, total=total)
 
     def __enter__(self) -> ConsoleProgress:

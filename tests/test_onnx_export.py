@@ -14,7 +14,7 @@ from torch import nn
 
 from bncorrect import api, onnx_export
 from bncorrect.corrections import Corrections, LayerCorrection, load_corrections, save_corrections
-from bncorrect.errors import OnnxError, UsageError, VerificationError
+from bncorrect.errors import UsageError, VerificationError
 from bncorrect.layers import correct_model
 from bncorrect.onnx_export import export_onnx, export_plain, min_effect_filter, run_onnx, verify_onnx
 from bncorrect.onnx_rewrite import find_bn_nodes, load_onnx, match_layers, rewrite
@@ -178,12 +178,14 @@ class FrozenBN(nn.Module):
         return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
 
 
-def test_layers_that_do_not_export_as_bn_are_reported(tmp_path: Path) -> None:
+def test_frozen_bn_exports_as_a_corrected_node(tmp_path: Path) -> None:
+    """A BN-like layer that is not a _BatchNorm (FrozenBatchNorm2d) is exported as BatchNormalization and
+    rewritten like any other (it used to export as Mul/Add and be refused)."""
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), FrozenBN(4)).eval()
     correct_model(net, 0.2)
-    with pytest.raises(OnnxError, match="FrozenBatchNorm2d"):
-        export_onnx(net, torch.randn(1, 3, 8, 8), tmp_path / "f.onnx")
-    assert not (tmp_path / "f.onnx").exists()
+    report = export_onnx(net, torch.randn(2, 3, 8, 8), tmp_path / "f.onnx")
+    assert sorted(report.rewritten) == ["1", "3"]
+    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-4
 
 
 def test_min_effect_keeps_layers_whose_correction_is_negligible() -> None:
