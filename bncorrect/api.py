@@ -69,6 +69,20 @@ class Outcome:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+def _with_progress(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Let a command take ``progress=True`` (bars on stderr), ``False``/``None`` (quiet) or a callable."""
+    import functools
+
+    from .progress import progress_callback
+
+    @functools.wraps(fn)
+    def run(*args: Any, progress: Any = None, **kwargs: Any) -> Any:
+        with progress_callback(progress) as callback:
+            return fn(*args, progress=callback, **kwargs)
+
+    return run
+
+
 def open_model(model: ModelLike, **load_options: Any) -> Source:
     """Load MODEL (path or object) into a :class:`LoadedModel` or :class:`OnnxModel`.
 
@@ -173,12 +187,14 @@ def inspect(model: ModelLike, **load_options: Any) -> list[dict[str, Any]]:
     return layers
 
 
+@_with_progress
 def rule(
     model: ModelLike,
     train_batch_size: int,
     *,
     out: str | Path | None = None,
     export: ExportOptions | None = None,
+    progress: Any = None,
     **load_options: Any,
 ) -> Outcome:
     """EvalNorm's rule of thumb: alpha = beta = 1/B^2 for every BN layer."""
@@ -193,7 +209,7 @@ def rule(
         train_batch_size=train_batch_size,
         model_sha256=_sha(source),
     )
-    return _finish(source, corrections, out, export)
+    return _finish(source, corrections, out, export, progress=progress)
 
 
 def _check_batch_size(option: str, value: int | None) -> None:
@@ -240,6 +256,7 @@ def _check_files(model: Any, *, data: Any = None, corrections: Any = None, **wri
     check_paths(reads, {k: v for k, v in writes.items() if v is not None})
 
 
+@_with_progress
 def weight(
     model: ModelLike,
     alpha: float,
@@ -247,6 +264,7 @@ def weight(
     *,
     out: str | Path | None = None,
     export: ExportOptions | None = None,
+    progress: Any = None,
     **load_options: Any,
 ) -> Outcome:
     """Inference example weighing: one alpha (and beta, default = alpha) for every BN layer."""
@@ -261,9 +279,10 @@ def weight(
     corrections = Corrections.uniform(
         list(correctable_channels(source)), alpha, beta, method="example-weighing", model_sha256=_sha(source)
     )
-    return _finish(source, corrections, out, export)
+    return _finish(source, corrections, out, export, progress=progress)
 
 
+@_with_progress
 def apply(
     model: ModelLike,
     corrections: str | Path | Corrections,
@@ -271,6 +290,7 @@ def apply(
     out: str | Path | None = None,
     export: ExportOptions | None = None,
     force: bool = False,
+    progress: Any = None,
     **load_options: Any,
 ) -> Outcome:
     """Apply a corrections file (or :class:`Corrections`) to MODEL. Corrections made for another model
@@ -279,7 +299,9 @@ def apply(
     corr, corr_path = _read_corrections(corrections)
     source = open_model(model, **load_options)
     warning = corr.check_model(source.fingerprint, model=source.path, source=corr_path, force=force)
-    return _finish(source, corr, out, export, corrections_source=corr_path, warnings=[warning])
+    return _finish(
+        source, corr, out, export, corrections_source=corr_path, warnings=[warning], progress=progress
+    )
 
 
 def _read_corrections(corrections: str | Path | Corrections) -> tuple[Corrections, Path | None]:
@@ -327,6 +349,7 @@ def _finish(
     corrections_source: Path | None = None,
     warnings: Sequence[str | None] = (),
     data_pass: bool = False,
+    progress: Any = None,
 ) -> Outcome:
     """Correct the model in memory and, with ``out``, write the result by suffix. The corrections are
     stamped with the fingerprint of the model they are now made for."""
@@ -376,7 +399,7 @@ def _finish(
     model.eval()
     outcome = Outcome(corrections, model, source, None, report)
     if out is not None:
-        outcome.output = write_output(outcome, out, export, keep_corrections=data_pass)
+        outcome.output = write_output(outcome, out, export, keep_corrections=data_pass, progress=progress)
     return outcome
 
 
@@ -460,7 +483,12 @@ def _write_onnx_source(outcome: Outcome, out: Path) -> Path:
 
 
 def write_output(
-    outcome: Outcome, out: str | Path, export: ExportOptions | None = None, *, keep_corrections: bool = False
+    outcome: Outcome,
+    out: str | Path,
+    export: ExportOptions | None = None,
+    *,
+    keep_corrections: bool = False,
+    progress: Any = None,
 ) -> Path:
     """Write a corrected PyTorch model by OUT's suffix (corrections file, checkpoint, or ONNX).
     ``keep_corrections`` (the corrections came from a pass over data): when the ONNX export fails, save
@@ -494,6 +522,7 @@ def write_output(
             dynamic_batch=export.dynamic_batch,
             verify=export.verify,
             min_effect=export.min_effect,
+            progress=progress,
         )
     except OnnxError as e:  # keep what the pass computed: corrections first, derived artefacts after
         if not keep_corrections:
@@ -659,20 +688,6 @@ def _loader(
     return dataset, None, type(dataset).__name__
 
 
-def _with_progress(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Let a command take ``progress=True`` (bars on stderr), ``False``/``None`` (quiet) or a callable."""
-    import functools
-
-    from .progress import progress_callback
-
-    @functools.wraps(fn)
-    def run(*args: Any, progress: Any = None, **kwargs: Any) -> Any:
-        with progress_callback(progress) as callback:
-            return fn(*args, progress=callback, **kwargs)
-
-    return run
-
-
 def _require_torch(source: Source, command: str) -> LoadedModel:
     if isinstance(source, OnnxModel):
         raise OnnxError(
@@ -815,7 +830,7 @@ def estimate(
     export = export or ExportOptions()
     if not is_onnx and export.example_input is None and export.input_shape is None:
         export.example_input = _first_input(loader)
-    outcome = _finish(source, corrections, out, export, data_pass=True)
+    outcome = _finish(source, corrections, out, export, data_pass=True, progress=progress)
     outcome.report["estimate"] = result
     if recal is not None:
         outcome.report["recalibrate"] = recal

@@ -351,13 +351,15 @@ def rule(
     """alpha = beta = 1/B^2 for every BN layer (EvalNorm's rule of thumb)."""
     from . import api
 
-    outcome = api.rule(
-        model,
-        train_batch_size,
-        out=output,
-        export=_export_options(input_shape, opset, no_verify),
-        **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch),
-    )
+    with _progress_bar(enabled=not json_out and _writes_onnx(output)) as bar:
+        outcome = api.rule(
+            model,
+            train_batch_size,
+            out=output,
+            progress=bar,
+            export=_export_options(input_shape, opset, no_verify),
+            **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch),
+        )
     _warn_load(outcome.source)
     _warn_outcome(outcome)
     if json_out:
@@ -390,14 +392,16 @@ def weight(
     """One alpha (and beta) for every BN layer (inference example weighing)."""
     from . import api
 
-    outcome = api.weight(
-        model,
-        alpha,
-        beta,
-        out=output,
-        export=_export_options(input_shape, opset, no_verify),
-        **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch),
-    )
+    with _progress_bar(enabled=not json_out and _writes_onnx(output)) as bar:
+        outcome = api.weight(
+            model,
+            alpha,
+            beta,
+            out=output,
+            progress=bar,
+            export=_export_options(input_shape, opset, no_verify),
+            **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch),
+        )
     _warn_load(outcome.source)
     _warn_outcome(outcome)
     if json_out:
@@ -432,14 +436,16 @@ def apply(
     """Apply a corrections file to MODEL (also across formats: PyTorch corrections onto its ONNX export)."""
     from . import api
 
-    outcome = api.apply(
-        model,
-        corrections,
-        out=output,
-        force=force,
-        export=_export_options(input_shape, opset, no_verify),
-        **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch),
-    )
+    with _progress_bar(enabled=not json_out and _writes_onnx(output)) as bar:
+        outcome = api.apply(
+            model,
+            corrections,
+            out=output,
+            force=force,
+            progress=bar,
+            export=_export_options(input_shape, opset, no_verify),
+            **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch),
+        )
     _warn_load(outcome.source)
     _warn_outcome(outcome)
     if json_out:
@@ -520,6 +526,10 @@ def _data_spec(
         preprocess=preprocess,
         skip_bad_files=skip_bad_files,
     )
+
+
+def _writes_onnx(output: Path | None) -> bool:
+    return output is not None and output.suffix.lower() == ".onnx"
 
 
 def _say_preprocessing(dataset: Any, json_out: bool) -> None:
