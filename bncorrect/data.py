@@ -35,12 +35,15 @@ Formats (DESIGN §4), chosen by what ``path`` is:
 
 For these array formats ``x`` has shape ``(N, ...)`` and is converted to float32 (values are not rescaled;
 NaN/Inf are refused), ``y`` holds ``N`` non-negative integer class labels (a float ``y`` with integral
-values is accepted) and becomes int64. The arrays are held in memory and batched by indexing with the
-batch's indices (no per-example Python objects, no copy of the whole array per batch).
+values is accepted) and becomes int64, or for segmentation ``N`` integer masks ``(N, H, W)`` (class indices;
+unlabelled pixels hold the ignore index, 255 by default; values are checked against the model's classes by
+``sweep-alpha``), kept as uint8 when stored so, else int64. The arrays are held in memory and batched by
+indexing with the batch's indices (no per-example Python objects, no copy of the whole array per batch).
 
 Items and batches: ``dataset[i]`` is ``(x,)`` for unlabelled data and ``(x, y)`` with ``y`` a Python ``int``
-for labelled data, the same form for every item of a dataset. :func:`make_loader` batches them into
-``(x,)`` or ``(x, y)`` with ``x`` float32 ``(B, ...)`` and ``y`` a LongTensor ``(B,)``.
+(a ``(H, W)`` tensor for masks) for labelled data, the same form for every item of a dataset.
+:func:`make_loader` batches them into ``(x,)`` or ``(x, y)`` with ``x`` float32 ``(B, ...)`` and ``y`` a
+LongTensor ``(B,)`` (masks: ``(B, H, W)``).
 
 Errors the user can fix raise :class:`~bncorrect.errors.DataError` (problems with the data) or
 :class:`~bncorrect.errors.UsageError` (option values that make no sense: a bad ``--resize``, a ``--mean``
@@ -210,7 +213,9 @@ class _Batch(list):  # type: ignore[type-arg]
 
 
 class ArrayDataset(Dataset):
-    """Examples held in memory: ``x`` float32 ``(N, ...)`` and optional ``y`` int64 ``(N,)``."""
+    """Examples held in memory: ``x`` float32 ``(N, ...)`` and optional ``y``: int64 class labels ``(N,)``,
+    or segmentation masks ``(N, H, W)`` (uint8 or int64; ``label_shape`` is ``(H, W)``, ``num_classes``
+    None: the ignore index is not known here)."""
 
     def __init__(self, path: Path, x: Tensor, y: Tensor | None, *, kind: str) -> None:
         self.path = path
@@ -218,17 +223,27 @@ class ArrayDataset(Dataset):
         self.y = y
         self.has_labels = y is not None
         self.skipped = []
-        self.num_classes = int(y.max().item()) + 1 if y is not None else None
-        labels = f"labels ({self.num_classes} classes)" if y is not None else "no labels"
+        #: the shape of one example's label: () for class labels, (H, W) for masks
+        self.label_shape: tuple[int, ...] = tuple(y.shape[1:]) if y is not None else ()
+        masks = y is not None and y.ndim == 3
+        self.num_classes = int(y.max().item()) + 1 if y is not None and not masks else None
+        if y is None:
+            labels = "no labels"
+        elif masks:
+            labels = f"masks {y.shape[1]}x{y.shape[2]} (values {int(y.min())}..{int(y.max())})"
+        else:
+            labels = f"labels ({self.num_classes} classes)"
         self.description = f"{path.name}: {len(x)} examples, x {tuple(x.shape[1:])}, {labels}"
         self.kind = kind
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int] | tuple[Tensor]:
+    def __getitem__(self, i: int) -> tuple[Tensor, int] | tuple[Tensor] | tuple[Tensor, Tensor]:
         if self.y is None:
             return (self.x[i],)
+        if self.label_shape:  # a mask
+            return (self.x[i], self.y[i])
         return (self.x[i], int(self.y[i]))
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
@@ -241,7 +256,7 @@ class ArrayDataset(Dataset):
             batch.stacked = (xs,)
         else:
             ys = self.y.index_select(0, idx)
-            batch.extend(zip(xs.unbind(0), ys.tolist(), strict=True))
+            batch.extend(zip(xs.unbind(0), ys.unbind(0) if self.label_shape else ys.tolist(), strict=True))
             batch.stacked = (xs, ys)
         return batch
 
@@ -629,29 +644,64 @@ def _check_x(x: Any, path: Path) -> Tensor:
     return t
 
 
+def labels_hint(shape: tuple[int, ...]) -> str:
+    """What labels must look like, and a true suggestion for labels of an unexpected ``shape`` (first axis:
+    examples)."""
+    base = (
+        "y must hold one integer class index per example, shape (N,), or for segmentation one integer mask "
+        "per example, shape (N, H, W) (class indices; unlabelled pixels marked by the ignore index, 255 by "
+        "default)"
+    )
+    if len(shape) == 2:
+        if shape[1] == 1:
+            return base + "; this y is one column (N, 1): y.reshape(-1)"
+        return base + f"; a y of shape (N, {shape[1]}) looks like one-hot or soft labels: y.argmax(1)"
+    if len(shape) == 4:
+        if shape[1] == 1:
+            return base + "; this y looks like masks with a channel axis (N, 1, H, W): y[:, 0]"
+        if shape[3] == 1:
+            return base + "; this y looks like masks with a channel axis (N, H, W, 1): y[..., 0]"
+        if shape[1] == 3 or shape[3] == 3:
+            return base + (
+                "; 3 channels look like colour-coded masks: map each colour to its class index (palette "
+                "PNGs such as VOC's hold the indices: read them with PIL without converting to RGB)"
+            )
+        return base + f"; a y of shape (N, {shape[1]}, H, W) looks like one-hot masks: y.argmax(1)"
+    return base
+
+
 def _check_y(y: Any, n: int, path: Path) -> Tensor:
-    hint = "y must hold one non-negative integer class label per example, shape (N,)"
+    """Class labels (N,) -> int64, values >= 0; or segmentation masks (N, H, W) of integers (any value: the
+    sweep checks them against the model's classes and the ignore index) -> uint8 if stored as uint8, else
+    int64."""
     t = _to_tensor(y, path, "y")
+    hint = labels_hint(tuple(t.shape))
     if t.is_complex():
         raise DataError(f"{path}: y is complex ({t.dtype})", path=path, hint=hint)
-    if t.ndim != 1:
+    masks = t.ndim == 3
+    if t.ndim not in (1, 3):
         raise DataError(
-            f"{path}: y has shape {tuple(t.shape)}, it must be 1-D",
+            f"{path}: y has shape {tuple(t.shape)}; labels must be 1-D (N,) class indices or (N, H, W) "
+            "segmentation masks",
             path=path,
-            hint=hint + " (e.g. y.reshape(-1); one-hot labels: y.argmax(1))",
+            hint=hint,
         )
     if len(t) != n:
+        what = "masks" if masks else "labels"
         raise DataError(
-            f"{path}: x has {n} examples but y has {len(t)} labels",
+            f"{path}: x has {n} examples but y has {len(t)} {what}",
             path=path,
-            hint="store exactly one label per example",
+            hint=f"store exactly one {'mask' if masks else 'label'} per example",
         )
     if t.is_floating_point() and not (bool(torch.isfinite(t).all()) and bool((t == t.round()).all())):
-        raise DataError(
-            f"{path}: y has non-integral values; labels must be class indices", path=path, hint=hint
-        )
+        what = "mask values must be class indices" if masks else "labels must be class indices"
+        raise DataError(f"{path}: y has non-integral values; {what}", path=path, hint=hint)
     if t.dtype == torch.bool:
         t = t.to(torch.int64)
+    if masks:
+        if t.numel() == 0:
+            raise DataError(f"{path}: the masks y {tuple(t.shape)} hold no pixels", path=path, hint=hint)
+        return t if t.dtype == torch.uint8 else t.to(torch.int64)
     if bool((t < 0).any()):
         raise DataError(f"{path}: y has negative labels (min {int(t.min())})", path=path, hint=hint)
     return t.to(torch.int64)
@@ -843,6 +893,8 @@ def _stack(items: Sequence[Any]) -> tuple[Tensor, ...]:
     x = torch.stack(xs, 0)
     if len(items[0]) == 1:
         return (x,)
+    if isinstance(items[0][1], Tensor) and items[0][1].dim():  # segmentation masks
+        return (x, torch.stack([item[1] for item in items], 0))
     return (x, torch.tensor([int(item[1]) for item in items], dtype=torch.int64))
 
 

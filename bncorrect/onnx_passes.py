@@ -105,18 +105,24 @@ from .recalibration import (
     train_consistent_stats,
 )
 from .sweep import (
+    DEFAULT_IGNORE_INDEX,
     BetaMode,
     Candidate,
+    SegmentationTally,
     SweepResult,
     Tally,
     batch_labels,
     build_candidates,
+    check_ignore_index,
     check_labels,
+    check_masks,
     check_metric,
     ema_outputs_error,
+    output_task,
     resolve_tables,
     select_logits,
     sweep_result,
+    task_metric,
 )
 
 __all__ = [
@@ -936,6 +942,7 @@ def sweep_onnx(
     extra_candidates: Sequence[Candidate] = (),
     metric: str = "nll",
     output_key: str | int | None = None,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
     device: str | None = "auto",
     threads: int | None = None,
     total_examples: int | None = None,
@@ -949,8 +956,14 @@ def sweep_onnx(
     Returns a :class:`~bncorrect.sweep.SweepResult`; ``output_key`` picks the logits among several graph
     outputs (index or output name). Non-finite values follow the PyTorch sweep's rules: NaN/Inf with plain
     BN (the EMA row; BN nodes with broken stored statistics included) is a :class:`NumericalError` naming
-    the first BN node at fault; a corrected row that alone meets NaN/Inf is marked and never chosen."""
+    the first BN node at fault; a corrected row that alone meets NaN/Inf is marked and never chosen.
+
+    Segmentation as in the PyTorch sweep: a graph output (N, K, H, W) of per-pixel logits (``output_key``
+    picks it among several) with masks ``y`` (N, H, W) gives pixel-nll, miou and pixel-acc over the pixels
+    whose mask value is not ``ignore_index``; each candidate's maps are tallied as soon as they are computed
+    (never all K at once)."""
     metric = check_metric(metric)
+    ignore_index = check_ignore_index(ignore_index)
     candidates = build_candidates(
         alphas, beta_mode=beta_mode, train_batch_size=train_batch_size, extra=extra_candidates
     )
@@ -978,8 +991,9 @@ def sweep_onnx(
         fixed_batch=fixed,
         extra_inputs=extra,
     )
-    tally = Tally(len(candidates))
+    tally: Tally | SegmentationTally = Tally(len(candidates))
     num_classes = top_k = 0
+    out_shape: tuple[int, ...] = ()
     for batch in batches:
         rows = batch_size_of(batch)
         if rows == 0:
@@ -988,19 +1002,45 @@ def sweep_onnx(
         data = _input_tensor(batch)
         x = runner.feed(data)
         outs, bad = [], []
-        for f in feeds:
+        for k, f in enumerate(feeds):
             values = runner.run(x, f)
-            outs.append(select_logits(_outputs(values[: len(names)], names), output_key, rows))
-            bad.append(not all(bool(torch.isfinite(v).all()) for v in values[len(names) :]))
-        logits = torch.stack(outs)
-        nonfinite = torch.tensor(bad) | (~torch.isfinite(logits)).flatten(1).any(1)
-        if bool(nonfinite[0]):  # plain BN itself meets NaN/Inf: the model or the data is broken
-            raise _explain_ema(work, layers, data, device, threads, source, data_hint, fixed)
-        if top_k == 0:
-            num_classes = int(logits.shape[-1])
-            top_k = min(5, num_classes)
-        check_labels(y, num_classes, data_hint, output_key)
-        tally.add(logits, y, top_k, nonfinite)
+            out = select_logits(_outputs(values[: len(names)], names), output_key, rows)
+            bad.append(
+                not all(bool(torch.isfinite(v).all()) for v in values[len(names) :])
+                or not bool(torch.isfinite(out).all())
+            )
+            if k == 0:
+                if bad[0]:  # plain BN itself meets NaN/Inf: the model or the data is broken
+                    raise _explain_ema(work, layers, data, device, threads, source, data_hint, fixed)
+                if top_k == 0:
+                    out_shape = tuple(out.shape)
+                    if output_task(out_shape, y, data_hint, output_key) == "segmentation":
+                        metric = task_metric(metric, "segmentation")
+                        num_classes, top_k = int(out.shape[1]), 1
+                        tally = SegmentationTally(
+                            len(candidates), num_classes, ignore_index, data_hint, output_key
+                        )
+                    else:
+                        metric = task_metric(metric, "classification")
+                        num_classes = int(out.shape[-1])
+                        top_k = min(5, num_classes)
+                if isinstance(tally, SegmentationTally):
+                    if y.dim() != 3:
+                        output_task((rows, *out_shape[1:]), y, data_hint, output_key)  # raises
+                    check_masks(y, num_classes, ignore_index, data_hint, output_key)
+                else:
+                    if y.dim() != 1:
+                        output_task((rows, *out_shape[1:]), y, data_hint, output_key)  # raises
+                    check_labels(y, num_classes, data_hint, output_key)
+            if isinstance(tally, SegmentationTally):  # tallied at once: K maps are never held together
+                tally.add_candidate(k, out, y)
+            else:
+                outs.append(out)
+        if isinstance(tally, SegmentationTally):
+            tally.add_examples(y)
+            tally.nonfinite |= torch.tensor(bad)
+        else:
+            tally.add(torch.stack(outs), y, top_k, torch.tensor(bad))
         if progress is not None:
             progress("sweep-alpha", tally.n, total_examples)
     return sweep_result(

@@ -6,6 +6,18 @@ candidate (e.g. a corrections file from ``estimate``), and the best one is chose
 cross-entropy (``nll``), top-1 or top-5 accuracy, because the optimum for accuracy and for loss can differ
 widely (Four Things, Fig. 4).
 
+Segmentation (dense prediction): when the labels are masks ``y`` of shape (N, H, W) and the model's output
+(or the ``output_key`` entry of its dict/tuple, e.g. torchvision's ``out``) is per-pixel logits (N, K, H, W)
+of the same H, W, the metrics are ``pixel-nll`` (mean cross-entropy over the labelled pixels), ``miou``
+and ``pixel-acc``; pixels whose mask value is ``ignore_index`` (default 255, as in PASCAL VOC, Cityscapes
+and torchvision's references) count nowhere. mIoU: one confusion matrix per candidate over all labelled
+pixels of the data (K x K counts, so stacking costs no per-example memory), IoU_c = TP_c / (TP_c + FP_c +
+FN_c), averaged over the classes that occur in the targets or the predictions (a class absent from both has
+no IoU and is left out of the mean; its ``iou_per_class`` entry is null). Mask values must be class indices
+0..K-1 or the ignore index. No confidence intervals are given for segmentation (the pixels of an image are
+not independent). Detection models (a list of per-image dicts) cannot be swept: there is no detection
+metric here; :func:`select_output` says what applies instead.
+
 How the work is shared across the K candidates (see :func:`sweep_alpha`):
 
 - the data is read and decoded once: each batch is evaluated for every candidate while it is in memory;
@@ -43,6 +55,7 @@ import contextlib
 import copy
 import json
 import math
+import operator
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -75,7 +88,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_ALPHAS",
+    "DEFAULT_IGNORE_INDEX",
     "METRICS",
+    "SEGMENTATION_METRICS",
     "BetaMode",
     "Candidate",
     "SweepResult",
@@ -96,8 +111,15 @@ __all__ = [
 
 #: The default grid: dense near 0, where the papers find the optimum for moderate B, up to 0.5.
 DEFAULT_ALPHAS: tuple[float, ...] = (0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)
-#: Metrics a sweep reports and can choose by.
+#: Metrics a classification sweep (logits (N, classes), labels (N,)) reports and can choose by.
 METRICS: tuple[str, ...] = ("nll", "top1", "top5")
+#: Metrics a segmentation sweep (per-pixel logits (N, K, H, W), masks (N, H, W)) reports and can choose by.
+SEGMENTATION_METRICS: tuple[str, ...] = ("pixel-nll", "miou", "pixel-acc")
+#: The mask value of unlabelled pixels by default (PASCAL VOC, Cityscapes, torchvision's references).
+DEFAULT_IGNORE_INDEX = 255
+#: Per-pixel outputs are evaluated in pieces of at most about this many bytes of float32 logits (all K
+#: candidates together), so that a loader batch of large maps never has to be held K times at once.
+DENSE_PIECE_BYTES = 256 << 20
 #: At most this many rows (K candidates x examples) per stacked forward pass by default. On GPUs the cap is
 #: lowered further so that one pass needs at most half the free memory (estimated from the probe).
 DEFAULT_STACK_ROWS_CPU = 4096
@@ -562,9 +584,95 @@ class _SweepNorm(CorrectedNorm):
 
 
 # ---------------------------------------------------------------------------------------------- outputs
-def select_output(output: Any, output_key: str | int | None = None) -> Tensor:
+#: What a sweep can score, for messages.
+_SCORABLE = (
+    "logits (N, classes) against class labels y (N,), or per-pixel logits (N, K, H, W) against masks "
+    "y (N, H, W)"
+)
+_DETECTION_HINT = (
+    "for a detection model use the commands that need no labels: estimate (EvalNorm alpha/beta per layer), "
+    "recalibrate (population statistics), apply (a corrections file), diagnose, rule or weight; to choose "
+    "one alpha by mAP, write corrected models with `bncorrect weight MODEL --alpha A -o OUT` for a few A and "
+    "score them with your own detection evaluation"
+)
+
+
+def _describe(value: Any) -> str:
+    """One item of a model's output in words: a tensor's shape and dtype, else what it is."""
+    if isinstance(value, Tensor):
+        return f"{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    if isinstance(value, Mapping):
+        return f"dict of {', '.join(map(str, list(value)[:6]))}"
+    if isinstance(value, tuple | list):
+        return f"{type(value).__name__} of {len(value)}"
+    return type(value).__name__
+
+
+def _looks_like_logits(value: Any, rows: int | None) -> bool:
+    return (
+        isinstance(value, Tensor)
+        and value.is_floating_point()
+        and value.dim() in (2, 4)
+        and (rows is None or value.shape[0] == rows)
+    )
+
+
+def _per_image_dicts(value: Any) -> bool:
+    return isinstance(value, list) and len(value) > 0 and all(isinstance(v, Mapping) for v in value)
+
+
+def _is_detection(output: Any) -> bool:
+    """A detector's output: a list of per-image dicts (torchvision detection models in eval mode return
+    ``[{"boxes", "labels", "scores"}, ...]``), a tuple or list holding one (scripted torchvision detectors
+    return ``(losses, detections)``), or a dict with ``boxes``."""
+    if _per_image_dicts(output):
+        return True
+    if isinstance(output, tuple | list):
+        return any(_per_image_dicts(v) for v in output)
+    return isinstance(output, Mapping) and "boxes" in output
+
+
+def detection_error(output: Any) -> UsageError:
+    """The error for a model whose output is object detections (:func:`_is_detection`): sweep-alpha has no
+    labels or metric of that form; says what applies instead."""
+    if _per_image_dicts(output):
+        what = f"a list of {len(output)} dicts (keys {', '.join(map(str, output[0]))}), one per image"
+    elif isinstance(output, tuple | list):
+        inner = next(v for v in output if _per_image_dicts(v))
+        what = (
+            f"a {type(output).__name__} holding a list of {len(inner)} per-image dicts "
+            f"(keys {', '.join(map(str, inner[0]))})"
+        )
+    else:
+        what = f"a dict with keys {', '.join(map(str, output))}"
+    return UsageError(
+        f"the model returns {what}: object detections, not class scores or per-pixel maps. sweep-alpha "
+        f"chooses alpha by scoring outputs against labels ({_SCORABLE}) and has no detection metric (no box "
+        "matching, no mAP); --output-key cannot change that",
+        hint=_DETECTION_HINT,
+    )
+
+
+def _key_hint(items: Sequence[tuple[Any, Any]], rows: int | None, what: str) -> str:
+    """A true hint for choosing among a model's outputs ``items`` (key, value): an entry that has the shape
+    of logits if there is one."""
+    fits = [k for k, v in items if _looks_like_logits(v, rows)]
+    preferred = [k for k in fits if str(k) in ("out", "logits")]
+    pick = (preferred or fits or [None])[0]
+    if pick is None:
+        return (
+            f"none of them has the shape of logits a sweep can score ({_SCORABLE}); pass --output-key {what} "
+            "for the one that holds them, or a forward_fn that returns them"
+        )
+    shape = tuple(dict(items)[pick].shape)
+    return f"pass --output-key {what}, e.g. --output-key {pick} (the {shape} tensor)"
+
+
+def select_output(output: Any, output_key: str | int | None = None, *, rows: int | None = None) -> Tensor:
     """The logits tensor of a model's output: the output itself, or ``output[output_key]`` for a tuple,
-    list or dict (``output_key`` an index or a key). UsageError when the choice is missing or ambiguous."""
+    list or dict (``output_key`` an index or a key). UsageError when the choice is missing or ambiguous (its
+    hint names an entry of ``rows`` examples shaped like logits, if one is), or when the output is object
+    detections (:func:`detection_error`)."""
     if isinstance(output, Tensor):
         if output_key is not None:
             raise UsageError(
@@ -572,15 +680,19 @@ def select_output(output: Any, output_key: str | int | None = None) -> Tensor:
                 hint="leave out --output-key",
             )
         return output
+    detection = _is_detection(output)
+    if detection and output_key is None:
+        raise detection_error(output)
     if isinstance(output, Mapping) or hasattr(output, "keys"):
         keys = list(output.keys())
         if output_key is None:
             tensors = [k for k in keys if isinstance(output[k], Tensor)]
             if len(tensors) == 1:
                 return output[tensors[0]]
+            shown = "; ".join(f"{k}: {_describe(output[k])}" for k in keys[:8])
             raise UsageError(
-                f"the model returns a dict with keys {keys}; which one holds the logits?",
-                hint=f"pass --output-key KEY (e.g. --output-key {keys[0] if keys else 'logits'})",
+                f"the model returns a dict with keys {keys} ({shown}); which one holds the logits?",
+                hint=_key_hint([(k, output[k]) for k in keys], rows, "KEY"),
             )
         key = output_key
         if key not in keys and isinstance(key, int) and 0 <= key < len(keys):
@@ -593,10 +705,11 @@ def select_output(output: Any, output_key: str | int | None = None) -> Tensor:
         out = output[key]
     elif isinstance(output, tuple | list):
         if output_key is None:
+            shown = "; ".join(f"{i}: {_describe(v)}" for i, v in enumerate(output[:8]))
             raise UsageError(
-                f"the model returns a {type(output).__name__} of {len(output)} items; which one holds the "
-                "logits?",
-                hint="pass --output-key INDEX (e.g. --output-key 0)",
+                f"the model returns a {type(output).__name__} of {len(output)} items ({shown}); which one "
+                "holds the logits?",
+                hint=_key_hint(list(enumerate(output)), rows, "INDEX"),
             )
         try:
             idx = int(output_key)
@@ -614,6 +727,8 @@ def select_output(output: Any, output_key: str | int | None = None) -> Tensor:
     else:
         raise UsageError(f"the model returns a {type(output).__name__}, not a tensor of logits")
     if not isinstance(out, Tensor):
+        if detection or _is_detection(out):
+            raise detection_error(output if detection else out)
         raise UsageError(
             f"--output-key {output_key!r} selects a {type(out).__name__}, not a tensor of logits"
         )
@@ -622,21 +737,27 @@ def select_output(output: Any, output_key: str | int | None = None) -> Tensor:
 
 def select_logits(output: Any, output_key: str | int | None, rows: int) -> Tensor:
     """The logits in a model's ``output`` (:func:`select_output`); :class:`UsageError` unless they are a
-    floating (``rows``, classes) tensor."""
-    out = select_output(output, output_key)
-    if out.dim() != 2 or out.shape[0] != rows or not out.is_floating_point():
+    floating (``rows``, classes) tensor (classification) or (``rows``, K, H, W) (per-pixel logits)."""
+    out = select_output(output, output_key, rows=rows)
+    if out.dim() not in (2, 4) or out.shape[0] != rows or not out.is_floating_point():
+        chosen = "" if output_key is None else f" (--output-key {output_key})"
         raise UsageError(
-            f"the model's output has shape {tuple(out.shape)} ({out.dtype}); sweep-alpha needs logits of "
-            f"shape (N, classes) with N = {rows} examples",
-            hint="for models with several outputs pick the classification logits with --output-key",
+            f"the model's output{chosen} has shape {tuple(out.shape)} ({out.dtype}); sweep-alpha needs "
+            f"logits of shape (N, classes), or per-pixel logits (N, K, H, W) for segmentation, with "
+            f"N = {rows} examples",
+            hint="for models with several outputs pick the logits with --output-key (torchvision "
+            "segmentation models: --output-key out); detection outputs cannot be scored: use estimate, "
+            "recalibrate, apply or diagnose for those",
         )
     return out
 
 
 def batch_labels(batch: Batch, rows: int, data_hint: str) -> Tensor:
-    """The integer class labels of a batch of ``rows`` examples (last element of a tuple/list, or the
-    ``y``/``label``/``labels``/``target``/``targets`` entry of a dict), as int64; :class:`DataError` when
-    there are none or they do not fit."""
+    """The integer labels of a batch of ``rows`` examples (last element of a tuple/list, or the
+    ``y``/``label``/``labels``/``target``/``targets`` entry of a dict): class indices (rows,) or masks
+    (rows, H, W), as int64; :class:`DataError` when there are none or they do not fit."""
+    from .data import labels_hint
+
     y: Any = None
     if isinstance(batch, Mapping):
         for key in ("y", "label", "labels", "target", "targets"):
@@ -650,15 +771,15 @@ def batch_labels(batch: Batch, rows: int, data_hint: str) -> Tensor:
             "the data has no labels: sweep-alpha compares alphas by accuracy and cross-entropy on labelled "
             "examples",
             path=data_hint or None,
-            hint="use labelled data: an .npz/.pt/.safetensors file with arrays x and y, or an image folder "
-            "with one sub-folder per class",
+            hint="use labelled data: an .npz/.pt/.safetensors file with arrays x and y (class labels (N,) or "
+            "segmentation masks (N, H, W)), or an image folder with one sub-folder per class",
         )
     y = torch.as_tensor(y)
-    if y.dim() != 1 or y.shape[0] != rows or y.is_floating_point() or y.is_complex():
+    if y.dim() not in (1, 3) or y.shape[0] != rows or y.is_floating_point() or y.is_complex():
         raise DataError(
             f"labels of shape {tuple(y.shape)} ({y.dtype}) do not fit a batch of {rows} examples",
             path=data_hint or None,
-            hint="labels must be one integer class index per example, shape (N,)",
+            hint=labels_hint(tuple(y.shape)) if y.dim() not in (1, 3) else labels_hint(()),
         )
     return y.long()
 
@@ -683,7 +804,8 @@ def _is_oom(exc: BaseException) -> bool:
 
 # ---------------------------------------------------------------------------------------------- evaluation
 class _Evaluator:
-    """Runs the working copy of the model for all K candidates on one batch: (K, m, classes) logits."""
+    """Runs the working copy of the model for all K candidates on one batch: (K, m, classes) logits, or
+    (K, m, classes, H, W) per-pixel logits."""
 
     def __init__(
         self,
@@ -752,7 +874,8 @@ class _Evaluator:
         finally:
             for layer in self.layers.values():
                 layer.stack = None
-        return select_logits(out, self.output_key, k * rows).reshape(k, rows, -1)
+        logits = select_logits(out, self.output_key, k * rows)
+        return logits.reshape(k, rows, *logits.shape[1:])
 
     def choose_mode(self, batch: Batch, rows: int, stack: bool | str, share_prefix: bool) -> Tensor:
         """Evaluate a few examples one candidate at a time (the reference) and check which stacked mode
@@ -915,6 +1038,64 @@ class Tally:
             self.nonfinite |= nonfinite.to(self.nonfinite.device)
 
 
+class SegmentationTally:
+    """Running sums per candidate for per-pixel logits, over the labelled pixels (mask value not
+    ``ignore_index``): the summed pixel cross-entropy (log-softmax in float64) and a confusion matrix
+    (rows: target class, columns: predicted class, int64; K x K per candidate whatever the data's size).
+
+    :meth:`add` takes the logits of all K candidates for one piece, (K, m, classes, H, W), and its masks
+    (m, H, W); alternatively :meth:`add_candidate` for each candidate's (m, classes, H, W), then
+    :meth:`add_examples` once. Mask values must already be checked (:func:`check_masks`).
+    """
+
+    def __init__(
+        self,
+        k: int,
+        num_classes: int,
+        ignore_index: int,
+        data_hint: str = "",
+        output_key: str | int | None = None,
+    ) -> None:
+        self.num_classes = int(num_classes)
+        self.ignore_index = int(ignore_index)
+        self.data_hint = data_hint
+        self.output_key = output_key
+        self.n = 0
+        self.pixels = 0
+        self.nll = torch.zeros(k, dtype=torch.float64)
+        self.confusion = torch.zeros(k, self.num_classes, self.num_classes, dtype=torch.int64)
+        self.nonfinite = torch.zeros(k, dtype=torch.bool)
+
+    def add_candidate(self, i: int, logits: Tensor, y: Tensor) -> None:
+        """Candidate ``i``'s per-pixel ``logits`` (m, classes, H, W) against masks ``y`` (m, H, W)."""
+        logits = logits.detach()
+        check_mask_size(tuple(logits.shape), tuple(y.shape), self.data_hint, self.output_key)
+        y = y.to(logits.device)
+        valid = y != self.ignore_index
+        target = y[valid]  # (P,)
+        flat = logits.movedim(1, -1)[valid]  # (P, classes)
+        logp = torch.log_softmax(flat.to(torch.float64), dim=-1)
+        self.nll[i] -= logp.gather(-1, target[:, None]).sum().cpu()
+        c = self.num_classes
+        pairs = target * c + flat.argmax(-1)
+        self.confusion[i] += torch.bincount(pairs, minlength=c * c).reshape(c, c).cpu()
+        self.nonfinite[i] |= not bool(torch.isfinite(logits).all())
+
+    def add_examples(self, y: Tensor) -> None:
+        """Count the examples and labelled pixels of masks ``y`` (once per piece, not per candidate)."""
+        self.n += int(y.shape[0])
+        self.pixels += int((y != self.ignore_index).sum())
+
+    def add(self, logits: Tensor, y: Tensor, nonfinite: Tensor | None = None) -> None:
+        """All K candidates' ``logits`` (K, m, classes, H, W) for masks ``y`` (m, H, W); ``nonfinite`` (K,)
+        as for :meth:`Tally.add`."""
+        for i in range(logits.shape[0]):
+            self.add_candidate(i, logits[i], y)
+        self.add_examples(y)
+        if nonfinite is not None:
+            self.nonfinite |= nonfinite.to(self.nonfinite.device)
+
+
 @dataclass
 class SweepRow:
     """The metrics of one candidate over the validation data.
@@ -942,13 +1123,36 @@ class SweepRow:
     top1_diff_ci95: tuple[float, float]
     finite: bool = True
     candidate: Candidate = field(default_factory=lambda: Candidate("EMA"), repr=False, compare=False)
+    #: "classification" or "segmentation". Segmentation rows have nll = pixel_nll, top1 = pixel_acc, top5
+    #: NaN, and no intervals (NaN): the pixels of an image are not independent examples.
+    task: str = "classification"
+    pixel_nll: float | None = None
+    pixel_acc: float | None = None
+    miou: float | None = None
+    #: IoU per class; None for a class absent from both the targets and the predictions
+    iou: tuple[float | None, ...] | None = None
+    n_pixels: int | None = None
+    miou_diff: float | None = None
 
     def value(self, metric: str) -> float:
-        """The row's value of ``metric`` (nll, top1 or top5)."""
-        return float(getattr(self, check_metric(metric)))
+        """The row's value of ``metric`` (nll, top1, top5, pixel-nll, miou or pixel-acc; NaN when the row
+        has none)."""
+        v = getattr(self, _METRIC_FIELDS[check_metric(metric)])
+        return math.nan if v is None else float(v)
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly (NaN becomes None)."""
+        """JSON-friendly (NaN becomes None). Segmentation rows add pixel_nll, pixel_acc, miou,
+        miou_diff_vs_ema, iou_per_class and n_pixels."""
+        extra: dict[str, Any] = {}
+        if self.task == "segmentation":
+            extra = {
+                "pixel_nll": self.pixel_nll,
+                "pixel_acc": self.pixel_acc,
+                "miou": self.miou,
+                "miou_diff_vs_ema": self.miou_diff,
+                "iou_per_class": list(self.iou or ()),
+                "n_pixels": self.n_pixels,
+            }
         return _jsonable(
             {
                 "label": self.label,
@@ -967,14 +1171,53 @@ class SweepRow:
                 "top1_diff_vs_ema": self.top1_diff,
                 "top1_diff_vs_ema_ci95": list(self.top1_diff_ci95),
                 "finite": self.finite,
+                **extra,
             }
         )
 
 
+_METRIC_FIELDS = {
+    "nll": "nll",
+    "top1": "top1",
+    "top5": "top5",
+    "pixel-nll": "pixel_nll",
+    "miou": "miou",
+    "pixel-acc": "pixel_acc",
+}
+
+
 def check_metric(metric: str) -> str:
-    """``metric`` if it is one of :data:`METRICS`, else :class:`UsageError`."""
-    if metric not in METRICS:
-        raise UsageError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    """``metric`` if it is one of :data:`METRICS` or :data:`SEGMENTATION_METRICS`, else
+    :class:`UsageError`."""
+    if metric not in METRICS + SEGMENTATION_METRICS:
+        raise UsageError(
+            f"--metric must be one of {', '.join(METRICS)} (classification) or "
+            f"{', '.join(SEGMENTATION_METRICS)} (segmentation), got {metric!r}"
+        )
+    return metric
+
+
+def task_metric(metric: str, task: str) -> str:
+    """The metric a sweep of ``task`` chooses by when asked for ``metric``: for segmentation ``nll`` is
+    ``pixel-nll`` (the same cross-entropy, per pixel; so the default works for both); :class:`UsageError`
+    for a metric of the other task."""
+    metric = check_metric(metric)
+    if task == "segmentation":
+        if metric == "nll":
+            return "pixel-nll"
+        if metric in METRICS:
+            raise UsageError(
+                f"--metric {metric} is a classification metric, but this is a segmentation sweep (masks y "
+                "(N, H, W) against per-pixel logits (N, K, H, W))",
+                hint=f"choose by {', '.join(SEGMENTATION_METRICS)}",
+            )
+    elif metric in SEGMENTATION_METRICS:
+        raise UsageError(
+            f"--metric {metric} is a segmentation metric, but this is a classification sweep (labels y (N,) "
+            "against logits (N, classes))",
+            hint=f"choose by {', '.join(METRICS)}; a segmentation sweep needs masks y of shape (N, H, W) and "
+            "a model whose output (or its --output-key entry) is per-pixel logits (N, K, H, W)",
+        )
     return metric
 
 
@@ -996,7 +1239,14 @@ def _rank_key(row: SweepRow, metric: str) -> tuple[float, ...]:
         return (row.nll, -row.top1, -row.top5, a, b)
     if metric == "top1":
         return (-row.top1, row.nll, -row.top5, a, b)
-    return (-row.top5, row.nll, -row.top1, a, b)
+    if metric == "top5":
+        return (-row.top5, row.nll, -row.top1, a, b)
+    nll, miou, acc = row.value("pixel-nll"), row.value("miou"), row.value("pixel-acc")
+    if metric == "pixel-nll":
+        return (nll, -miou, -acc, a, b)
+    if metric == "miou":
+        return (-miou, nll, -acc, a, b)
+    return (-acc, nll, -miou, a, b)
 
 
 @dataclass
@@ -1018,10 +1268,19 @@ class SweepResult:
     train_batch_size: int | None = None
     notes: list[str] = field(default_factory=list)
     strategy_notes: list[str] = field(default_factory=list)
+    #: "classification" or "segmentation" (then also the ignore index and the number of labelled pixels)
+    task: str = "classification"
+    ignore_index: int | None = None
+    n_pixels: int | None = None
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The metrics of this sweep's task (:data:`METRICS` or :data:`SEGMENTATION_METRICS`)."""
+        return SEGMENTATION_METRICS if self.task == "segmentation" else METRICS
 
     def best_row(self, metric: str | None = None) -> SweepRow:
-        """The best global row for ``metric`` (default: the sweep's metric)."""
-        metric = check_metric(metric or self.metric)
+        """The best global row for ``metric`` (default: the sweep's metric; :func:`task_metric`)."""
+        metric = task_metric(metric or self.metric, self.task)
         rows = [r for r in self.rows if r.alpha is not None and r.finite and math.isfinite(r.value(metric))]
         if not rows:
             raise DataError("every candidate produced NaN/Inf outputs; nothing to choose")
@@ -1039,14 +1298,23 @@ class SweepResult:
 
     def best_by_metric(self) -> dict[str, SweepRow]:
         """The best global row for each metric."""
-        return {m: self.best_row(m) for m in METRICS}
+        return {m: self.best_row(m) for m in self.metrics}
 
     def best_candidate(self, metric: str | None = None) -> Candidate:
         """The chosen candidate, to apply with ``correct_model(model, c.alpha, c.beta)``."""
         return self.best_row(metric).candidate
 
     def as_report(self) -> dict[str, Any]:
-        """The JSON report (DESIGN §4 keys: metric, n_examples, best {alpha, nll, top1, top5}, rows)."""
+        """The JSON report (DESIGN §4 keys: metric, n_examples, best {alpha, nll, top1, top5}, rows), and
+        ``task``; a segmentation report's rows and best add the segmentation values (:meth:`SweepRow.as_dict`)
+        and the report ``ignore_index``, ``n_pixels`` and ``miou_convention``."""
+        extra: dict[str, Any] = {}
+        if self.task == "segmentation":
+            extra = {
+                "ignore_index": self.ignore_index,
+                "n_pixels": self.n_pixels,
+                "miou_convention": MIOU_CONVENTION,
+            }
         return _jsonable(
             {
                 "metric": self.metric,
@@ -1054,12 +1322,14 @@ class SweepResult:
                 "best": self.best.as_dict(),
                 "best_by_metric": {m: r.as_dict() for m, r in self.best_by_metric().items()},
                 "rows": [r.as_dict() for r in self.rows],
+                "task": self.task,
                 "num_classes": self.num_classes,
                 "top_k": self.top_k,
                 "train_batch_size": self.train_batch_size,
                 "strategy": self.strategy,
                 "notes": list(self.notes),
                 "strategy_notes": list(self.strategy_notes),
+                **extra,
             }
         )
 
@@ -1067,6 +1337,8 @@ class SweepResult:
         """A ``rich`` table of every row: the chosen one marked (◀, green), each metric's best in bold."""
         from rich.table import Table
 
+        if self.task == "segmentation":
+            return self._segmentation_table()
         best = self.best
         by_metric = self.best_by_metric()
         k = self.top_k
@@ -1118,6 +1390,106 @@ class SweepResult:
             table.add_row(*cells, style="green" if row is best else None)
         return table
 
+    def _segmentation_table(self) -> Table:
+        from rich.table import Table
+
+        best = self.best
+        by_metric = self.best_by_metric()
+        show_beta = any(r.beta != r.alpha for r in self.rows if r.alpha is not None)
+        table = Table(
+            title=f"sweep-alpha: {self.n_examples} labelled images ({self.n_pixels} pixels), chosen by "
+            f"{self.metric}",
+            caption=(
+                f"Pixels with mask value {self.ignore_index} are ignored. mIoU: mean over the classes "
+                "present in the targets or the predictions of TP / (TP + FP + FN) over all pixels. Δ: "
+                "difference from EMA. No intervals: the pixels of an image are not independent."
+            ),
+        )
+        table.add_column("")
+        table.add_column("candidate")
+        table.add_column("alpha", justify="right")
+        if show_beta:
+            table.add_column("beta", justify="right")
+        for col in ("pixel-nll", "Δpixel-nll", "mIoU %", "ΔmIoU %", "pixel acc %"):
+            table.add_column(col, justify="right")
+
+        def num(v: float | None, fmt: str, scale: float = 1.0) -> str:
+            return "-" if v is None else ("nan" if not math.isfinite(v) else format(scale * v, fmt))
+
+        for row in self.rows:
+            marks = {m for m, r in by_metric.items() if r is row}
+
+            def bold(text: str, metric: str, marks: set[str] = marks) -> str:
+                return f"[bold]{text}[/bold]" if metric in marks else text
+
+            is_ema = row is self.ema
+            cells = [
+                "◀" if row is best else "",
+                "" if row.label.startswith("alpha=") else row.label,
+                num(row.alpha, ".4g"),
+                *([num(row.beta, ".4g")] if show_beta else []),
+                bold(num(row.pixel_nll, ".4f"), "pixel-nll"),
+                "" if is_ema else num(row.nll_diff, "+.4f"),
+                bold(num(row.miou, ".2f", 100.0), "miou"),
+                "" if is_ema else num(row.miou_diff, "+.2f", 100.0),
+                bold(num(row.pixel_acc, ".2f", 100.0), "pixel-acc"),
+            ]
+            table.add_row(*cells, style="green" if row is best else None)
+        return table
+
+
+#: How mIoU is computed, for reports.
+MIOU_CONVENTION = (
+    "one confusion matrix per candidate over all pixels whose mask value is not the ignore index; IoU_c = "
+    "TP_c / (TP_c + FP_c + FN_c); miou is the mean over the classes present in the targets or the "
+    "predictions (a class absent from both has iou_per_class null and is left out)"
+)
+
+
+def _segmentation_rows(candidates: Sequence[Candidate], tally: SegmentationTally) -> list[SweepRow]:
+    n, pixels = tally.n, tally.pixels
+    cm = tally.confusion.to(torch.float64)
+    tp = cm.diagonal(dim1=1, dim2=2)  # (K, classes)
+    union = cm.sum(2) + cm.sum(1) - tp  # targets + predictions - both: TP + FN + FP
+    nan2 = (math.nan, math.nan)
+    rows: list[SweepRow] = []
+    for i, cand in enumerate(candidates):
+        pixel_nll = float(tally.nll[i]) / pixels
+        acc = float(tp[i].sum()) / pixels
+        present = union[i] > 0
+        iou = tuple(float(tp[i, c] / union[i, c]) if bool(present[c]) else None for c in range(len(present)))
+        miou = float((tp[i][present] / union[i][present]).mean())
+        ema = rows[0] if rows else None
+        rows.append(
+            SweepRow(
+                label=cand.label,
+                kind=cand.kind,
+                alpha=cand.alpha_value,
+                beta=cand.beta_value,
+                nll=pixel_nll,
+                top1=acc,
+                top5=math.nan,
+                n=n,
+                nll_se=math.nan,
+                top1_ci95=nan2,
+                top5_ci95=nan2,
+                nll_diff=pixel_nll - (ema.nll if ema else pixel_nll),
+                nll_diff_ci95=nan2,
+                top1_diff=acc - (ema.top1 if ema else acc),
+                top1_diff_ci95=nan2,
+                finite=not bool(tally.nonfinite[i]) and math.isfinite(pixel_nll),
+                candidate=cand,
+                task="segmentation",
+                pixel_nll=pixel_nll,
+                pixel_acc=acc,
+                miou=miou,
+                iou=iou,
+                n_pixels=pixels,
+                miou_diff=miou - (ema.value("miou") if ema else miou),
+            )
+        )
+    return rows
+
 
 def _rows(candidates: Sequence[Candidate], tally: Tally, top_k: int) -> list[SweepRow]:
     n = tally.n
@@ -1166,6 +1538,7 @@ def sweep_alpha(
     extra_candidates: Sequence[Candidate] = (),
     metric: str = "nll",
     output_key: str | int | None = None,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
     forward_fn: ForwardFn | None = None,
     device: str | torch.device | None = "cpu",
     stack: bool | Literal["auto"] = True,
@@ -1185,6 +1558,14 @@ def sweep_alpha(
     evaluated. nll is the mean cross-entropy (log-softmax in float64), top1/top5 accuracies (top-k with k
     capped at the number of classes).
 
+    Segmentation: with masks ``y`` (N, H, W) and per-pixel logits (N, K, H, W) of the same size (e.g.
+    ``output_key="out"`` for torchvision segmentation models) the metrics are pixel-nll, miou and pixel-acc
+    (:data:`SEGMENTATION_METRICS`; ``metric="nll"`` means pixel-nll), over the pixels whose mask value is
+    not ``ignore_index`` (module docstring: the mIoU convention); mask values must be 0..K-1 or
+    ``ignore_index``. Each batch is evaluated in pieces of at most about :data:`DENSE_PIECE_BYTES` of
+    logits. A model returning object detections (a list of per-image dicts) is a :class:`UsageError`: there
+    is no detection metric.
+
     Evaluation strategy (results agree to float rounding; see the module docstring): ``stack=True``
     evaluates the K candidates in one stacked forward per piece of at most ``stack_rows`` rows (K x
     examples), after checking on the first batch that this reproduces one candidate at a time (falling back
@@ -1196,8 +1577,10 @@ def sweep_alpha(
     rows within half the free memory.
     ``model`` itself is not modified (the sweep runs on a deep copy).
 
-    Raises DataError for unlabelled data, labels outside the model's classes or an empty iterable,
-    UsageError for bad options or outputs, NoBatchNormError for a model without correctable BN layer.
+    Raises DataError for unlabelled data, labels outside the model's classes (masks: neither a class nor
+    ``ignore_index``), labels that do not go with the output (masks for (N, classes) logits, class labels
+    for per-pixel logits, masks of another spatial size) or an empty iterable, UsageError for bad options,
+    outputs or a metric of the other task, NoBatchNormError for a model without correctable BN layer.
     NaN/Inf with plain BN (the EMA row: NaN/Inf logits, or NaN/Inf at a BN layer's input or in its
     per-example statistics, e.g. values whose variance overflows float32) mean the model or the data is
     broken: :class:`NumericalError` naming the first BN layer at fault and the data. A corrected row that
@@ -1228,9 +1611,29 @@ def sweep_alpha(
     evaluator = _Evaluator(
         work, layers, len(candidates), forward_fn, dev, output_key, rows_per_pass, data_hint
     )
-    tally = Tally(len(candidates))
+    ignore_index = check_ignore_index(ignore_index)
+    tally: Tally | SegmentationTally = Tally(len(candidates))
     num_classes = top_k = 0
+    task = "classification"
+    piece_rows = 0  # per-pixel outputs: examples per evaluated piece
     first = True
+    out_shape: tuple[int, ...] = ()
+
+    def run(piece: Batch, m: int) -> tuple[Tensor, Tensor]:
+        """Every candidate's logits for ``piece`` of ``m`` examples, and which of them met NaN/Inf."""
+        timed = evaluator.auto
+        if timed:
+            _synchronize(dev)
+        started = time.perf_counter()
+        logits = evaluator.evaluate(piece, m)
+        if timed:
+            _synchronize(dev)
+            evaluator.record(time.perf_counter() - started, m)
+        bad = evaluator.nonfinite(logits)
+        if bool(bad[0]):  # plain BN itself meets NaN/Inf: the model or the data is broken
+            raise evaluator.explain_ema(piece)
+        return logits, bad
+
     for batch in batches:
         rows = batch_size_of(batch)
         if rows == 0:
@@ -1239,22 +1642,35 @@ def sweep_alpha(
         batch = map_batch(batch, lambda t: t.to(dev, non_blocking=True))
         if first:
             reference = evaluator.choose_mode(batch, rows, stack, share_prefix)
-            num_classes = int(reference.shape[-1])
-            top_k = min(5, num_classes)
+            out_shape = tuple(reference.shape[1:])
+            task = output_task(out_shape, y, data_hint, output_key)
+            metric = task_metric(metric, task)
+            if task == "segmentation":
+                num_classes = int(reference.shape[2])
+                top_k = 1
+                per_example = len(candidates) * reference[0, 0].numel() * reference.element_size()
+                piece_rows = max(1, DENSE_PIECE_BYTES // per_example)
+                tally = SegmentationTally(len(candidates), num_classes, ignore_index, data_hint, output_key)
+            else:
+                num_classes = int(reference.shape[-1])
+                top_k = min(5, num_classes)
             first = False
-        check_labels(y, num_classes, data_hint, output_key)
-        timed = evaluator.auto
-        if timed:
-            _synchronize(dev)
-        started = time.perf_counter()
-        logits = evaluator.evaluate(batch, rows)
-        if timed:
-            _synchronize(dev)
-            evaluator.record(time.perf_counter() - started, rows)
-        bad = evaluator.nonfinite(logits)
-        if bool(bad[0]):  # plain BN itself meets NaN/Inf: the model or the data is broken
-            raise evaluator.explain_ema(batch)
-        tally.add(logits, y, top_k, bad)
+        if isinstance(tally, SegmentationTally):
+            if y.dim() != 3:
+                output_task((rows, *out_shape[1:]), y, data_hint, output_key)  # raises: not masks
+            check_masks(y, num_classes, ignore_index, data_hint, output_key)
+            masks = y.to(dev, non_blocking=True)
+            for start in range(0, rows, piece_rows):
+                stop = min(rows, start + piece_rows)
+                whole = (start, stop) == (0, rows)
+                logits, bad = run(batch if whole else _slice(batch, rows, start, stop), stop - start)
+                tally.add(logits, masks[start:stop], bad)
+        else:
+            if y.dim() != 1:
+                output_task((rows, *out_shape[1:]), y, data_hint, output_key)  # raises: masks
+            check_labels(y, num_classes, data_hint, output_key)
+            logits, bad = run(batch, rows)
+            tally.add(logits, y, top_k, bad)
         if progress is not None:
             progress("sweep-alpha", tally.n, total_examples)
     strategy = evaluator.mode
@@ -1274,9 +1690,21 @@ def sweep_alpha(
     )
 
 
+def check_ignore_index(value: int) -> int:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return int(operator.index(value))
+    except TypeError:
+        raise UsageError(
+            f"--ignore-index must be an integer, got {value!r}",
+            hint="the mask value of unlabelled pixels, e.g. --ignore-index 255 (VOC, Cityscapes)",
+        ) from None
+
+
 def sweep_result(
     candidates: Sequence[Candidate],
-    tally: Tally,
+    tally: Tally | SegmentationTally,
     *,
     metric: str,
     num_classes: int,
@@ -1287,22 +1715,45 @@ def sweep_result(
     data_hint: str = "",
 ) -> SweepResult:
     """The :class:`SweepResult` of a finished sweep, whatever ran the candidates (PyTorch here, onnxruntime
-    in :func:`bncorrect.onnx_passes.sweep_onnx`): one row per candidate from ``tally``, ``notes`` plus notes
-    on non-finite outputs and on a best alpha at the grid's upper edge. :class:`DataError` when the data
-    held no examples."""
+    in :func:`bncorrect.onnx_passes.sweep_onnx`): one row per candidate from ``tally`` (a
+    :class:`SegmentationTally` makes a segmentation result), ``notes`` plus notes on non-finite outputs and
+    on a best alpha at the grid's upper edge. :class:`DataError` when the data held no examples (or, for
+    segmentation, no labelled pixel)."""
     if tally.n == 0:
         raise DataError("the data holds no examples", path=data_hint or None, hint="give labelled examples")
-    result = SweepResult(
-        metric,
-        _rows(candidates, tally, top_k),
-        tally.n,
-        num_classes,
-        top_k,
-        strategy,
-        train_batch_size,
-        [],
-        notes,
-    )
+    if isinstance(tally, SegmentationTally):
+        if tally.pixels == 0:
+            raise DataError(
+                f"every mask pixel is the ignore index {tally.ignore_index}: there is nothing to score",
+                path=data_hint or None,
+                hint="check the masks, or pass the value that marks unlabelled pixels with --ignore-index",
+            )
+        result = SweepResult(
+            task_metric(metric, "segmentation"),
+            _segmentation_rows(candidates, tally),
+            tally.n,
+            num_classes,
+            top_k,
+            strategy,
+            train_batch_size,
+            [],
+            notes,
+            task="segmentation",
+            ignore_index=tally.ignore_index,
+            n_pixels=tally.pixels,
+        )
+    else:
+        result = SweepResult(
+            metric,
+            _rows(candidates, tally, top_k),
+            tally.n,
+            num_classes,
+            top_k,
+            strategy,
+            train_batch_size,
+            [],
+            notes,
+        )
     _add_notes(result)
     return result
 
@@ -1324,6 +1775,87 @@ def check_labels(y: Tensor, num_classes: int, data_hint: str, output_key: str | 
             hint="check that the data's classes match the model's (e.g. the number of class sub-folders"
             + (")" if output_key is not None else "), or pick the classification output with --output-key"),
         )
+
+
+def output_task(
+    shape: Sequence[int], y: Tensor, data_hint: str = "", output_key: str | int | None = None
+) -> str:
+    """``"classification"`` (logits (N, classes), labels (N,)) or ``"segmentation"`` (per-pixel logits
+    (N, K, H, W), masks (N, H, W) of the same H, W) for a model output of ``shape`` and labels ``y``;
+    :class:`DataError` when they do not go together."""
+    chosen = "" if output_key is None else f" (--output-key {output_key})"
+    dense, masks = len(shape) == 4, y.dim() == 3
+    if dense and masks:
+        check_mask_size(shape, tuple(y.shape), data_hint, output_key)
+        return "segmentation"
+    if not dense and not masks:
+        return "classification"
+    if masks:
+        raise DataError(
+            f"the labels are masks (y of shape {tuple(y.shape)}), but the model's output{chosen} has shape "
+            f"{tuple(shape)}: one row of class scores per example; a segmentation sweep needs per-pixel "
+            "logits (N, K, H, W)",
+            path=data_hint or None,
+            hint="for a model with several outputs pick its per-pixel logits with --output-key (torchvision "
+            "segmentation models: --output-key out); for a classifier store one class index per example, y "
+            "of shape (N,)",
+        )
+    raise DataError(
+        f"the model's output{chosen} is per-pixel maps of shape {tuple(shape)}, but y holds one class label "
+        f"per example (shape {tuple(y.shape)}); a segmentation sweep needs masks y of shape (N, "
+        f"{shape[2]}, {shape[3]})",
+        path=data_hint or None,
+        hint="store masks of class indices (the ignore index, default 255, for unlabelled pixels), shape "
+        "(N, H, W), as y; or pick the model's classification output with --output-key"
+        + (
+            "; a classifier whose logits come as (N, classes, 1, 1) needs them flattened, e.g. "
+            "forward_fn=lambda m, b: m(b[0]).flatten(1) in the Python API"
+            if tuple(shape[2:]) == (1, 1)
+            else ""
+        ),
+    )
+
+
+def check_mask_size(
+    shape: Sequence[int], mask_shape: Sequence[int], data_hint: str = "", output_key: str | int | None = None
+) -> None:
+    """:class:`DataError` unless per-pixel logits of ``shape`` (m, K, H, W) and masks of ``mask_shape``
+    (m, H, W) have the same spatial size."""
+    if tuple(shape[2:]) == tuple(mask_shape[1:]):
+        return
+    chosen = "" if output_key is None else f" (--output-key {output_key})"
+    h, w = shape[2], shape[3]
+    raise DataError(
+        f"the model's per-pixel logits{chosen} are {h}x{w} (output {tuple(shape)}) but the masks y are "
+        f"{mask_shape[1]}x{mask_shape[2]}: sweep-alpha scores every pixel and needs both at the same size",
+        path=data_hint or None,
+        hint="store the masks at the output's resolution (resize them with nearest-neighbour "
+        "interpolation, never bilinear), or let the model upsample its logits to the input size (as "
+        "torchvision segmentation models do: F.interpolate(logits, size=x.shape[-2:], mode='bilinear'))",
+    )
+
+
+def check_masks(
+    y: Tensor, num_classes: int, ignore_index: int, data_hint: str, output_key: str | int | None
+) -> None:
+    """:class:`DataError` when a mask value is neither a class index 0..num_classes-1 nor ``ignore_index``."""
+    bad = (y != ignore_index) & ((y < 0) | (y >= num_classes))
+    if not bool(bad.any()):
+        return
+    values = torch.unique(y[bad]).tolist()
+    shown = ", ".join(map(str, values[:6])) + (" ..." if len(values) > 6 else "")
+    fix = "check that the masks' classes match the model's"
+    if len(values) == 1:
+        fix += f"; if {values[0]} marks unlabelled pixels, pass --ignore-index {values[0]}"
+    if output_key is None:
+        fix += "; for a model with several outputs pick the segmentation logits with --output-key"
+    what = f"mask values {shown} are" if len(values) > 1 else f"mask value {shown} is"
+    raise DataError(
+        f"{what} outside the model's classes and not the ignore index {ignore_index}: the model gives"
+        f" {num_classes} class scores per pixel (classes 0..{num_classes - 1})",
+        path=data_hint or None,
+        hint=fix,
+    )
 
 
 def ema_outputs_error(data_hint: str) -> NumericalError:
@@ -1370,9 +1902,10 @@ def write_report(result: SweepResult, path: str | Path) -> Path:
 def plot_sweep(
     result: SweepResult, path: str | Path, *, size: tuple[float, float] = (8.0, 8.0), dpi: int = 100
 ) -> Path:
-    """Plot nll, top1 and top5 against alpha (one panel each) to a PNG of ``size`` inches at ``dpi``
-    (800 x 800 pixels by default), with the EMA baseline, the rule of thumb, the chosen point and any
-    per-layer candidates marked; top1 with its 95% band. Headless (Agg), written atomically."""
+    """Plot nll, top1 and top5 (segmentation: pixel-nll, miou, pixel-acc) against alpha (one panel each) to a
+    PNG of ``size`` inches at ``dpi`` (800 x 800 pixels by default), with the EMA baseline, the rule of
+    thumb, the chosen point and any per-layer candidates marked; top1 with its 95% band. Headless (Agg),
+    written atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
@@ -1397,8 +1930,11 @@ def plot_sweep(
         "nll": "nll (mean cross-entropy)",
         "top1": "top1 accuracy",
         "top5": f"top{result.top_k} accuracy",
+        "pixel-nll": "pixel-nll (per-pixel cross-entropy)",
+        "miou": "mIoU",
+        "pixel-acc": "pixel accuracy",
     }
-    for ax, metric in zip(axes, METRICS, strict=True):
+    for ax, metric in zip(axes, result.metrics, strict=True):
         xs = [r.alpha for r in curve]
         if curve:
             ax.plot(xs, [r.value(metric) for r in curve], "o-", color="C0", ms=4, label="global alpha")
