@@ -1077,6 +1077,7 @@ def sweep_alpha(
     corrections: str | Path | Corrections | None = None,
     metric: str = "nll",
     output_key: str | int | None = None,
+    ignore_index: int = 255,
     out: str | Path | None = None,
     plot: str | Path | None = None,
     report: str | Path | None = None,
@@ -1095,7 +1096,12 @@ def sweep_alpha(
     optional corrections file) on labelled data and choose the best for ``metric``; with ``out`` the chosen
     correction is written. ``outcome.report["sweep"]`` is the :class:`~bncorrect.sweep.SweepResult`. An ONNX
     model runs in onnxruntime (:mod:`bncorrect.onnx_passes`; a corrections file made for its PyTorch
-    original is matched by BN parameter names)."""
+    original is matched by BN parameter names).
+
+    Segmentation: with masks ``y`` (N, H, W) in the data and per-pixel logits (N, K, H, W) from the model (a
+    dict's entry chosen by ``output_key``, e.g. ``"out"`` for torchvision) the sweep reports pixel-nll,
+    miou and pixel-acc over the pixels whose mask value is not ``ignore_index`` and chooses by ``metric``
+    (``"nll"`` means pixel-nll; see :mod:`bncorrect.sweep`). Detection models cannot be swept."""
     from .sweep import Candidate, plot_sweep, write_report
     from .sweep import sweep_alpha as run_sweep
 
@@ -1127,10 +1133,14 @@ def sweep_alpha(
         raise DataError(
             "sweep-alpha needs labels, and this data has none",
             path=getattr(dataset, "path", None),
-            hint="give .npz/.pt/.safetensors with a 'y' array, or image folders with one folder per class",
+            hint="give .npz/.pt/.safetensors with a 'y' array (class labels (N,) or segmentation masks "
+            "(N, H, W)), or image folders with one folder per class",
         )
+    # masks: batches of about 4M labelled pixels (a batch's maps are evaluated for every candidate)
+    pixels = int(np.prod(getattr(dataset, "label_shape", ()) or (1,)))
+    batch_size = 256 if pixels <= 1 else max(1, min(256, (1 << 22) // pixels))
     loader, total, description = _loader(
-        dataset, 256, shuffle=False, seed=seed, num_workers=num_workers, max_examples=max_examples
+        dataset, batch_size, shuffle=False, seed=seed, num_workers=num_workers, max_examples=max_examples
     )
     result = _on_runtime(
         source,
@@ -1144,6 +1154,7 @@ def sweep_alpha(
         extra_candidates=extra,
         metric=metric,
         output_key=output_key,
+        ignore_index=ignore_index,
         device=device,
         total_examples=total,
         progress=progress,
@@ -1154,12 +1165,12 @@ def sweep_alpha(
         list(channels),
         float(best.alpha or 0.0),
         float(best.beta if best.beta is not None else best.alpha or 0.0),
-        method=f"example-weighing-sweep ({metric})",
+        method=f"example-weighing-sweep ({result.metric})",
         train_batch_size=train_batch_size,
         model_sha256=source.sha256,
     )
     chosen.data = description
-    chosen.metrics = {"metric": metric, "best": best.as_dict(), "n_examples": result.n_examples}
+    chosen.metrics = {"metric": result.metric, "best": best.as_dict(), "n_examples": result.n_examples}
     export = export or ExportOptions()
     if not is_onnx and export.example_input is None and export.input_shape is None:
         export.example_input = _first_input(loader)
