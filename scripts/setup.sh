@@ -11,7 +11,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   # A pinned CPU build: on the project's machines it is installed from local disk; a plain `torch`
   # requirement would pull a multi-GB CUDA build.
-  .venv/bin/pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored: it is neither" || true
+  # numpy with it: importing torch without numpy prints "Failed to initialize NumPy"
+  .venv/bin/pip install -q "torch==2.13.0" numpy 2>&1 | grep -v "is ignored: it is neither" || true
   .venv/bin/python -c "import torch" || { echo "torch failed to install" >&2; exit 1; }
 fi
 .venv/bin/pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither" || true
