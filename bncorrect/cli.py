@@ -797,7 +797,13 @@ def sweep_alpha(
     beta_mode: Annotated[
         str, typer.Option(help="beta for each alpha: 'equal' (= alpha), 'zero', or a fixed number in [0, 1].")
     ] = "equal",
-    metric: Annotated[str, typer.Option(help="Choose alpha by: nll, top1 or top5.")] = "nll",
+    metric: Annotated[
+        str,
+        typer.Option(
+            help="Choose alpha by: nll, top1 or top5; for segmentation (masks y (N, H, W)) pixel-nll, miou "
+            "or pixel-acc (nll means pixel-nll there)."
+        ),
+    ] = "nll",
     train_batch_size: Annotated[
         int | None, typer.Option("--train-batch-size", "-B", help="Also evaluate the rule alpha = 1/B^2.")
     ] = None,
@@ -805,8 +811,15 @@ def sweep_alpha(
         Path | None, typer.Option(help="Also evaluate this corrections file (e.g. from estimate).")
     ] = None,
     output_key: Annotated[
-        str | None, typer.Option(help="For models returning a tuple/dict: the index or key of the logits.")
+        str | None,
+        typer.Option(
+            help="For models returning a tuple/dict: the index or key of the logits (torchvision "
+            "segmentation models: out)."
+        ),
     ] = None,
+    ignore_index: Annotated[
+        int, typer.Option(help="Segmentation: the mask value of unlabelled pixels, left out of every metric.")
+    ] = 255,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of every metric against alpha.")] = None,
     report: Annotated[Path | None, typer.Option(help="Write the JSON report to this file.")] = None,
     output: OutOpt = None,
@@ -855,6 +868,7 @@ def sweep_alpha(
             corrections=corrections,
             metric=metric,
             output_key=key,
+            ignore_index=ignore_index,
             out=output,
             plot=plot,
             report=report,
@@ -876,12 +890,19 @@ def sweep_alpha(
         return
     out_console.print(result.table())
     best = result.best
-    lo, hi = best.top1_ci95
-    out_console.print(
-        f"{result.n_examples} validation examples. Chosen by {metric}: "
-        f"alpha = {best.alpha:g}, beta = {best.beta:g} "
-        f"(nll {best.nll:.4f}, top-1 {100 * best.top1:.2f}%, 95% interval {100 * lo:.1f}-{100 * hi:.1f}%)."
-    )
+    if result.task == "segmentation":
+        out_console.print(
+            f"{result.n_examples} validation images ({result.n_pixels} labelled pixels). Chosen by "
+            f"{result.metric}: alpha = {best.alpha:g}, beta = {best.beta:g} (pixel-nll {best.pixel_nll:.4f}, "
+            f"mIoU {100 * (best.miou or 0.0):.2f}%, pixel accuracy {100 * (best.pixel_acc or 0.0):.2f}%)."
+        )
+    else:
+        lo, hi = best.top1_ci95
+        out_console.print(
+            f"{result.n_examples} validation examples. Chosen by {metric}: "
+            f"alpha = {best.alpha:g}, beta = {best.beta:g} (nll {best.nll:.4f}, "
+            f"top-1 {100 * best.top1:.2f}%, 95% interval {100 * lo:.1f}-{100 * hi:.1f}%)."
+        )
     for note in result.notes:
         err_console.print(f"[dim]{note}[/]")
     for label, path in (("plot", plot), ("report", report)):
