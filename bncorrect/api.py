@@ -1067,6 +1067,7 @@ def diagnose(
     return result
 
 
+@_with_progress
 def sweep_alpha(
     model: ModelLike,
     data: Any,
@@ -1174,7 +1175,7 @@ def sweep_alpha(
     export = export or ExportOptions()
     if not is_onnx and export.example_input is None and export.input_shape is None:
         export.example_input = _first_input(loader)
-    outcome = _finish(source, chosen, out, export, warnings=warnings)
+    outcome = _finish(source, chosen, out, export, warnings=warnings, data_pass=True, progress=progress)
     outcome.report["sweep"] = result
     if plot is not None:
         outcome.report["plot"] = plot_sweep(result, plot)

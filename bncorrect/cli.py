@@ -840,6 +840,7 @@ def sweep_alpha(
     channels: ChannelsOpt = 3,
     preprocess: PreprocessOpt = None,
     skip_bad_files: SkipBadOpt = False,
+    data_config: DataConfigOpt = None,
     input_shape: InputShapeOpt = None,
     opset: OpsetOpt = None,
     no_verify: NoVerifyOpt = False,
@@ -856,11 +857,14 @@ def sweep_alpha(
     if output_key is not None and output_key.lstrip("-").isdigit():
         key = int(output_key)
     spec = _data_spec(resize, crop, mean, std, no_normalize, channels, preprocess, skip_bad_files)
+    load = _load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch)
+    model_or_source, spec = _model_and_spec(model, spec, data_config, load)
     dataset = api.open_data(data, spec)
     _warn_skipped(dataset)
+    _say_preprocessing(dataset, json_out)
     with _progress_bar(enabled=not json_out) as bar:
         outcome = api.sweep_alpha(
-            model,
+            model_or_source,
             dataset,
             alphas=grid,
             beta_mode=parse_beta_mode(beta_mode),
@@ -879,7 +883,7 @@ def sweep_alpha(
             progress=bar,
             force=force,
             export=_export_options(input_shape, opset, no_verify, min_effect),
-            **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch),
+            **load,
         )
     _warn_load(outcome.source)
     _warn_outcome(outcome)
