@@ -293,14 +293,14 @@ def _suggested_shape(model: nn.Module, args: Sequence[Any]) -> tuple[int, ...] |
     return want if want != shape else None
 
 
-def _check_runs(model: nn.Module, args: tuple[Any, ...]) -> None:
+def _check_runs(model: nn.Module, args: tuple[Any, ...]) -> Any:
     """Run ``model`` once on the example input, so that a wrong input shape gets a message about the
-    shape, not a page of torch.export internals."""
+    shape, not a page of torch.export internals; returns the output."""
     was_training = model.training
     try:
         model.eval()  # a check only: no running statistics may change
         with torch.no_grad(), _capture():
-            model(*args)
+            return model(*args)
     except Exception as e:
         want = _suggested_shape(model, args)
         if spell("input_shape").startswith("--"):  # the command line
@@ -317,6 +317,17 @@ def _check_runs(model: nn.Module, args: tuple[Any, ...]) -> None:
         ) from None
     finally:
         model.train(was_training)
+
+
+def _output_names(output: Any) -> list[str] | None:
+    """Graph output names after the model's own: the keys of a dict of tensors (torchvision segmentation:
+    ``out``, ``aux``, so ``--output-key out`` works on the graph too); None (the exporter's names) for
+    anything else."""
+    if isinstance(output, Mapping) and output and all(isinstance(v, Tensor) for v in output.values()):
+        names = [str(k) for k in output]
+        if all(n.isidentifier() for n in names) and len(set(names)) == len(names):
+            return names
+    return None
 
 
 def export_plain(
@@ -337,7 +348,7 @@ def export_plain(
             hint="pip install onnxscript (torch.onnx's dynamo exporter uses it)",
         ) from None
     args = tuple(example_input) if isinstance(example_input, list | tuple) else (example_input,)
-    _check_runs(model, args)
+    output_names = _output_names(_check_runs(model, args))
     dynamic_shapes = tuple({0: torch.export.Dim("batch")} for _ in args) if dynamic_batch else None
     cap: _Captured | None = None
     try:
@@ -349,6 +360,7 @@ def export_plain(
                 optimize=False,
                 opset_version=opset,
                 dynamic_shapes=dynamic_shapes,
+                output_names=output_names,
                 verbose=False,
             )
             ir_model = program.model

@@ -284,3 +284,23 @@ def test_cli_estimate_min_effect(tmp_path: Path, cli, tol: float, all_kept: bool
     names = sorted(n for n, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
     assert _plain_bn_layers(out) == (names if all_kept else [])
     assert len(report["kept"]) == (len(names) if all_kept else 0)
+
+
+def test_dict_outputs_keep_their_names(tmp_path: Path) -> None:
+    """A model returning {"out": ..., "aux": ...} (torchvision segmentation) gives graph outputs named
+    out and aux, so --output-key out selects the same tensor in PyTorch and in the graph."""
+
+    class Seg(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.head, self.aux = nn.Conv2d(4, 3, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            y = torch.relu(self.bn(self.conv(x)))
+            return {"out": self.head(y), "aux": self.aux(y)}
+
+    net = correct_model(Seg().eval(), 0.2)
+    export_onnx(net, torch.randn(2, 3, 8, 8), tmp_path / "seg.onnx")
+    graph = onnx.load(tmp_path / "seg.onnx")
+    assert [o.name for o in graph.graph.output] == ["out", "aux"]
