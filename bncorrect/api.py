@@ -259,15 +259,32 @@ def _check_files(model: Any, *, data: Any = None, corrections: Any = None, **wri
 @_with_progress
 def weight(
     model: ModelLike,
-    alpha: float,
+    alpha: float | None = None,
     beta: float | None = None,
     *,
+    prior_strength: float | None = None,
     out: str | Path | None = None,
     export: ExportOptions | None = None,
     progress: Any = None,
     **load_options: Any,
 ) -> Outcome:
-    """Inference example weighing: one alpha (and beta, default = alpha) for every BN layer."""
+    """Inference example weighing: one alpha (and beta, default = alpha) for every BN layer.
+    ``prior_strength`` N is another spelling of alpha = 1/(N+1): the running statistics weigh as N
+    examples against the example's own (:func:`bncorrect.tune.alpha_from_prior_strength`)."""
+    if prior_strength is not None:
+        from .tune import alpha_from_prior_strength
+
+        if alpha is not None:
+            raise UsageError(
+                f"{spell('alpha', alpha)} and {spell('prior_strength', prior_strength)} both given",
+                hint="give one: the prior strength N means alpha = 1/(N+1)",
+            )
+        alpha = alpha_from_prior_strength(prior_strength)
+    if alpha is None:
+        raise UsageError(
+            "no alpha given",
+            hint=f"give {spell('alpha', 0.1)} or {spell('prior_strength', 9)} (alpha = 1/(N+1))",
+        )
     for label, v in (("alpha", alpha), ("beta", beta)):
         if v is not None and not 0.0 <= v <= 1.0:
             raise UsageError(
@@ -1075,6 +1092,7 @@ def sweep_alpha(
     alphas: Sequence[float] | None = None,
     beta_mode: Any = "equal",
     train_batch_size: int | None = None,
+    prior_strengths: Sequence[float] | None = None,
     corrections: str | Path | Corrections | None = None,
     metric: str = "nll",
     output_key: str | int | None = None,
@@ -1102,9 +1120,22 @@ def sweep_alpha(
     Segmentation: with masks ``y`` (N, H, W) in the data and per-pixel logits (N, K, H, W) from the model (a
     dict's entry chosen by ``output_key``, e.g. ``"out"`` for torchvision) the sweep reports pixel-nll,
     miou and pixel-acc over the pixels whose mask value is not ``ignore_index`` and chooses by ``metric``
-    (``"nll"`` means pixel-nll; see :mod:`bncorrect.sweep`). Detection models cannot be swept."""
+    (``"nll"`` means pixel-nll; see :mod:`bncorrect.sweep`). Detection models cannot be swept.
+
+    ``prior_strengths`` (N values) is another spelling of the grid: alpha = 1/(N+1) each, instead of
+    ``alphas``."""
     from .sweep import Candidate, plot_sweep, write_report
     from .sweep import sweep_alpha as run_sweep
+
+    if prior_strengths is not None:
+        from .tune import alphas_from_prior_strengths
+
+        if alphas is not None:
+            raise UsageError(
+                f"{spell('alphas', 'LIST')} and {spell('prior_strengths', 'LIST')} both given",
+                hint="give one grid: the prior strengths N mean alphas 1/(N+1)",
+            )
+        alphas = alphas_from_prior_strengths(prior_strengths)
 
     _check_batch_size("train_batch_size", train_batch_size)
     _check_device(device)
@@ -1181,4 +1212,113 @@ def sweep_alpha(
         outcome.report["plot"] = plot_sweep(result, plot)
     if report is not None:
         outcome.report["report"] = write_report(result, report)
+    return outcome
+
+
+@_with_progress
+def tune(
+    model: ModelLike,
+    data: Any,
+    train_batch_size: int,
+    *,
+    metric: str = "nll",
+    holdout: float = 0.3,
+    seed: int = 0,
+    recalibrate: bool = False,
+    upstream: str = "eval",
+    per_channel: bool = False,
+    strengths: Sequence[float] | None = None,
+    alphas: Sequence[float] | None = None,
+    max_epochs: int | None = None,
+    out: str | Path | None = None,
+    report: str | Path | None = None,
+    plot: str | Path | None = None,
+    max_examples: int | None = None,
+    device: str = "auto",
+    num_workers: int = 0,
+    data_spec: Any = None,
+    forward_fn: Any = None,
+    output_key: str | int | None = None,
+    progress: Any = None,
+    export: ExportOptions | None = None,
+    **load_options: Any,
+) -> Outcome:
+    """The best safe correction, fitted to the metric, with a held-out check (:mod:`bncorrect.tune`).
+
+    ``data`` (labelled, indexable: a path, arrays ``(x, y)`` or a map-style Dataset) is split, seeded and
+    stratified by label, into a fitting part and a held-out part (``holdout``). On the fitting part: EMA,
+    the rule 1/B^2, the best global alpha (sweep), EvalNorm offline (after recalibration with
+    ``recalibrate``) and per-layer alpha/beta fitted to the NLL (L1 ``strengths``, ``per_channel``). Every
+    candidate is scored on the held-out part and the best by ``metric`` (nll, top1, top5) is written to
+    ``out``, never one worse than EMA there. ``outcome.report["tune"]`` is the
+    :class:`~bncorrect.tune.TuneResult`; ``report`` (JSON) and ``plot`` (PNG) are written on request.
+    PyTorch models only (an ONNX graph: tune its PyTorch original and ``apply`` the corrections)."""
+    from .tune import DEFAULT_MAX_EPOCHS, DEFAULT_STRENGTHS, plot_tune, tune_model, write_tune_report
+
+    _check_batch_size("train_batch_size", train_batch_size)
+    if recalibrate:
+        _check_upstream(upstream)
+    _check_device(device)
+    _check_files(model, data=data, out=out, plot=plot, report=report)
+    source = _require_torch(open_model(model, **load_options), "tune")
+    if out is not None:
+        _check_out(out, source)
+    channels = correctable_channels(source)
+    dataset = open_data(data, data_spec)
+    description = getattr(dataset, "description", type(dataset).__name__)
+    result = tune_model(
+        source.model,
+        dataset,
+        train_batch_size,
+        metric=metric,
+        holdout=holdout,
+        seed=seed,
+        alphas=alphas,
+        strengths=DEFAULT_STRENGTHS if strengths is None else strengths,
+        per_channel=per_channel,
+        recalibrate=recalibrate,
+        upstream=upstream,
+        max_examples=max_examples,
+        max_epochs=DEFAULT_MAX_EPOCHS if max_epochs is None else max_epochs,
+        device=device,
+        num_workers=num_workers,
+        forward_fn=forward_fn,
+        output_key=output_key,
+        progress=progress,
+        data_hint=description,
+    )
+    stats = result.running_stats() or {}
+    layers = {
+        name: LayerCorrection(a, b, *stats.get(name, (None, None)))
+        for name, (a, b) in result.coefficients().items()
+        if name in channels
+    }
+    chosen = result.chosen
+    corrections = Corrections(
+        layers,
+        f"tune ({chosen.kind}: {chosen.label})",
+        train_batch_size,
+        source.sha256,
+        description,
+        {
+            "metric": metric,
+            "chosen": chosen.as_dict(),
+            "n_fit": result.n_fit,
+            "n_heldout": result.n_heldout,
+            "seed": seed,
+            "holdout": result.holdout,
+            "notes": list(result.notes),
+        },
+    )
+    export = export or ExportOptions()
+    if export.example_input is None and export.input_shape is None and len(dataset):
+        export.example_input = torch.stack(
+            [torch.as_tensor(dataset[i][0]) for i in range(min(2, len(dataset)))]
+        )
+    outcome = _finish(source, corrections, out, export, data_pass=True, progress=progress)
+    outcome.report["tune"] = result
+    if plot is not None:
+        outcome.report["plot"] = plot_tune(result, plot)
+    if report is not None:
+        outcome.report["report"] = write_tune_report(result, report)
     return outcome

@@ -382,8 +382,17 @@ def rule(
 @app.command()
 def weight(
     model: ModelArg,
-    alpha: Annotated[float, typer.Option(help="Weight of the example's own statistics, in [0, 1].")],
+    alpha: Annotated[
+        float | None, typer.Option(help="Weight of the example's own statistics, in [0, 1].")
+    ] = None,
     beta: Annotated[float | None, typer.Option(help="Weight for the variance (default: = alpha).")] = None,
+    prior_strength: Annotated[
+        float | None,
+        typer.Option(
+            help="Instead of --alpha: the running statistics weigh as N examples, alpha = 1/(N+1) "
+            "(test-time BN adaptation's N)."
+        ),
+    ] = None,
     output: OutOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -403,6 +412,7 @@ def weight(
             model,
             alpha,
             beta,
+            prior_strength=prior_strength,
             out=output,
             progress=bar,
             export=_export_options(input_shape, opset, no_verify),
@@ -413,9 +423,11 @@ def weight(
     if json_out:
         _print_json(_outcome_json(outcome))
     else:
-        b = alpha if beta is None else beta
+        first = next(iter(outcome.corrections.layers.values()))
+        a_used, b = float(first.alpha), float(first.beta)
+        prior = "" if prior_strength is None else f" (prior strength N = {prior_strength:g}: 1/(N+1))"
         out_console.print(
-            f"Example weighing: alpha = {alpha:.6g}, beta = {b:.6g} "
+            f"Example weighing: alpha = {a_used:.6g}{prior}, beta = {b:.6g} "
             f"on {len(outcome.corrections.layers)} BN layers."
         )
     _report_written(outcome, json_out)
@@ -794,6 +806,12 @@ def sweep_alpha(
         str | None,
         typer.Option(help="START:STOP:N evenly spaced alphas, e.g. 0:0.3:16 (instead of --alphas)."),
     ] = None,
+    prior_strengths: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated prior strengths N, e.g. 1,3,7,15: alphas 1/(N+1) (instead of --alphas)."
+        ),
+    ] = None,
     beta_mode: Annotated[
         str, typer.Option(help="beta for each alpha: 'equal' (= alpha), 'zero', or a fixed number in [0, 1].")
     ] = "equal",
@@ -852,7 +870,18 @@ def sweep_alpha(
     from . import api
     from .sweep import alphas_from_options, parse_beta_mode
 
-    grid = alphas_from_options(alphas, alpha_range, train_batch_size)
+    if prior_strengths is not None:
+        from .errors import UsageError
+        from .tune import alphas_from_prior_strengths, parse_prior_strengths
+
+        if alphas is not None or alpha_range is not None:
+            raise UsageError(
+                "--prior-strengths and --alphas/--alpha-range both given",
+                hint="give one grid: the prior strengths N mean alphas 1/(N+1)",
+            )
+        grid = alphas_from_prior_strengths(parse_prior_strengths(prior_strengths))
+    else:
+        grid = alphas_from_options(alphas, alpha_range, train_batch_size)
     key: str | int | None = output_key
     if output_key is not None and output_key.lstrip("-").isdigit():
         key = int(output_key)
@@ -908,6 +937,145 @@ def sweep_alpha(
             f"top-1 {100 * best.top1:.2f}%, 95% interval {100 * lo:.1f}-{100 * hi:.1f}%)."
         )
     for note in result.notes:
+        err_console.print(f"[dim]{note}[/]")
+    for label, path in (("plot", plot), ("report", report)):
+        if path is not None:
+            err_console.print(f"[green]Wrote[/] {label} {path}")
+    _report_written(outcome, json_out)
+
+
+@app.command()
+def tune(
+    model: ModelArg,
+    data: DataOpt,
+    train_batch_size: Annotated[
+        int,
+        typer.Option(
+            "--train-batch-size",
+            "-B",
+            help="Examples per normalization batch in training (per GPU / ghost batch).",
+        ),
+    ],
+    metric: Annotated[str, typer.Option(help="Choose by held-out nll, top1 or top5.")] = "nll",
+    holdout: Annotated[
+        float, typer.Option(help="Fraction of the data held out to score the candidates (stratified).")
+    ] = 0.3,
+    recalibrate: Annotated[
+        bool,
+        typer.Option(
+            "--recalibrate", help="EvalNorm candidate: first replace running statistics by population ones."
+        ),
+    ] = False,
+    upstream: Annotated[
+        str, typer.Option(help="With --recalibrate: 'eval' or 'train' (see recalibrate).")
+    ] = "eval",
+    per_channel: Annotated[
+        bool, typer.Option("--per-channel", help="Fit alpha/beta vectors of length C instead of scalars.")
+    ] = False,
+    strengths: Annotated[
+        str | None,
+        typer.Option(
+            help="L1 strengths toward plain BN, relative to the NLL, fitted side by side; the monitor slice "
+            "of the fitting part chooses (default 0,0.01,0.1)."
+        ),
+    ] = None,
+    alphas: Annotated[
+        str | None, typer.Option(help="Grid of the global-alpha candidate (default: sweep-alpha's).")
+    ] = None,
+    max_epochs: Annotated[
+        int | None, typer.Option(help="Epochs of the per-layer fit at most (early stopping; default 10).")
+    ] = None,
+    report: Annotated[
+        Path | None, typer.Option(help="Write a JSON report (rows, per-layer alpha/beta) to this file.")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write a PNG of per-layer alpha/beta (chosen beside EvalNorm).")
+    ] = None,
+    output: OutOpt = None,
+    output_key: Annotated[
+        str | None, typer.Option(help="For models returning a tuple/dict: the index or key of the logits.")
+    ] = None,
+    max_examples: MaxExamplesOpt = None,
+    device: DeviceOpt = "auto",
+    num_workers: WorkersOpt = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the split, the loaders and the fit (reproducible).")] = 0,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustOpt = False,
+    trust_arch: TrustArchOpt = False,
+    non_strict: NonStrictOpt = False,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    no_normalize: NoNormOpt = False,
+    channels: ChannelsOpt = 3,
+    preprocess: PreprocessOpt = None,
+    skip_bad_files: SkipBadOpt = False,
+    data_config: DataConfigOpt = None,
+    input_shape: InputShapeOpt = None,
+    opset: OpsetOpt = None,
+    no_verify: NoVerifyOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """The best safe correction: per-layer alpha/beta fitted to the metric beside EMA, the rule, the best
+    global alpha and EvalNorm, all scored on a held-out part; never worse than EMA there."""
+    from . import api
+    from .sweep import parse_alphas
+    from .tune import parse_strengths
+
+    key: str | int | None = output_key
+    if output_key is not None and output_key.lstrip("-").isdigit():
+        key = int(output_key)
+    spec = _data_spec(resize, crop, mean, std, no_normalize, channels, preprocess, skip_bad_files)
+    load = _load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch)
+    model_or_source, spec = _model_and_spec(model, spec, data_config, load)
+    dataset = api.open_data(data, spec)
+    _warn_skipped(dataset)
+    _say_preprocessing(dataset, json_out)
+    with _progress_bar(enabled=not json_out) as bar:
+        outcome = api.tune(
+            model_or_source,
+            dataset,
+            train_batch_size,
+            metric=metric,
+            holdout=holdout,
+            seed=seed,
+            recalibrate=recalibrate,
+            upstream=upstream,
+            per_channel=per_channel,
+            strengths=parse_strengths(strengths) if strengths is not None else None,
+            alphas=parse_alphas(alphas) if alphas is not None else None,
+            max_epochs=max_epochs,
+            out=output,
+            report=report,
+            plot=plot,
+            max_examples=max_examples,
+            device=device,
+            num_workers=num_workers,
+            output_key=key,
+            progress=bar,
+            export=_export_options(input_shape, opset, no_verify),
+            **load,
+        )
+    _warn_load(outcome.source)
+    _warn_outcome(outcome)
+    result = outcome.report["tune"]
+    if json_out:
+        _print_json({**result.as_report(), **_written_json(outcome)})
+        return
+    out_console.print(result.table())
+    out_console.print(result.layer_table())
+    chosen = result.chosen
+    h = chosen.heldout
+    zero = len(result.zero_layers)
+    out_console.print(
+        f"Chosen by held-out {result.metric}: {chosen.label} (held-out nll {h.nll:.4f}, top-1 "
+        f"{100 * h.top1:.2f}%; EMA {result.ema.heldout.nll:.4f}, {100 * result.ema.heldout.top1:.2f}%). "
+        f"Tuned fit: L1 strength {result.fit.best.strength:g}, {zero} of {len(result.layers)} layers plain "
+        f"BN, {result.fit.epochs} epochs ({result.fit.mode}; {result.fit.cache})."
+    )
+    for note in result.notes + result.fit.notes:
         err_console.print(f"[dim]{note}[/]")
     for label, path in (("plot", plot), ("report", report)):
         if path is not None:

@@ -1,0 +1,1546 @@
+r"""``tune``: per-layer alpha/beta fitted to the validation metric, with a held-out guarantee.
+
+Beyond both papers: EvalNorm fits per-layer coefficients to a proxy (L_aux), inference example weighing
+fits one alpha to the metric. ``tune`` fits per-layer (alpha, beta) to the metric itself and only keeps
+what a held-out part of the data confirms.
+
+What it does (:func:`tune_model`):
+
+1. **Split** the labelled validation data, seeded and stratified by label (:func:`stratified_split`): a
+   *fitting part* and a *held-out part* (``holdout``, default 0.3). The fitting part is split once more,
+   the same way, into the examples the per-layer fit learns from and a *monitor* slice (``monitor``,
+   default 0.25 of the fitting part) that stops it early and chooses the L1 strength.
+2. **Candidates, on the fitting part**: EMA (alpha = beta = 0, plain BN); the rule 1/B^2; the best global
+   alpha (:func:`bncorrect.sweep.sweep_alpha` over its grid, beta = alpha); EvalNorm offline
+   (:func:`bncorrect.estimation.estimate_alpha_beta`, after :func:`bncorrect.recalibration.recalibrate_stats`
+   with ``recalibrate``); and **per-layer alpha/beta fitted to the NLL** (:func:`fit_per_layer`).
+3. **Score every candidate on the held-out part** (NLL, top-1, top-5, with the sweep's paired differences
+   from EMA) and choose the best by ``metric``. EMA is a candidate and wins ties, so the written correction
+   is **never worse than EMA on the held-out part**; when EMA wins, EMA is written and the notes say so
+   (and, when the per-layer fit beat EMA on the fitting part but not on the held-out part, that it
+   overfitted).
+
+The per-layer fit (:func:`fit_per_layer`). The corrected layer (DESIGN §2) is differentiable in alpha and
+beta. On a deep copy of the model (eval mode, every network parameter frozen) each correctable BN layer's
+coefficients become leaf tensors requiring gradients, started from the best global alpha (alpha = beta =
+a*), and Adam (cosine-decayed learning rate) minimises, on mini-batches of the fitting examples,
+
+    loss_k = mean cross-entropy  +  lambda_k * s * sum_layers mean_channels (alpha + beta)
+
+projecting every coefficient back to [0, 1] after each step. ``s`` is the EMA NLL on the fitting part
+(so the strengths are relative to the loss), and the L1 term pulls each coefficient toward 0 with the same
+force in every layer. Coefficients that the pull holds at 0 end exactly at 0 (the projection clips them
+there); values below :data:`ZERO_SNAP` are set to 0 at the end. A layer with alpha = beta = 0 stays plain,
+foldable BN in ONNX; the result counts them (``zero_layers``). The strengths of ``strengths`` (default
+:data:`DEFAULT_STRENGTHS`: 0, 0.01, 0.1; 0.001 fitted like 0 on the samples) are fitted **side by side
+in one pass**: the K coefficient sets are stacked along the batch axis, each BN layer normalizing row
+block k with set k (as the sweep stacks candidates), so one forward and one backward serve all K. After
+every epoch each set is scored on the monitor slice and the best snapshot kept (early stopping,
+``patience`` epochs without improvement); the strength with the lowest monitor NLL is the tuned
+candidate. ``per_channel`` fits vectors of length C instead of one scalar per layer.
+
+Where the held-out part is used, and what its numbers mean: the held-out part is touched once, after
+everything is fitted, to score the candidates and choose among them (and for the guard). The L1 strength
+and the stopping epoch are chosen on the monitor slice of the *fitting* part, not on the held-out part, so
+the held-out numbers of every candidate are honest estimates of that candidate; only the chosen row's
+number is slightly optimistic, by the choice among the five candidates.
+
+What is cached (``cache_bytes``, default 1 GiB): the fitting and monitor examples, as decoded tensors on
+the device, so an image folder is read once; and when the model is an ``nn.Sequential`` (nested
+Sequentials are flattened) run with the default forward, the output of its *prefix* before the first
+module holding a BN layer instead: that prefix (e.g. a stem convolution) does not depend on alpha or beta,
+so it runs once per example, not once per step. Past the budget the batches are read from the loader every
+epoch. Stacking and the prefix cut are checked, not trusted: on a probe batch with random coefficient sets
+the fitting network must reproduce K separately corrected copies of the model
+(:class:`~bncorrect.layers.CorrectedNorm`); otherwise the next simpler way is used (prefix cut -> the whole
+model with the first BN layer fanning the batch out -> the batch repeated K times -> one coefficient set
+per forward), recorded in ``FitResult.mode`` and the notes.
+
+Prior strength and test-time adaptation (``--prior-strength N``). Test-time BN adaptation (Schneider et
+al. 2020, "Improving robustness against common corruptions by covariate shift adaptation") blends the
+training statistics, weighted as N pseudo-examples, with the test statistics:
+
+    mu_TTA  = (N mu_E  + mu_i)  / (N + 1)
+    var_TTA = (N var_E + var_i) / (N + 1)
+
+With alpha = beta = w = 1/(N + 1) (:func:`alpha_from_prior_strength`) DESIGN §2 gives mu_hat = mu_E +
+w (mu_i - mu_E) = mu_TTA exactly, and
+
+    var_hat = w var_i + (1 - w) var_E + w (1 - w) d^2 = var_TTA + w (1 - w) d^2,     d = mu_i - mu_E,
+
+i.e. var_hat = var_TTA + N d^2 / (N + 1)^2. The extra term is the between-group part of the law of total
+variance: var_hat is the variance of the mixture "the population (mean mu_E, variance var_E) with weight
+1 - w and the example's values with weight w" about its own mean mu_hat, while var_TTA is the convex blend
+of the two variances, each about its own mean. The two agree when d = 0 (and at N = 0 or N -> infinity).
+
+The library never prints: :meth:`TuneResult.table` returns rich tables, :func:`plot_tune` writes a PNG
+and :func:`write_tune_report` a JSON file (both atomically).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from . import correction as C
+from .errors import DataError, UsageError, spell
+from .layers import CorrectedNorm, correct_model, corrected_layers, is_batchnorm_like, uses_batch_statistics
+from .passes import Batch, ForwardFn, Progress, batch_size_of, default_forward, map_batch, resolve_device
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from .estimation import EstimateResult
+    from .recalibration import RecalibrateResult
+    from .sweep import Candidate, SweepResult, SweepRow
+
+__all__ = [
+    "DEFAULT_HOLDOUT",
+    "DEFAULT_MONITOR",
+    "DEFAULT_STRENGTHS",
+    "FitResult",
+    "StrengthFit",
+    "TuneResult",
+    "TuneRow",
+    "alpha_from_prior_strength",
+    "alphas_from_prior_strengths",
+    "dataset_labels",
+    "fit_per_layer",
+    "parse_prior_strengths",
+    "parse_strengths",
+    "plot_tune",
+    "stratified_split",
+    "tune_model",
+    "write_tune_report",
+]
+
+#: Fraction of the (labelled) validation data held out to score the candidates.
+DEFAULT_HOLDOUT = 0.3
+#: Fraction of the fitting part kept aside to stop the per-layer fit early and choose the L1 strength.
+DEFAULT_MONITOR = 0.25
+#: L1 strengths tried side by side, relative to the EMA NLL on the fitting part.
+DEFAULT_STRENGTHS: tuple[float, ...] = (0.0, 1e-2, 1e-1)
+#: Adam's learning rate at the start (cosine-decayed to 0 over ``max_epochs``).
+DEFAULT_LR = 0.03
+DEFAULT_MAX_EPOCHS = 10
+DEFAULT_PATIENCE = 2
+#: Examples per optimisation step (each step evaluates them for all K strengths).
+DEFAULT_FIT_BATCH = 64
+#: Decoded fitting/monitor examples (or prefix outputs) kept on the device up to this many bytes.
+DEFAULT_CACHE_BYTES = 1 << 30
+#: Fitted coefficients below this are set to exactly 0 at the end (a layer at alpha = beta = 0 is plain BN).
+ZERO_SNAP = 1e-4
+#: Examples of the probe batch that checks stacking and the prefix cut.
+PROBE_EXAMPLES = 8
+
+#: Candidate kinds, simplest first: ties on the held-out metric go to the simpler correction.
+KINDS = ("ema", "rule", "global", "evalnorm", "tuned")
+
+
+# ---------------------------------------------------------------------------------------------- options
+def alpha_from_prior_strength(n: float, option: str = "prior_strength") -> float:
+    """``--prior-strength N``: the running statistics weigh as N pseudo-examples against the example's
+    own, i.e. alpha = 1/(N + 1) (N = 0: the example's statistics only; large N: plain BN). See the module
+    docstring for the relation to test-time BN adaptation."""
+    if isinstance(n, bool) or not isinstance(n, int | float) or not math.isfinite(float(n)) or n < 0:
+        raise UsageError(
+            f"{spell(option, n)}: the prior strength must be a number >= 0",
+            hint=f"N pseudo-examples of the running statistics: alpha = 1/(N+1), e.g. {spell(option, 3)} "
+            "for alpha = 0.25",
+        )
+    return 1.0 / (float(n) + 1.0)
+
+
+def _numbers(text: str, option: str, hint: str) -> list[float]:
+    parts = [p.strip() for p in str(text).split(",")]
+    if not parts or any(p == "" for p in parts):
+        raise UsageError(f"{spell(option, text)}: expected comma-separated numbers", hint=hint)
+    out = []
+    for p in parts:
+        try:
+            out.append(float(p))
+        except ValueError:
+            raise UsageError(f"{spell(option, text)}: {p!r} is not a number", hint=hint) from None
+    return out
+
+
+def parse_prior_strengths(text: str) -> list[float]:
+    """``"0,1,3,15"`` -> ``[0.0, 1.0, 3.0, 15.0]`` (each >= 0)."""
+    hint = "give prior strengths N >= 0, e.g. --prior-strengths 1,3,7,15 (alpha = 1/(N+1))"
+    values = _numbers(text, "prior_strengths", hint)
+    for v in values:
+        alpha_from_prior_strength(v, "prior_strengths")
+    return values
+
+
+def alphas_from_prior_strengths(strengths: Iterable[float]) -> list[float]:
+    """The alpha grid of prior strengths: 1/(N+1) each, sorted, duplicates removed."""
+    return sorted({alpha_from_prior_strength(float(n), "prior_strengths") for n in strengths})
+
+
+def parse_strengths(text: str) -> list[float]:
+    """``--strengths 0,1e-3,1e-2,1e-1``: L1 strengths (>= 0, relative to the NLL), sorted, unique."""
+    hint = "give L1 strengths >= 0 relative to the NLL, e.g. --strengths 0,0.001,0.01,0.1"
+    values = _numbers(text, "strengths", hint)
+    return check_strengths(values)
+
+
+def check_strengths(values: Iterable[float]) -> list[float]:
+    out = sorted({float(v) for v in values})
+    if not out or any(not math.isfinite(v) or v < 0 for v in out):
+        raise UsageError(
+            f"{spell('strengths', ','.join(f'{v:g}' for v in out))}: L1 strengths must be numbers >= 0",
+            hint="e.g. --strengths 0,0.001,0.01,0.1 (0: no pull toward plain BN)",
+        )
+    return out
+
+
+def _check_fraction(value: float, option: str, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < float(value) < 1.0:
+        raise UsageError(
+            f"{spell(option, value)}: {what} must lie strictly between 0 and 1",
+            hint=f"e.g. {spell(option, 0.3)}",
+        )
+    return float(value)
+
+
+# ---------------------------------------------------------------------------------------------- the split
+def stratified_split(labels: Tensor, fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Split example indices 0..N-1 into ``(rest, part)`` with ``part`` holding round(fraction * N)
+    examples, stratified by label: every class puts floor or ceil of fraction * n_c of its examples into
+    ``part`` (the classes with the largest remainders, ties in a seeded random order, get the ceil), drawn
+    by a permutation seeded with ``seed``. Both are sorted int64 tensors; the same labels and seed give the
+    same split."""
+    y = torch.as_tensor(labels).reshape(-1).long().cpu()
+    n = int(y.numel())
+    gen = torch.Generator().manual_seed(int(seed))
+    classes = torch.unique(y).tolist()
+    members = {c: (y == c).nonzero().reshape(-1) for c in classes}
+    perms = {c: idx[torch.randperm(idx.numel(), generator=gen)] for c, idx in members.items()}
+    quota = {c: fraction * idx.numel() for c, idx in members.items()}
+    take = {c: math.floor(q) for c, q in quota.items()}
+    total = math.floor(fraction * n + 0.5)
+    left = total - sum(take.values())
+    if left > 0:
+        ties = torch.rand(len(classes), generator=gen).tolist()
+        order = sorted(range(len(classes)), key=lambda i: (-(quota[classes[i]] - take[classes[i]]), ties[i]))
+        for i in order[:left]:
+            take[classes[i]] += 1
+    part = [perms[c][: take[c]] for c in classes]
+    rest = [perms[c][take[c] :] for c in classes]
+    cat = lambda ts: torch.sort(torch.cat(ts)).values if ts else torch.zeros(0, dtype=torch.long)  # noqa: E731
+    return cat(rest), cat(part)
+
+
+def dataset_labels(dataset: Any, data_hint: str = "") -> Tensor:
+    """The class label of every example of an indexable ``dataset``, as an int64 tensor (N,): a bncorrect
+    array dataset's ``y``, an image folder's class indices, a ``targets`` attribute (torchvision), else
+    ``dataset[i][1]`` for every i (which reads every example once). :class:`DataError` without labels;
+    :class:`UsageError` for segmentation masks or data that cannot be split by example."""
+    where = data_hint or getattr(dataset, "description", None) or None
+    if getattr(dataset, "has_labels", True) is False:
+        raise DataError(
+            "tune needs labels, and this data has none",
+            path=getattr(dataset, "path", None) or where,
+            hint="give .npz/.pt/.safetensors with a 'y' array of class labels (N,), or image folders with "
+            "one folder per class",
+        )
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise UsageError(
+            f"tune splits the data into a fitting and a held-out part by example, and cannot index a "
+            f"{type(dataset).__name__}",
+            hint="pass a path (--data), arrays (x, y), or a map-style Dataset (len and [i]); not a "
+            "DataLoader or an iterator of batches",
+        )
+    y: Any = None
+    if isinstance(getattr(dataset, "y", None), Tensor):
+        y = dataset.y
+    elif isinstance(getattr(dataset, "files", None), list) and getattr(dataset, "classes", None) is not None:
+        y = torch.tensor([int(label) for _, label in dataset.files], dtype=torch.long)
+    elif getattr(dataset, "targets", None) is not None:
+        y = torch.as_tensor(dataset.targets)
+    else:
+        y = (
+            torch.stack([torch.as_tensor(dataset[i][1]) for i in range(len(dataset))])
+            if len(dataset)
+            else None
+        )
+    if y is None or len(dataset) == 0:
+        raise DataError("the data holds no examples", path=where, hint="give labelled examples")
+    y = torch.as_tensor(y)
+    if y.dim() == 3:
+        raise UsageError(
+            "tune fits and scores classification models (class labels y (N,)); this data holds segmentation "
+            f"masks {tuple(y.shape[1:])}",
+            hint="for segmentation use sweep-alpha (pixel-nll, miou, pixel-acc: one global alpha chosen on "
+            "the masks) or estimate (EvalNorm per layer)",
+        )
+    if y.dim() != 1 or y.is_floating_point():
+        raise DataError(
+            f"tune needs one integer class label per example, got labels of shape {tuple(y.shape)} "
+            f"({y.dtype})",
+            path=where,
+            hint="store the class index of each example as y, shape (N,)",
+        )
+    return y.long()
+
+
+class _Part(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """The examples ``indices`` of ``base``, with the attributes bncorrect's loaders read."""
+
+    def __init__(self, base: Any, indices: Sequence[int], what: str) -> None:
+        self.base = base
+        self.indices = [int(i) for i in indices]
+        self.path = getattr(base, "path", None)
+        self.has_labels = True
+        self.skipped: list[str] = []
+        self.num_classes = getattr(base, "num_classes", None)
+        self.label_shape: tuple[int, ...] = ()
+        self.what = what
+        base_text = getattr(base, "description", type(base).__name__)
+        self.description = f"{base_text}; {what}: {len(self.indices)} examples"
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.base[self.indices[i]]
+
+    def __getitems__(self, indices: Sequence[int]) -> Any:
+        picked = [self.indices[i] for i in indices]
+        if callable(getattr(self.base, "__getitems__", None)):
+            return self.base.__getitems__(picked)
+        return [self.base[i] for i in picked]
+
+    def example_shape(self) -> tuple[int, ...]:
+        return tuple(torch.as_tensor(self[0][0]).shape)
+
+
+def _part_loader(
+    part: _Part, batch_size: int, *, shuffle: bool, seed: int, num_workers: int
+) -> Iterable[Batch]:
+    """Batches ``(x, y)`` over ``part``: bncorrect's loader (seeded shuffle, clean errors from workers)."""
+    from .data import make_loader
+
+    return make_loader(part, batch_size, shuffle=shuffle, seed=seed, num_workers=num_workers)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- the layer
+class _StackMismatch(Exception):
+    """A stacked forward met a tensor that is neither the base batch nor K blocks of it."""
+
+
+class _FitNorm(nn.Module):
+    """One BN layer with K differentiable coefficient sets (leaf tensors ``alpha``, ``beta`` of shape
+    (K, P), P = 1 or C). With ``stack = (K, m, expand)`` it normalizes a stacked batch, row block k with
+    set k (``expand``: an input of the base m rows is fanned out to the K blocks); without, the whole input
+    with set ``current``. The arithmetic is :func:`bncorrect.correction.corrected_scale_shift` (direct) or
+    the input map (layers corrected through their own forward), as in :class:`CorrectedNorm`."""
+
+    def __init__(self, norm: nn.Module, strategy: str, k: int, width: int, alpha0: float, beta0: float):
+        super().__init__()
+        self.norm = norm
+        self.strategy = strategy
+        rm = norm.running_mean
+        dt = torch.float64 if rm.dtype == torch.float64 else torch.float32
+        self.alpha = torch.full((k, width), float(alpha0), dtype=dt, device=rm.device, requires_grad=True)
+        self.beta = torch.full((k, width), float(beta0), dtype=dt, device=rm.device, requires_grad=True)
+        self.stack: tuple[int, int, bool] | None = None
+        self.current = 0
+
+    @property
+    def channels(self) -> int:
+        return int(self.norm.running_mean.numel())
+
+    def forward(self, x: Tensor) -> Tensor:
+        norm = self.norm
+        c = self.channels
+        if x.dim() < 2 or x.shape[1] != c:
+            raise _StackMismatch(f"input of shape {tuple(x.shape)} for a BN layer of {c} channels")
+        mu_i, var_i = C.example_stats(x)
+        dt = mu_i.dtype
+        rm, rv, eps = norm.running_mean.to(dt), norm.running_var.to(dt), float(norm.eps)
+        weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+        if self.stack is None:
+            a, b = self.alpha[self.current].to(dt), self.beta[self.current].to(dt)
+            if self.strategy == "direct":
+                s, t = C.corrected_scale_shift(mu_i, var_i, rm, rv, a, b, eps, weight, bias)
+                xs = x if x.dtype == s.dtype else x.to(s.dtype)
+                return torch.addcmul(C.expand_to(t, x), xs, C.expand_to(s, x)).to(x.dtype)
+            mean, var = C.corrected_stats(mu_i, var_i, rm, rv, a, b)
+            return self._through_forward(x, mean, var)
+        k, m, expand = self.stack
+        n = x.shape[0]
+        if n == k * m:
+            blocks = k
+        elif expand and n == m:
+            blocks = 1
+        else:
+            raise _StackMismatch(f"a BN layer received {n} rows in a stacked pass of {k} x {m}")
+        mu3, var3 = mu_i.reshape(blocks, m, c), var_i.reshape(blocks, m, c)
+        a, b = self.alpha.to(dt)[:, None, :], self.beta.to(dt)[:, None, :]
+        if self.strategy == "direct":
+            s, t = C.corrected_scale_shift(mu3, var3, rm, rv, a, b, eps, weight, bias)
+            view = (k, m, c) + (1,) * (x.dim() - 2)
+            xs = x.reshape(blocks, m, *x.shape[1:])
+            xs = xs if xs.dtype == s.dtype else xs.to(s.dtype)
+            out = torch.addcmul(t.expand(k, m, c).reshape(view), xs, s.expand(k, m, c).reshape(view))
+            return out.reshape(k * m, *x.shape[1:]).to(x.dtype)
+        mean, var = C.corrected_stats(mu3, var3, rm, rv, a, b)
+        mean, var = mean.expand(k, m, c).reshape(k * m, c), var.expand(k, m, c).reshape(k * m, c)
+        if blocks == 1:
+            x = x.repeat(k, *([1] * (x.dim() - 1)))
+        return self._through_forward(x, mean, var)
+
+    def _through_forward(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        norm = self.norm
+        k, m = C.input_map(mean, var, norm.running_mean, norm.running_var, float(norm.eps))
+        return norm((x.to(k.dtype) * C.expand_to(k, x) + C.expand_to(m, x)).to(x.dtype))
+
+
+def _repeat(batch: Batch, rows: int, k: int) -> Batch:
+    return map_batch(
+        batch, lambda t: t.repeat(k, *([1] * (t.dim() - 1))) if t.dim() and t.shape[0] == rows else t
+    )
+
+
+def _flatten(module: nn.Module) -> list[nn.Module]:
+    """The chain of modules an ``nn.Sequential`` (nested ones flattened) applies, in order."""
+    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+        return [leaf for child in module for leaf in _flatten(child)]
+    return [module]
+
+
+def _holds_norm(module: nn.Module) -> bool:
+    return any(
+        isinstance(m, _FitNorm | CorrectedNorm) or is_batchnorm_like(m) or uses_batch_statistics(m)
+        for m in module.modules()
+    )
+
+
+def _split_prefix(work: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """``(prefix, rest)`` of a sequential model whose prefix holds no BN layer, or None."""
+    if not (isinstance(work, nn.Sequential) and type(work).forward is nn.Sequential.forward):
+        return None
+    chain = _flatten(work)
+    first = next((i for i, m in enumerate(chain) if _holds_norm(m)), None)
+    if first is None or first == 0:
+        return None
+    return nn.Sequential(*chain[:first]), nn.Sequential(*chain[first:])
+
+
+class _Runner:
+    """Runs the fitting network for all K coefficient sets on one batch of m examples: logits
+    (K, m, classes). ``mode``: ``shared`` (the first BN layer fans the batch out), ``repeat`` (the batch
+    repeated K times) or ``single`` (one forward per set)."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        layers: Mapping[str, _FitNorm],
+        k: int,
+        mode: str,
+        forward_fn: ForwardFn,
+        output_key: str | int | None,
+    ) -> None:
+        self.net, self.layers, self.k, self.mode = net, layers, k, mode
+        self.forward_fn, self.output_key = forward_fn, output_key
+
+    def __call__(self, batch: Batch) -> Tensor:
+        from .sweep import select_logits
+
+        m = batch_size_of(batch)
+        if self.mode == "single":
+            outs = []
+            for i in range(self.k):
+                for layer in self.layers.values():
+                    layer.current = i
+                outs.append(select_logits(self.forward_fn(self.net, batch), self.output_key, m))
+            for layer in self.layers.values():
+                layer.current = 0
+            return torch.stack(outs)
+        shared = self.mode == "shared"
+        for layer in self.layers.values():
+            layer.stack = (self.k, m, shared)
+        try:
+            out = self.forward_fn(self.net, batch if shared else _repeat(batch, m, self.k))
+        finally:
+            for layer in self.layers.values():
+                layer.stack = None
+        logits = select_logits(out, self.output_key, self.k * m)
+        return logits.reshape(self.k, m, *logits.shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------- the fit
+@dataclass
+class StrengthFit:
+    """The per-layer fit at one L1 strength: its coefficients (after snapping) and how it went.
+
+    ``monitor_nll`` is the monitor slice's NLL of the kept snapshot, ``start_monitor_nll`` that of the
+    start (the best global alpha); ``epoch`` the epoch the snapshot is from (0: the start itself)."""
+
+    strength: float
+    alpha: dict[str, Tensor]
+    beta: dict[str, Tensor]
+    monitor_nll: float
+    start_monitor_nll: float
+    epoch: int
+    zero_layers: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "strength": self.strength,
+            "monitor_nll": _finite(self.monitor_nll),
+            "start_monitor_nll": _finite(self.start_monitor_nll),
+            "epoch": self.epoch,
+            "n_zero_layers": len(self.zero_layers),
+            "zero_layers": list(self.zero_layers),
+        }
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit_per_layer` found: one :class:`StrengthFit` per strength, the chosen one (lowest
+    monitor NLL; ties to the stronger pull), and how the fit ran."""
+
+    fits: list[StrengthFit]
+    chosen: int
+    mode: str
+    cache: str
+    epochs: int
+    steps: int
+    examples: int
+    monitor_examples: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def best(self) -> StrengthFit:
+        return self.fits[self.chosen]
+
+
+def _finite(v: float | None) -> float | None:
+    return v if v is not None and math.isfinite(v) else None
+
+
+def _batch_bytes(batch: Batch) -> int:
+    total = 0
+
+    def add(t: Tensor) -> Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    map_batch(batch, add)
+    return total
+
+
+def _labels(batch: Batch, rows: int) -> Tensor:
+    from .sweep import batch_labels
+
+    return batch_labels(batch, rows, "")
+
+
+class _Source:
+    """The batches of one part for the fit: held on the device (``cached``), or read from ``batches``
+    every time."""
+
+    def __init__(self, batches: Iterable[Batch], device: torch.device, budget: int) -> None:
+        self.batches = batches
+        self.device = device
+        self.cached: list[Batch] | None = []
+        used = 0
+        for batch in batches:
+            batch = map_batch(batch, lambda t: t.to(device))
+            used += _batch_bytes(batch)
+            if used > budget:
+                self.cached = None
+                break
+            self.cached.append(batch)
+        self.bytes = used
+
+    def __iter__(self) -> Any:
+        if self.cached is not None:
+            return iter(self.cached)
+        return (map_batch(b, lambda t: t.to(self.device)) for b in self.batches)
+
+
+def _make_layers(
+    work: nn.Module, k: int, per_channel: bool, alpha0: float, beta0: float
+) -> dict[str, _FitNorm]:
+    correct_model(work, 0.0)  # NoBatchNormError when there is nothing to correct
+    layers: dict[str, _FitNorm] = {}
+    for name, cn in corrected_layers(work).items():
+        width = cn.num_channels if per_channel else 1
+        layer = _FitNorm(cn.norm, cn.strategy, k, width, alpha0, beta0)
+        parent, _, child = name.rpartition(".")
+        setattr(work.get_submodule(parent) if parent else work, child, layer)
+        layers[name] = layer
+    return layers
+
+
+def _reference_logits(
+    model: nn.Module,
+    coefficients: list[tuple[dict[str, Tensor], dict[str, Tensor]]],
+    batch: Batch,
+    forward_fn: ForwardFn,
+    output_key: str | int | None,
+    device: torch.device,
+) -> Tensor:
+    """Each coefficient set applied to a corrected copy of ``model`` (CorrectedNorm), one at a time."""
+    from .sweep import select_logits
+
+    ref = correct_model(copy.deepcopy(model), 0.0).to(device).eval()
+    wrapped = corrected_layers(ref)
+    rows = batch_size_of(batch)
+    outs = []
+    with torch.no_grad():
+        for alpha, beta in coefficients:
+            for name, layer in wrapped.items():
+                a, b = alpha[name], beta[name]
+                layer.set_coefficients(
+                    a if a.numel() > 1 else a.reshape(()), b if b.numel() > 1 else b.reshape(())
+                )
+            outs.append(select_logits(forward_fn(ref, batch), output_key, rows))
+    return torch.stack(outs)
+
+
+def _set_coefficients(layers: Mapping[str, _FitNorm], values: Mapping[str, tuple[Tensor, Tensor]]) -> None:
+    with torch.no_grad():
+        for name, layer in layers.items():
+            a, b = values[name]
+            layer.alpha.copy_(a)
+            layer.beta.copy_(b)
+
+
+def fit_per_layer(
+    model: nn.Module,
+    fit_batches: Iterable[Batch],
+    monitor_batches: Iterable[Batch],
+    *,
+    init_alpha: float = 0.0,
+    init_beta: float | None = None,
+    strengths: Sequence[float] = DEFAULT_STRENGTHS,
+    nll_scale: float = 1.0,
+    per_channel: bool = False,
+    lr: float = DEFAULT_LR,
+    max_epochs: int = DEFAULT_MAX_EPOCHS,
+    patience: int = DEFAULT_PATIENCE,
+    seed: int = 0,
+    device: str | torch.device | None = "cpu",
+    forward_fn: ForwardFn | None = None,
+    output_key: str | int | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    stack: bool = True,
+    progress: Progress | None = None,
+) -> FitResult:
+    """Fit every correctable BN layer's (alpha, beta) to the cross-entropy on labelled ``fit_batches``
+    (``(x, y)``, re-iterable), one coefficient set per L1 strength of ``strengths``, all started from
+    ``init_alpha``/``init_beta`` (default: beta = alpha), stopped early on ``monitor_batches`` (module
+    docstring). ``nll_scale`` multiplies the strengths (``tune`` passes the EMA NLL). ``stack=False``
+    evaluates one strength per forward (the reference for the stacked fit). ``model`` is not modified.
+    """
+    strengths = check_strengths(strengths)
+    for label, v in (("max_epochs", max_epochs), ("patience", patience)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if label == "max_epochs" else 1):
+            raise UsageError(
+                f"{spell(label, v)} must be a whole number >= {0 if label == 'max_epochs' else 1}"
+            )
+    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+        raise UsageError(f"{spell('lr', lr)}: the learning rate must be a positive number")
+    beta0 = init_alpha if init_beta is None else init_beta
+    for label, v in (("init_alpha", init_alpha), ("init_beta", beta0)):
+        if not 0.0 <= float(v) <= 1.0:
+            raise UsageError(f"{spell(label, v)} must lie in [0, 1]")
+    dev = resolve_device(device)
+    fwd = forward_fn or default_forward
+    k = len(strengths)
+    work = copy.deepcopy(model).to(dev).eval()
+    for p in work.parameters():
+        p.requires_grad_(False)
+    layers = _make_layers(work, k, per_channel, float(init_alpha), float(beta0))
+    notes: list[str] = []
+
+    half = max(1, cache_bytes // 2)
+    fit_src = _Source(fit_batches, dev, half)
+    mon_src = _Source(monitor_batches, dev, half)
+    cached = fit_src.cached is not None and mon_src.cached is not None
+    first = next(iter(fit_src), None)
+    if first is None:
+        raise DataError("the fitting part holds no examples", hint="give more labelled data")
+    n_fit = sum(batch_size_of(b) for b in fit_src)
+    n_mon = sum(batch_size_of(b) for b in mon_src)
+
+    # The probe: K random coefficient sets, the fitting network against corrected copies of the model.
+    gen = torch.Generator().manual_seed(int(seed) + 7)
+    probe_rows = min(PROBE_EXAMPLES, batch_size_of(first))
+    probe = map_batch(
+        first, lambda t: t[:probe_rows] if t.dim() and t.shape[0] == batch_size_of(first) else t
+    )
+    trial = [
+        (
+            {n: 0.05 + 0.45 * torch.rand(ly.alpha.shape[1], generator=gen) for n, ly in layers.items()},
+            {n: 0.05 + 0.45 * torch.rand(ly.beta.shape[1], generator=gen) for n, ly in layers.items()},
+        )
+        for _ in range(k)
+    ]
+    reference = _reference_logits(model, trial, probe, fwd, output_key, dev)
+    tol = 1e-3 * max(1.0, float(reference.abs().max()))
+    init = {n: (ly.alpha.detach().clone(), ly.beta.detach().clone()) for n, ly in layers.items()}
+    trial_values = {
+        n: (
+            torch.stack([t[0][n] for t in trial]).to(ly.alpha),
+            torch.stack([t[1][n] for t in trial]).to(ly.beta),
+        )
+        for n, ly in layers.items()
+    }
+    split = _split_prefix(work) if forward_fn is None and cached else None
+    # (name, cut the prefix, run mode), the fastest first
+    configs: list[tuple[str, bool, str]] = []
+    if stack and k > 1:
+        if split is not None:
+            configs.append(("prefix", True, "shared"))
+        configs += [("shared", False, "shared"), ("repeat", False, "repeat")]
+    if split is not None:
+        configs.append(("prefix-single", True, "single"))
+    configs.append(("single", False, "single"))
+    runner: _Runner | None = None
+    chosen_mode = ""
+    _set_coefficients(layers, trial_values)
+    for mode, use_prefix, run_mode in configs:
+        if use_prefix and split is not None:
+            prefix, rest = split
+            net: nn.Module = rest
+            with torch.no_grad():
+                probe_in: Batch = (prefix(probe[0]), *probe[1:])
+        else:
+            net, probe_in = work, probe
+        candidate = _Runner(net, layers, k, run_mode, fwd if not use_prefix else default_forward, output_key)
+        try:
+            with torch.no_grad():
+                got = candidate(probe_in)
+        except Exception as exc:  # anything the stacked pass trips over: not this way
+            notes.append(f"{mode} not used: {type(exc).__name__}: {str(exc)[:160]}")
+            continue
+        if got.shape == reference.shape and bool(
+            torch.allclose(got.float(), reference.float(), rtol=1e-3, atol=tol, equal_nan=True)
+        ):
+            runner, chosen_mode = candidate, mode
+            break
+        notes.append(f"{mode} not used: its outputs differ from separately corrected copies of the model")
+    if runner is None:
+        raise UsageError(
+            "the per-layer fit cannot reproduce the corrected model's outputs (the model treats the examples "
+            "of a batch together, or its BN layers are called in a way the fit does not follow)",
+            hint="use sweep-alpha (one global alpha) or estimate (EvalNorm per layer) for this model",
+        )
+    _set_coefficients(layers, init)
+    cache_text = "streamed from the loader every epoch"
+    if chosen_mode.startswith("prefix") and split is not None:
+        prefix = split[0]
+        with torch.no_grad():
+            assert fit_src.cached is not None and mon_src.cached is not None
+            fit_src.cached = [(prefix(b[0]), *b[1:]) for b in fit_src.cached]
+            mon_src.cached = [(prefix(b[0]), *b[1:]) for b in mon_src.cached]
+        size = sum(_batch_bytes(b) for b in fit_src.cached + mon_src.cached)
+        cache_text = f"outputs of the network before the first BN layer in memory ({size / 2**20:.1f} MiB)"
+    elif cached:
+        cache_text = f"examples in memory ({(fit_src.bytes + mon_src.bytes) / 2**20:.1f} MiB)"
+    describe = {
+        "prefix": "stacked, prefix before the first BN layer cached",
+        "shared": "stacked (the first BN layer fans the batch out)",
+        "repeat": "stacked (the batch repeated per strength)",
+        "prefix-single": "one strength per forward, prefix before the first BN layer cached",
+        "single": "one strength per forward",
+    }[chosen_mode]
+
+    lam = torch.tensor(strengths, dtype=torch.float64, device=dev) * float(nll_scale)
+    params = [t for ly in layers.values() for t in (ly.alpha, ly.beta)]
+    opt = _Adam(params)
+    batches_per_epoch = len(fit_src.cached) if fit_src.cached is not None else None
+
+    def monitor() -> Tensor:
+        total = torch.zeros(k, dtype=torch.float64, device=dev)
+        with torch.no_grad():
+            for batch in mon_src:
+                m = batch_size_of(batch)
+                logits = runner(batch)
+                y = _labels(batch, m).to(dev)
+                logp = torch.log_softmax(logits.double(), dim=-1)
+                total -= logp.gather(-1, y.reshape(1, -1, 1).expand(k, -1, 1)).squeeze(-1).sum(1)
+        return (total / max(1, n_mon)).cpu()
+
+    def snapshot() -> dict[str, tuple[Tensor, Tensor]]:
+        return {n: (ly.alpha.detach().clone(), ly.beta.detach().clone()) for n, ly in layers.items()}
+
+    start = monitor()
+    best_nll = start.clone()
+    best_epoch = [0] * k
+    best = [{n: (a[i].clone(), b[i].clone()) for n, (a, b) in snapshot().items()} for i in range(k)]
+    since = [0] * k
+    steps = epochs = 0
+    total_steps = max(1, max_epochs * (batches_per_epoch or 1))
+    order_gen = torch.Generator().manual_seed(int(seed) + 11)
+    skipped = 0
+    with torch.enable_grad():
+        for epoch in range(1, max_epochs + 1):
+            if all(s >= patience for s in since):
+                break
+            epochs = epoch
+            if fit_src.cached is not None:
+                order = torch.randperm(len(fit_src.cached), generator=order_gen).tolist()
+                stream: Iterable[Batch] = (fit_src.cached[i] for i in order)
+            else:
+                stream = fit_src
+            for batch in stream:
+                m = batch_size_of(batch)
+                y = _labels(batch, m).to(dev)
+                logits = runner(batch)
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                nll = -logp.gather(-1, y.reshape(1, -1, 1).expand(k, -1, 1)).squeeze(-1).mean(1)
+                reg = sum(ly.alpha.mean(1) + ly.beta.mean(1) for ly in layers.values())
+                loss = (nll.double() + lam * reg).sum()
+                if not bool(torch.isfinite(loss)):
+                    skipped += 1
+                    continue
+                grads = torch.autograd.grad(loss, params)
+                rate = float(lr) * 0.5 * (1.0 + math.cos(math.pi * min(steps, total_steps) / total_steps))
+                opt.step(grads, rate)  # then the projection onto [0, 1]
+                steps += 1
+            scores = monitor()
+            for i in range(k):
+                if bool(scores[i] < best_nll[i] - 1e-9):
+                    best_nll[i], best_epoch[i], since[i] = scores[i], epoch, 0
+                    best[i] = {n: (a[i].clone(), b[i].clone()) for n, (a, b) in snapshot().items()}
+                else:
+                    since[i] += 1
+            if progress is not None:
+                progress("tune: per-layer fit", epoch * n_fit, max_epochs * n_fit)
+    if progress is not None:  # stopped early: the bar ends where the fit did
+        progress("tune: per-layer fit", epochs * n_fit, epochs * n_fit)
+    if skipped:
+        notes.append(f"{skipped} optimisation steps skipped: the loss was NaN/Inf")
+    # the kept snapshots, snapped, into the layers; the monitor NLL of what is returned
+    with torch.no_grad():
+        for name, ly in layers.items():
+            for i in range(k):
+                a, b = best[i][name]
+                ly.alpha[i] = torch.where(a < ZERO_SNAP, torch.zeros_like(a), a)
+                ly.beta[i] = torch.where(b < ZERO_SNAP, torch.zeros_like(b), b)
+    final = monitor()
+    fits = []
+    for i, s in enumerate(strengths):
+        alpha = {n: _shape(ly.alpha[i], per_channel) for n, ly in layers.items()}
+        beta = {n: _shape(ly.beta[i], per_channel) for n, ly in layers.items()}
+        zero = [n for n in layers if not bool(alpha[n].any()) and not bool(beta[n].any())]
+        fits.append(StrengthFit(s, alpha, beta, float(final[i]), float(start[i]), best_epoch[i], zero))
+    # lowest monitor NLL; exact ties go to the stronger pull (the sparser fit)
+    chosen = min(range(k), key=lambda i: (fits[i].monitor_nll, -strengths[i]))
+    return FitResult(fits, chosen, describe, cache_text, epochs, steps, n_fit, n_mon, notes)
+
+
+class _Adam:
+    """Adam (Kingma & Ba) on a few leaf tensors, each step followed by the projection onto [0, 1]. Written
+    out because ``torch.optim`` imports ``torch._dynamo`` on first use (5-6 s on a small host, more than a
+    whole fit of a small model)."""
+
+    def __init__(self, params: list[Tensor], b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> None:
+        self.params = params
+        self.b1, self.b2, self.eps = b1, b2, eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+
+    def step(self, grads: Sequence[Tensor], lr: float) -> None:
+        self.t += 1
+        c1 = 1.0 - self.b1**self.t
+        c2 = 1.0 - self.b2**self.t
+        with torch.no_grad():
+            for p, g, m, v in zip(self.params, grads, self.m, self.v, strict=True):
+                m.mul_(self.b1).add_(g, alpha=1.0 - self.b1)
+                v.mul_(self.b2).addcmul_(g, g, value=1.0 - self.b2)
+                p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-lr / c1)
+                p.clamp_(0.0, 1.0)
+
+
+def _shape(t: Tensor, per_channel: bool) -> Tensor:
+    t = t.detach().cpu().clone()
+    return t if per_channel else t.reshape(())
+
+
+# ---------------------------------------------------------------------------------------------- result
+@dataclass
+class TuneRow:
+    """One candidate: its metrics on the fitting part (``fit``: nll, top1, top5) and its held-out row."""
+
+    label: str
+    kind: str
+    fit: dict[str, float]
+    heldout: SweepRow
+    candidate: Candidate = field(repr=False)
+
+    @property
+    def alpha(self) -> float | None:
+        return self.candidate.alpha_value
+
+    @property
+    def beta(self) -> float | None:
+        return self.candidate.beta_value
+
+    @property
+    def finite(self) -> bool:
+        return bool(self.heldout.finite)
+
+    def value(self, metric: str, part: str = "heldout") -> float:
+        if part == "fit":
+            return float(self.fit.get(metric, math.nan))
+        return self.heldout.value(metric)
+
+    def as_dict(self) -> dict[str, Any]:
+        h = self.heldout
+        return _jsonable(
+            {
+                "label": self.label,
+                "kind": self.kind,
+                "alpha": self.alpha,
+                "beta": self.beta,
+                "fit": dict(self.fit),
+                "heldout": {
+                    "nll": h.nll,
+                    "top1": h.top1,
+                    "top5": h.top5,
+                    "n": h.n,
+                    "nll_se": h.nll_se,
+                    "top1_ci95": list(h.top1_ci95),
+                    "nll_diff_vs_ema": h.nll_diff,
+                    "nll_diff_vs_ema_ci95": list(h.nll_diff_ci95),
+                    "top1_diff_vs_ema": h.top1_diff,
+                    "top1_diff_vs_ema_ci95": list(h.top1_diff_ci95),
+                },
+                "finite": self.finite,
+            }
+        )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Tensor):
+        return _jsonable(value.tolist())
+    if isinstance(value, Mapping):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _coef(v: Any) -> float | list[float]:
+    t = torch.as_tensor(v).detach().cpu()
+    return float(t) if t.numel() == 1 else [float(x) for x in t.reshape(-1)]
+
+
+@dataclass
+class TuneResult:
+    """Everything ``tune`` measured and chose. ``rows`` (EMA, rule, best global alpha, EvalNorm offline,
+    tuned per layer) carry fitting-part and held-out numbers; ``chosen`` is the row written."""
+
+    metric: str
+    train_batch_size: int
+    seed: int
+    holdout: float
+    monitor: float
+    n_examples: int
+    n_fit: int
+    n_monitor: int
+    n_heldout: int
+    rows: list[TuneRow]
+    chosen: TuneRow
+    layers: list[str]
+    fit: FitResult
+    global_alpha: float
+    global_beta: float
+    per_channel: bool
+    recalibrated: str | None
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    #: indices into the data of the fitting part (its monitor slice included) and of the held-out part
+    fit_indices: list[int] = field(default_factory=list, repr=False)
+    heldout_indices: list[int] = field(default_factory=list, repr=False)
+    monitor_indices: list[int] = field(default_factory=list, repr=False)
+    estimate: EstimateResult | None = field(default=None, repr=False)
+    recalibration: RecalibrateResult | None = field(default=None, repr=False)
+    fit_sweep: SweepResult | None = field(default=None, repr=False)
+    heldout_sweep: SweepResult | None = field(default=None, repr=False)
+
+    def row(self, kind: str) -> TuneRow:
+        return next(r for r in self.rows if r.kind == kind)
+
+    @property
+    def ema(self) -> TuneRow:
+        return self.row("ema")
+
+    @property
+    def tuned(self) -> TuneRow:
+        return self.row("tuned")
+
+    @property
+    def zero_layers(self) -> list[str]:
+        """Layers of the tuned candidate at alpha = beta = 0 (plain, foldable BN)."""
+        return list(self.fit.best.zero_layers)
+
+    def coefficients(self, kind: str | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per-layer (alpha, beta) of a candidate (default: the chosen one)."""
+        cand = (self.chosen if kind is None else self.row(kind)).candidate
+        out = {}
+        for name in self.layers:
+            a = cand.alpha.get(name, 0.0) if isinstance(cand.alpha, Mapping) else cand.alpha
+            b_src = cand.alpha if cand.beta is None else cand.beta
+            b = b_src.get(name, a) if isinstance(b_src, Mapping) else b_src
+            out[name] = (
+                torch.as_tensor(a, dtype=torch.float32).clone(),
+                torch.as_tensor(b, dtype=torch.float32).clone(),
+            )
+        return out
+
+    def running_stats(self) -> Mapping[str, tuple[Tensor, Tensor]] | None:
+        """The chosen candidate's replacement statistics (EvalNorm after recalibration), or None."""
+        return self.chosen.candidate.running_stats
+
+    def layer_rows(self) -> list[dict[str, Any]]:
+        chosen = self.coefficients()
+        tuned = self.coefficients("tuned")
+        evalnorm = self.coefficients("evalnorm")
+        zero = set(self.zero_layers)
+        return [
+            {
+                "name": n,
+                "alpha": _coef(tuned[n][0]),
+                "beta": _coef(tuned[n][1]),
+                "plain": n in zero,
+                "evalnorm_alpha": _coef(evalnorm[n][0]),
+                "evalnorm_beta": _coef(evalnorm[n][1]),
+                "chosen_alpha": _coef(chosen[n][0]),
+                "chosen_beta": _coef(chosen[n][1]),
+            }
+            for n in self.layers
+        ]
+
+    def as_report(self) -> dict[str, Any]:
+        """The JSON report: metric, split sizes, rows (fit and held-out numbers), chosen, per-layer alpha/beta
+        of the tuned candidate beside EvalNorm's (``layers``), the strength path, zero layers, notes."""
+        fit = self.fit
+        return _jsonable(
+            {
+                "metric": self.metric,
+                "train_batch_size": self.train_batch_size,
+                "seed": self.seed,
+                "holdout": self.holdout,
+                "monitor": self.monitor,
+                "n_examples": self.n_examples,
+                "n_fit": self.n_fit,
+                "n_monitor": self.n_monitor,
+                "n_heldout": self.n_heldout,
+                "chosen": self.chosen.as_dict(),
+                "rows": [r.as_dict() for r in self.rows],
+                "layers": self.layer_rows(),
+                "global_alpha": self.global_alpha,
+                "global_beta": self.global_beta,
+                "per_channel": self.per_channel,
+                "recalibrated": self.recalibrated,
+                "strength": fit.best.strength,
+                "strengths": [f.as_dict() for f in fit.fits],
+                "n_zero_layers": len(self.zero_layers),
+                "zero_layers": self.zero_layers,
+                "fit": {
+                    "mode": fit.mode,
+                    "cache": fit.cache,
+                    "epochs": fit.epochs,
+                    "steps": fit.steps,
+                    "examples": fit.examples,
+                    "monitor_examples": fit.monitor_examples,
+                    "notes": list(fit.notes),
+                },
+                "notes": list(self.notes),
+                "timings": dict(self.timings),
+            }
+        )
+
+    def table(self) -> Table:
+        """A ``rich`` table of the candidates: fitting-part and held-out numbers, the chosen row marked."""
+        from rich.table import Table
+
+        k = self.heldout_sweep.top_k if self.heldout_sweep is not None else 5
+        table = Table(
+            title=f"tune: chosen by held-out {self.metric} ({self.n_fit} fitting, {self.n_heldout} held-out "
+            f"examples, seed {self.seed})",
+            caption="fit: the fitting part (the per-layer fit learned from it and its monitor slice). "
+            "held-out: never seen by any fit. Δ: paired difference from EMA on the held-out part, ± its 95% "
+            "interval.",
+        )
+        for col in ("", "candidate", "fit nll", "fit top1 %", "held-out nll", "Δnll", "held-out top1 %",
+                    f"held-out top{k} %"):  # fmt: skip
+            table.add_column(col, justify="left" if col in ("", "candidate") else "right")
+        for row in self.rows:
+            h = row.heldout
+            half = (h.nll_diff_ci95[1] - h.nll_diff_ci95[0]) / 2
+            table.add_row(
+                "◀" if row is self.chosen else "",
+                row.label,
+                f"{row.fit.get('nll', math.nan):.4f}",
+                f"{100 * row.fit.get('top1', math.nan):.2f}",
+                f"{h.nll:.4f}",
+                "" if row.kind == "ema" else f"{h.nll_diff:+.4f} ±{half:.4f}",
+                f"{100 * h.top1:.2f}",
+                f"{100 * h.top5:.2f}",
+                style="green" if row is self.chosen else None,
+            )
+        return table
+
+    def layer_table(self) -> Table:
+        """Per-layer alpha/beta of the tuned candidate beside EvalNorm's."""
+        from rich.table import Table
+
+        table = Table(title=f"per-layer coefficients (tuned: L1 strength {self.fit.best.strength:g})")
+        for col in ("layer", "tuned alpha", "tuned beta", "EvalNorm alpha", "EvalNorm beta"):
+            table.add_column(col, justify="left" if col == "layer" else "right")
+
+        def fmt(v: float | list[float]) -> str:
+            if isinstance(v, list):
+                return f"mean {sum(v) / len(v):.4f}"
+            return f"{v:.4f}"
+
+        for ly in self.layer_rows():
+            table.add_row(
+                ly["name"] + (" (plain)" if ly["plain"] else ""),
+                fmt(ly["alpha"]),
+                fmt(ly["beta"]),
+                fmt(ly["evalnorm_alpha"]),
+                fmt(ly["evalnorm_beta"]),
+            )
+        return table
+
+
+def write_tune_report(result: TuneResult, path: str | Path) -> Path:
+    """Write :meth:`TuneResult.as_report` as JSON to ``path``, atomically."""
+    from .atomic import atomic_path, check_output
+
+    path = check_output(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(result.as_report(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+def plot_tune(
+    result: TuneResult, path: str | Path, *, size: tuple[float, float] = (9.0, 6.0), dpi: int = 100
+) -> Path:
+    """Per-layer alpha (top) and beta (bottom) bars of the chosen candidate beside EvalNorm offline's (and
+    the tuned one's when another candidate was chosen), like EvalNorm's Figure 3; per-channel coefficients
+    as their mean with the range as an error bar. A PNG, headless (Agg), written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .atomic import atomic_path, check_output
+
+    path = check_output(path)
+    fig = Figure(figsize=size, dpi=int(dpi))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 1, sharex=True)
+    series = [(f"chosen: {result.chosen.label}", result.coefficients(), "C3")]
+    if result.chosen.kind != "tuned":
+        series.append((result.tuned.label, result.coefficients("tuned"), "C0"))
+    if result.chosen.kind != "evalnorm":
+        series.append(("EvalNorm offline", result.coefficients("evalnorm"), "C2"))
+    n = len(result.layers)
+    width = 0.8 / len(series)
+    xs = list(range(n))
+    for row, (ax, which) in enumerate(zip(axes, ("alpha", "beta"), strict=True)):
+        for j, (label, coeffs, color) in enumerate(series):
+            vals = [coeffs[name][row].float() for name in result.layers]
+            mean = [float(v.mean()) for v in vals]
+            lo = [m - float(v.min()) for m, v in zip(mean, vals, strict=True)]
+            hi = [float(v.max()) - m for m, v in zip(mean, vals, strict=True)]
+            err = [lo, hi] if any(v.numel() > 1 for v in vals) else None
+            ax.bar([x + (j - (len(series) - 1) / 2) * width for x in xs], mean, width, yerr=err, color=color,
+                   label=label, capsize=2)  # fmt: skip
+        ax.set_ylabel(which)
+        ax.set_ylim(
+            0, 1.05 * max(0.05, *(float(c[n][row].max()) for _, c, _ in series for n in result.layers))
+        )
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[-1].set_xticks(xs)
+    axes[-1].set_xticklabels(result.layers, rotation=45, ha="right", fontsize=7)
+    axes[0].legend(fontsize=8, frameon=False)
+    h = result.chosen.heldout
+    fig.suptitle(
+        f"tune (B = {result.train_batch_size}): chosen {result.chosen.label} by held-out {result.metric} "
+        f"(nll {h.nll:.4f}, top-1 {100 * h.top1:.1f}%; EMA nll {result.ema.heldout.nll:.4f})",
+        fontsize=9,
+    )
+    fig.subplots_adjust(left=0.09, right=0.98, top=0.92, bottom=0.22)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=int(dpi))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- tune
+def _choice_key(row: TuneRow, metric: str) -> tuple[float, ...]:
+    h = row.heldout
+    if metric == "top1":
+        primary: tuple[float, ...] = (-h.top1, h.nll, -h.top5)
+    elif metric == "top5":
+        primary = (-h.top5, h.nll, -h.top1)
+    else:
+        primary = (h.nll, -h.top1, -h.top5)
+    return (*primary, KINDS.index(row.kind))
+
+
+def _better(a: float, b: float, metric: str) -> bool:
+    return a < b if metric == "nll" else a > b
+
+
+def _evaluate_candidate(
+    model: nn.Module,
+    alpha: Mapping[str, Tensor],
+    beta: Mapping[str, Tensor],
+    batches: Iterable[Batch],
+    device: torch.device,
+    forward_fn: ForwardFn | None,
+    output_key: str | int | None,
+    top_k: int,
+) -> dict[str, float]:
+    """nll, top1, top5 of one per-layer candidate on ``batches`` (a corrected copy, one forward a batch)."""
+    from .sweep import select_logits
+
+    work = correct_model(copy.deepcopy(model), alpha, beta).to(device).eval()
+    fwd = forward_fn or default_forward
+    nll = top1 = topk = 0.0
+    n = 0
+    with torch.no_grad():
+        for batch in batches:
+            batch = map_batch(batch, lambda t: t.to(device))
+            m = batch_size_of(batch)
+            y = _labels(batch, m).to(device)
+            logits = select_logits(fwd(work, batch), output_key, m)
+            logp = torch.log_softmax(logits.double(), -1)
+            nll -= float(logp.gather(-1, y[:, None]).sum())
+            top1 += float((logits.argmax(-1) == y).sum())
+            topk += float((logits.topk(min(top_k, logits.shape[-1]), -1).indices == y[:, None]).any(-1).sum())
+            n += m
+    return {"nll": nll / max(1, n), "top1": top1 / max(1, n), "top5": topk / max(1, n)}
+
+
+def _fit_numbers(row: SweepRow) -> dict[str, float]:
+    return {"nll": row.nll, "top1": row.top1, "top5": row.top5}
+
+
+def tune_model(
+    model: nn.Module,
+    dataset: Any,
+    train_batch_size: int,
+    *,
+    metric: str = "nll",
+    holdout: float = DEFAULT_HOLDOUT,
+    monitor: float = DEFAULT_MONITOR,
+    seed: int = 0,
+    alphas: Sequence[float] | None = None,
+    strengths: Sequence[float] = DEFAULT_STRENGTHS,
+    per_channel: bool = False,
+    recalibrate: bool = False,
+    upstream: str = "eval",
+    max_examples: int | None = None,
+    lr: float = DEFAULT_LR,
+    max_epochs: int = DEFAULT_MAX_EPOCHS,
+    patience: int = DEFAULT_PATIENCE,
+    fit_batch_size: int = DEFAULT_FIT_BATCH,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    device: str | torch.device | None = "cpu",
+    num_workers: int = 0,
+    forward_fn: ForwardFn | None = None,
+    output_key: str | int | None = None,
+    progress: Progress | None = None,
+    data_hint: str = "",
+) -> TuneResult:
+    """Choose the best safe correction for ``model`` on the labelled, indexable ``dataset`` (module
+    docstring): split, fit the candidates on the fitting part, score them on the held-out part, choose by
+    ``metric`` (nll, top1 or top5), never worse than EMA there. ``alphas``: the global sweep's grid (default
+    :func:`bncorrect.sweep.default_alphas`). ``max_examples``: use the first N of a seeded permutation.
+    ``model`` is not modified."""
+    from .estimation import estimate_alpha_beta
+    from .recalibration import recalibrate_stats
+    from .sweep import METRICS, Candidate, sweep_alpha
+
+    if metric not in METRICS:
+        raise UsageError(
+            f"{spell('metric', metric)}: tune chooses by nll, top1 or top5",
+            hint="segmentation metrics are sweep-alpha's (tune fits classification models)",
+        )
+    holdout = _check_fraction(holdout, "holdout", "the held-out fraction")
+    monitor = _check_fraction(monitor, "monitor", "the monitor fraction of the fitting part")
+    if isinstance(train_batch_size, bool) or not isinstance(train_batch_size, int) or train_batch_size < 1:
+        raise UsageError(f"{spell('train_batch_size', train_batch_size)}: must be a whole number >= 1")
+    if isinstance(fit_batch_size, bool) or not isinstance(fit_batch_size, int) or fit_batch_size < 1:
+        raise UsageError(f"{spell('fit_batch_size', fit_batch_size)}: must be a whole number >= 1")
+    strengths = check_strengths(strengths)
+    b = int(train_batch_size)
+    hint = data_hint or getattr(dataset, "description", "")
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = timings.get(stage, 0.0) + now - clock
+        clock = now
+
+    labels = dataset_labels(dataset, hint)
+    order = torch.arange(labels.numel())
+    if max_examples is not None:
+        if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1:
+            raise UsageError(f"{spell('max_examples', max_examples)}: must be a whole number >= 1")
+        order = torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(int(seed)))[
+            :max_examples
+        ]
+        order = torch.sort(order).values
+    rest, held = stratified_split(labels[order], holdout, seed)
+    fit_idx, held_idx = order[rest], order[held]
+    inner, mon = stratified_split(labels[fit_idx], monitor, seed + 1)
+    inner_idx, mon_idx = fit_idx[inner], fit_idx[mon]
+    need = max(2 * b, 4)
+    if len(held_idx) == 0 or len(fit_idx) < need or len(inner_idx) == 0 or len(mon_idx) == 0:
+        raise DataError(
+            f"{len(order)} labelled examples split with {spell('holdout', holdout)} leave {len(fit_idx)} for "
+            f"fitting and {len(held_idx)} held out; tune needs at least {need} fitting examples (2 "
+            "normalization batches, and a monitor slice) and one held-out example",
+            path=getattr(dataset, "path", None) or hint or None,
+            hint=f"give more labelled data, or a smaller {spell('holdout', 0.2)}",
+        )
+    fit_part = _Part(dataset, fit_idx.tolist(), "fitting part")
+    held_part = _Part(dataset, held_idx.tolist(), "held-out part")
+    inner_part = _Part(dataset, inner_idx.tolist(), "fitting examples of the per-layer fit")
+    mon_part = _Part(dataset, mon_idx.tolist(), "monitor slice of the fitting part")
+    lap("split")
+
+    # EvalNorm offline on the fitting part (optionally on recalibrated statistics)
+    recal = None
+    est_model = model
+    if recalibrate:
+        if upstream not in ("eval", "train"):
+            raise UsageError(f"{spell('upstream', upstream)}: must be 'eval' or 'train'")
+        loader_b = b * max(1, 64 // b) if upstream == "train" else 128
+        recal = recalibrate_stats(
+            model,
+            _part_loader(fit_part, loader_b, shuffle=upstream == "train", seed=seed, num_workers=num_workers),
+            upstream=upstream,  # type: ignore[arg-type]
+            batch_size=b,
+            forward_fn=forward_fn,
+            device=device,
+            total_examples=len(fit_part),
+            progress=progress,
+            data_hint=fit_part.description,
+        )
+        est_model = copy.deepcopy(model)
+        _apply_stats(est_model, recal.stats)
+        lap("recalibrate")
+    est = estimate_alpha_beta(
+        est_model,
+        _part_loader(fit_part, b * max(1, 64 // b), shuffle=True, seed=seed, num_workers=num_workers),
+        b,
+        forward_fn=forward_fn,
+        device=device,
+        seed=seed,
+        total_examples=len(fit_part),
+        progress=progress,
+        data_hint=fit_part.description,
+    )
+    evalnorm = Candidate(
+        "EvalNorm offline" + (f" (recalibrated, {upstream})" if recal is not None else ""),
+        {ly.name: torch.tensor(ly.alpha) for ly in est.layers},
+        {ly.name: torch.tensor(ly.beta) for ly in est.layers},
+        None if recal is None else dict(recal.stats),
+        "evalnorm",
+    )
+    lap("estimate")
+
+    # the global sweep on the fitting part (EvalNorm beside it, for its fitting-part numbers)
+    fit_sweep = sweep_alpha(
+        model,
+        _part_loader(fit_part, 256, shuffle=False, seed=seed, num_workers=num_workers),
+        alphas,
+        train_batch_size=b,
+        extra_candidates=[evalnorm],
+        metric=metric,
+        output_key=output_key,
+        forward_fn=forward_fn,
+        device=device,
+        total_examples=len(fit_part),
+        progress=progress,
+        data_hint=fit_part.description,
+    )
+    if fit_sweep.task != "classification":
+        raise UsageError("tune fits classification models; this model's outputs are per-pixel maps",
+                         hint="use sweep-alpha for segmentation")  # fmt: skip
+    best_global = fit_sweep.best
+    a_star = float(best_global.alpha or 0.0)
+    b_star = float(best_global.beta if best_global.beta is not None else a_star)
+    ema_fit = fit_sweep.ema
+    rule_fit = next(r for r in fit_sweep.rows if "rule" in r.kind.split("+"))
+    evalnorm_fit = next(r for r in fit_sweep.rows if r.kind == "evalnorm")
+    lap("sweep")
+
+    # the per-layer fit
+    fit = fit_per_layer(
+        model,
+        _part_loader(inner_part, fit_batch_size, shuffle=True, seed=seed, num_workers=num_workers),
+        _part_loader(mon_part, 256, shuffle=False, seed=seed, num_workers=num_workers),
+        init_alpha=a_star,
+        init_beta=b_star,
+        strengths=strengths,
+        nll_scale=ema_fit.nll,
+        per_channel=per_channel,
+        lr=lr,
+        max_epochs=max_epochs,
+        patience=patience,
+        seed=seed,
+        device=device,
+        forward_fn=forward_fn,
+        output_key=output_key,
+        cache_bytes=cache_bytes,
+        progress=progress,
+    )
+    best_fit = fit.best
+    tuned = Candidate(
+        f"tuned per layer (L1 {best_fit.strength:g})",
+        dict(best_fit.alpha),
+        dict(best_fit.beta),
+        None,
+        "tuned",
+    )
+    dev = resolve_device(device)
+    tuned_fit = _evaluate_candidate(
+        model,
+        best_fit.alpha,
+        best_fit.beta,
+        _part_loader(fit_part, 256, shuffle=False, seed=seed, num_workers=num_workers),
+        dev,
+        forward_fn,
+        output_key,
+        fit_sweep.top_k,
+    )
+    lap("fit")
+
+    # every candidate on the held-out part
+    r = C.rule_of_thumb(b)
+    candidates = [
+        Candidate(f"rule 1/B^2 (B={b})", r, r, None, "rule"),
+        Candidate(f"best global alpha ({a_star:g})", a_star, b_star, None, "global"),
+        evalnorm,
+        tuned,
+    ]
+    held_sweep = sweep_alpha(
+        model,
+        _part_loader(held_part, 256, shuffle=False, seed=seed, num_workers=num_workers),
+        [],
+        extra_candidates=candidates,
+        metric=metric,
+        output_key=output_key,
+        forward_fn=forward_fn,
+        device=device,
+        total_examples=len(held_part),
+        progress=progress,
+        data_hint=held_part.description,
+    )
+    lap("held-out")
+    held_rows = held_sweep.rows  # EMA, then the candidates in order
+    fit_numbers = [_fit_numbers(ema_fit), _fit_numbers(rule_fit), _fit_numbers(best_global),
+                   _fit_numbers(evalnorm_fit), tuned_fit]  # fmt: skip
+    rows = [
+        TuneRow("EMA (plain BN)", "ema", fit_numbers[0], held_rows[0], held_rows[0].candidate),
+        *(
+            TuneRow(c.label, c.kind, fit_numbers[i + 1], held_rows[i + 1], c)
+            for i, c in enumerate(candidates)
+        ),
+    ]
+    eligible = [row for row in rows if row.finite and math.isfinite(row.value(metric))]
+    chosen = min(eligible, key=lambda row: _choice_key(row, metric))
+    notes = list(held_sweep.notes)
+    ema_row, tuned_row = rows[0], rows[-1]
+    if chosen is ema_row:
+        others = [row for row in eligible if row is not ema_row]
+        runner_up = min(others, key=lambda row: _choice_key(row, metric)) if others else None
+        detail = (
+            f"; the best other, {runner_up.label}, has {runner_up.value(metric):.4f} against EMA's "
+            f"{ema_row.value(metric):.4f}"
+            if runner_up is not None
+            else ""
+        )
+        notes.append(
+            f"EMA written: no correction beat plain BN (EMA) on the held-out part by {metric}{detail}"
+        )
+    moved = best_fit.epoch > 0  # else the tuned candidate is its start, the best global alpha
+    if (
+        moved
+        and _better(tuned_row.value(metric, "fit"), ema_row.value(metric, "fit"), metric)
+        and not _better(tuned_row.value(metric), ema_row.value(metric), metric)
+    ):
+        notes.append(
+            f"the per-layer fit overfitted the fitting part: {metric} {tuned_row.value(metric, 'fit'):.4f} "
+            f"there against EMA's {ema_row.value(metric, 'fit'):.4f}, but {tuned_row.value(metric):.4f} on "
+            f"the held-out part against EMA's {ema_row.value(metric):.4f}"
+        )
+    if not moved:
+        notes.append(
+            "the per-layer fit did not improve on its start on the monitor slice: the tuned candidate is the "
+            f"best global alpha ({a_star:g})"
+        )
+    if fit.best.zero_layers:
+        notes.append(
+            f"{len(fit.best.zero_layers)} of {len(fit.best.alpha)} layers of the tuned fit end at alpha = "
+            "beta = 0 (plain BN, foldable into the convolution before it in ONNX)"
+        )
+    return TuneResult(
+        metric=metric,
+        train_batch_size=b,
+        seed=seed,
+        holdout=holdout,
+        monitor=monitor,
+        n_examples=len(order),
+        n_fit=len(fit_idx),
+        n_monitor=len(mon_idx),
+        n_heldout=len(held_idx),
+        rows=rows,
+        chosen=chosen,
+        layers=list(best_fit.alpha),
+        fit=fit,
+        global_alpha=a_star,
+        global_beta=b_star,
+        per_channel=per_channel,
+        recalibrated=None if recal is None else upstream,
+        notes=notes,
+        timings=timings,
+        fit_indices=fit_idx.tolist(),
+        heldout_indices=held_idx.tolist(),
+        monitor_indices=mon_idx.tolist(),
+        estimate=est,
+        recalibration=recal,
+        fit_sweep=fit_sweep,
+        heldout_sweep=held_sweep,
+    )
+
+
+def _apply_stats(model: nn.Module, stats: Mapping[str, tuple[Tensor, Tensor]]) -> None:
+    from .layers import find_norm_layers
+
+    layers = {ly.name: ly.module for ly in find_norm_layers(model)}
+    with torch.no_grad():
+        for name, (mean, var) in stats.items():
+            inner = getattr(layers[name], "norm", layers[name])
+            inner.running_mean.copy_(mean.to(inner.running_mean))
+            inner.running_var.copy_(var.to(inner.running_var))

@@ -1,0 +1,413 @@
+"""tune: the per-layer fit against a brute-force grid, stacking and prefix caching against their plain forms,
+the L1 pull, the held-out guard, the seeded stratified split, the held-out numbers against a direct
+evaluation, --prior-strength as alpha = 1/(N+1), the test-time-adaptation variance identity, and the CLI on
+a sample checkpoint."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bncorrect import api, load_corrections
+from bncorrect.errors import DataError, UsageError
+from bncorrect.layers import CorrectedNorm, coefficients, correct_model
+from bncorrect.tune import (
+    alpha_from_prior_strength,
+    alphas_from_prior_strengths,
+    dataset_labels,
+    fit_per_layer,
+    parse_prior_strengths,
+    stratified_split,
+)
+
+from . import toys
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample_checkpoints" / "mnist1d_b2"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread for this module: its passes are small, and on a shared 2-core host a second
+    thread waiting for a core costs several times the work (measured: a tune of 240 examples 12.5 s with 2
+    threads, 3.0 s with 1, while other jobs ran)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------- references
+def two_bn_net(seed: int = 0) -> nn.Sequential:
+    """Conv1d-BN-ReLU-Conv1d-BN-pool-Linear on (N, 2, 8), 3 classes: two BN layers to grid over."""
+    net = nn.Sequential(
+        nn.Conv1d(2, 3, 3, padding=1, bias=False),
+        nn.BatchNorm1d(3),
+        nn.ReLU(),
+        nn.Conv1d(3, 4, 3, padding=1, bias=False),
+        nn.BatchNorm1d(4),
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+    net = toys._init(net, seed)
+    with torch.no_grad():
+        net[7].weight.mul_(4.0)
+    return net
+
+
+def _blend(mu_i, var_i, mu_e, var_e, a, b):
+    """DESIGN §2 written out: mu_hat, var_hat."""
+    d = mu_i - mu_e
+    return mu_e + a * d, b * var_i + (1 - b) * var_e + b * (1 - b) * d * d
+
+
+def grid_nll(net: nn.Sequential, x: torch.Tensor, y: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of two_bn_net for every (alpha1, beta1, alpha2, beta2) on the grid ``values``^4,
+    computed directly (no bncorrect code): a (G, G, G, G) tensor."""
+    conv1, bn1, conv2, bn2, lin = net[0], net[1], net[3], net[4], net[7]
+    g = values.numel()
+    a1, b1 = (t.reshape(-1, 1, 1) for t in torch.meshgrid(values, values, indexing="ij"))  # (G*G, 1, 1)
+    with torch.no_grad():
+        h = conv1(x)  # (N, 3, L)
+        mu, var = h.mean(2), h.var(2, unbiased=False)  # (N, 3)
+        m1, v1 = _blend(mu[None], var[None], bn1.running_mean, bn1.running_var, a1, b1)  # (G*G, N, 3)
+        y1 = bn1.weight[:, None] * (h[None] - m1[..., None]) / torch.sqrt(v1[..., None] + bn1.eps)
+        y1 = torch.relu(y1 + bn1.bias[:, None])  # (G*G, N, 3, L)
+        h2 = conv2(y1.reshape(-1, 3, x.shape[2])).reshape(g * g, x.shape[0], 4, -1)
+        mu2, var2 = h2.mean(3), h2.var(3, unbiased=False)  # (G*G, N, 4)
+        a2, b2 = (t.reshape(1, -1, 1, 1) for t in torch.meshgrid(values, values, indexing="ij"))
+        m2, v2 = _blend(mu2[:, None], var2[:, None], bn2.running_mean, bn2.running_var, a2, b2)
+        pooled = bn2.weight * (mu2[:, None] - m2) / torch.sqrt(v2 + bn2.eps) + bn2.bias  # (GG, GG, N, 4)
+        logits = pooled @ lin.weight.T + lin.bias
+        logp = torch.log_softmax(logits.double(), -1)
+        nll = -logp.gather(-1, y.reshape(1, 1, -1, 1).expand(g * g, g * g, -1, 1)).squeeze(-1).mean(-1)
+    return nll.reshape(g, g, g, g)
+
+
+def reference_nll(model: nn.Module, alpha, beta, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One candidate the obvious way: a corrected copy, F.cross_entropy."""
+    m = correct_model(copy.deepcopy(model), alpha, beta).eval()
+    with torch.no_grad():
+        return float(F.cross_entropy(m(x).double(), y))
+
+
+def sampled_labels(model: nn.Module, x: torch.Tensor, seed: int, alpha=0.0, beta=None) -> torch.Tensor:
+    """Labels drawn from the model's own predictive distribution with the given correction."""
+    m = correct_model(copy.deepcopy(model), alpha, beta).eval()
+    with torch.no_grad():
+        probs = torch.softmax(m(x).double(), -1)
+    return torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)).reshape(-1)
+
+
+# ------------------------------------------------------------------------------------------- the fit
+def test_fit_lands_on_the_brute_force_grid_minimum():
+    """Two BN layers, labels drawn from the model corrected with (0.6, 0.3, 0.2, 0.7): full-batch fit of the
+    four coefficients against the fitting NLL on an 11^4 grid (step 0.1), computed without bncorrect."""
+    net = two_bn_net(seed=3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 2, 8, generator=g) * 1.3 + 0.4
+    truth_a = {"1": torch.tensor(0.6), "4": torch.tensor(0.2)}
+    truth_b = {"1": torch.tensor(0.3), "4": torch.tensor(0.7)}
+    y = sampled_labels(net, x, seed=1, alpha=truth_a, beta=truth_b)
+    values = torch.linspace(0, 1, 11)
+    nll = grid_nll(net, x, y, values)
+    flat = int(nll.argmin())
+    idx = np.unravel_index(flat, nll.shape)
+    grid_best = [float(values[i]) for i in idx]
+    # the grid reference agrees with bncorrect's layer at a grid point (it computes the same function)
+    point = {"1": grid_best[0], "4": grid_best[2]}, {"1": grid_best[1], "4": grid_best[3]}
+    assert reference_nll(net, *point, x, y) == pytest.approx(float(nll.min()), abs=1e-5)
+
+    # started where tune starts it, at the best global alpha (alpha = beta = a in both layers): the NLL is
+    # not convex in the coefficients (from a = 0 this fit ends in a local minimum near (0, 0.43, 0, 0))
+    diagonal = torch.stack([nll[i, i, i, i] for i in range(values.numel())])
+    start = float(values[int(diagonal.argmin())])
+    fit = fit_per_layer(
+        net, [(x, y)], [(x, y)], init_alpha=start, strengths=(0.0,), lr=0.1, max_epochs=100, patience=100,
+        device="cpu",
+    )  # fmt: skip
+    best = fit.best
+    got = [float(best.alpha["1"]), float(best.beta["1"]), float(best.alpha["4"]), float(best.beta["4"])]
+    fitted = reference_nll(net, best.alpha, best.beta, x, y)
+    assert best.monitor_nll == pytest.approx(fitted, abs=1e-5)  # the fit's own NLL is the model's
+    assert fitted <= float(nll.min()) + 1e-5  # at least as good as the best grid point
+    assert max(abs(a - b) for a, b in zip(got, grid_best, strict=True)) <= 0.1 + 1e-6, (got, grid_best)
+    assert fitted < reference_nll(net, 0.0, 0.0, x, y)
+
+
+def _fit_data(n: int = 96, seed: int = 0):
+    model = toys.conv_net(seed=seed)
+    x, _ = toys.data(n, seed=seed + 1)
+    y = sampled_labels(model, x, seed=seed + 2, alpha=0.3)
+    return model, x, y
+
+
+def test_stacked_strengths_equal_one_strength_at_a_time():
+    """Fitting K strengths stacked along the batch axis gives what K separate fits give."""
+    model, x, y = _fit_data()
+    batches = [(x[i : i + 48], y[i : i + 48]) for i in range(0, 96, 48)]
+    kwargs = dict(init_alpha=0.1, strengths=(0.0, 0.05), lr=0.05, max_epochs=6, device="cpu")
+    stacked = fit_per_layer(model, batches, batches, **kwargs)
+    alone = fit_per_layer(model, batches, batches, stack=False, **kwargs)
+    assert stacked.mode.startswith("stacked") and alone.mode.startswith("one strength per forward")
+    assert stacked.best.epoch > 0  # the fit moved
+    for a, b in zip(stacked.fits, alone.fits, strict=True):
+        assert a.epoch == b.epoch
+        assert a.monitor_nll == pytest.approx(b.monitor_nll, abs=1e-6)
+        for name in a.alpha:
+            assert float(a.alpha[name]) == pytest.approx(float(b.alpha[name]), abs=1e-4)
+            assert float(a.beta[name]) == pytest.approx(float(b.beta[name]), abs=1e-4)
+    assert stacked.fits[0].alpha != stacked.fits[1].alpha  # the strengths really differ
+
+
+class Wrapped(nn.Module):
+    """conv_net behind a plain forward: no sequential prefix to cut, no prefix cache."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def test_prefix_cache_changes_nothing_but_the_cost():
+    model, x, y = _fit_data(seed=1)
+    batches, monitor = [(x[:64], y[:64])], [(x[64:], y[64:])]
+    kwargs = dict(init_alpha=0.05, strengths=(0.0, 0.01), lr=0.05, max_epochs=5, device="cpu")
+    cut = fit_per_layer(model, batches, monitor, **kwargs)
+    whole = fit_per_layer(Wrapped(model), batches, monitor, **kwargs)
+    assert "prefix" in cut.mode and "before the first BN" in cut.cache
+    assert "prefix" not in whole.mode and whole.cache.startswith("examples in memory")
+    for a, b in zip(cut.fits, whole.fits, strict=True):
+        for name in a.alpha:
+            assert float(a.alpha[name]) == pytest.approx(float(b.alpha["inner." + name]), abs=1e-4)
+            assert float(a.beta[name]) == pytest.approx(float(b.beta["inner." + name]), abs=1e-4)
+    streamed = fit_per_layer(model, batches, monitor, cache_bytes=16, **kwargs)  # nothing fits in memory
+    assert streamed.cache.startswith("streamed")
+    for a, b in zip(cut.fits, streamed.fits, strict=True):
+        assert all(float(a.alpha[n]) == pytest.approx(float(b.alpha[n]), abs=1e-4) for n in a.alpha)
+
+
+def test_strong_l1_pull_leaves_plain_bn_and_per_channel_vectors():
+    model, x, y = _fit_data(seed=2)
+    batches, monitor = [(x[:64], y[:64])], [(x[64:], y[64:])]
+    fit = fit_per_layer(
+        model, batches, monitor, init_alpha=0.2, strengths=(0.0, 50.0), per_channel=True, lr=0.1,
+        max_epochs=8, patience=8, device="cpu",
+    )  # fmt: skip
+    free, pulled = fit.fits
+    assert pulled.zero_layers == list(pulled.alpha)  # every layer back to alpha = beta = 0
+    assert all(not bool(pulled.alpha[n].any()) and not bool(pulled.beta[n].any()) for n in pulled.alpha)
+    assert all(t.shape == (model[int(n)].num_features,) for n, t in free.alpha.items())
+    assert all(
+        float(t.min()) >= 0.0 and float(t.max()) <= 1.0 for t in (*free.alpha.values(), *free.beta.values())
+    )
+
+
+# ------------------------------------------------------------------------------------------- the split
+def test_stratified_split_is_seeded_and_stratified():
+    y = torch.tensor([0] * 50 + [1] * 31 + [2] * 7 + [3] * 1 + [4] * 11)[torch.randperm(100)]
+    rest, part = stratified_split(y, 0.3, seed=5)
+    assert len(part) == 30 and len(rest) == 70
+    assert sorted(torch.cat([rest, part]).tolist()) == list(range(100))
+    for c in range(5):
+        n_c = int((y == c).sum())
+        k_c = int((y[part] == c).sum())
+        assert math.floor(0.3 * n_c) <= k_c <= math.ceil(0.3 * n_c)
+    again = stratified_split(y, 0.3, seed=5)
+    assert torch.equal(again[0], rest) and torch.equal(again[1], part)
+    other = stratified_split(y, 0.3, seed=6)
+    assert not torch.equal(other[1], part)
+    assert bool((part[1:] > part[:-1]).all())  # sorted
+
+
+def test_dataset_labels_and_refusals(tmp_path):
+    x, y = toys.data(20)
+    assert torch.equal(dataset_labels(api.open_data((x, y))), y)
+    with pytest.raises(DataError, match="needs labels"):
+        dataset_labels(api.open_data(x))
+    masks = torch.zeros(20, 8, 8, dtype=torch.long)
+    with pytest.raises(UsageError, match="segmentation"):
+        dataset_labels(api.open_data((x, masks)))
+    with pytest.raises(UsageError, match="cannot index"):
+        dataset_labels(iter([(x, y)]))
+
+
+# ------------------------------------------------------------------------------------------- tune
+def test_guard_writes_ema_when_the_fit_overfits(tmp_path):
+    """Labels drawn from plain BN's own predictions, a fitting part of 30 examples: every correction fitted
+    there is worse than EMA on the 270 held-out examples, so EMA is written and the notes say why."""
+    model = toys.conv_net(seed=4)
+    x, _ = toys.data(300, seed=5)
+    y = sampled_labels(model, x, seed=6)
+    out = tmp_path / "guarded.safetensors"
+    outcome = api.tune(model, (x, y), 2, holdout=0.9, device="cpu", out=out, max_epochs=15)
+    result = outcome.report["tune"]
+    assert (result.n_fit, result.n_heldout) == (30, 270)
+    assert result.chosen.kind == "ema"
+    ema = result.ema.heldout
+    assert all(r.heldout.nll >= ema.nll for r in result.rows)
+    assert any("EMA written" in note for note in result.notes)
+    tuned = result.tuned
+    assert tuned.fit["nll"] < result.ema.fit["nll"] and tuned.heldout.nll > ema.nll  # overfitting, visible
+    corr = load_corrections(out)
+    assert corr.method.startswith("tune (ema")
+    assert all(float(lc.alpha) == float(lc.beta) == 0.0 for lc in corr.layers.values())
+
+
+def test_heldout_numbers_are_the_candidates_on_the_heldout_examples():
+    """Every row's held-out NLL and top-1 equal a direct evaluation of its coefficients on exactly the
+    held-out examples; the fitting part and the held-out part are disjoint and stratified."""
+    model = toys.conv_net(seed=7)
+    x, _ = toys.data(160, seed=8)
+    y = sampled_labels(model, x, seed=9, alpha=0.3)
+    result = api.tune(model, (x, y), 2, holdout=0.4, seed=3, device="cpu", max_epochs=4).report["tune"]
+    held = torch.tensor(result.heldout_indices)
+    fit = torch.tensor(result.fit_indices)
+    assert len(held) == 64 and len(fit) == 96 and not set(held.tolist()) & set(fit.tolist())
+    assert set(result.monitor_indices) <= set(fit.tolist())
+    for row in result.rows:
+        coeffs = result.coefficients(row.kind)
+        alpha = {n: a for n, (a, _) in coeffs.items()}
+        beta = {n: b for n, (_, b) in coeffs.items()}
+        assert row.heldout.nll == pytest.approx(reference_nll(model, alpha, beta, x[held], y[held]), abs=1e-5)
+        assert row.fit["nll"] == pytest.approx(reference_nll(model, alpha, beta, x[fit], y[fit]), abs=1e-5)
+        m = correct_model(copy.deepcopy(model), alpha, beta).eval()
+        with torch.no_grad():
+            top1 = float((m(x[held]).argmax(1) == y[held]).double().mean())
+        assert row.heldout.top1 == pytest.approx(top1, abs=1e-12)
+    assert result.chosen is min(result.rows, key=lambda r: (r.heldout.nll, -r.heldout.top1))
+    assert result.chosen.heldout.nll <= result.ema.heldout.nll
+
+
+def test_tune_refuses_bad_options(tmp_path):
+    x, y = toys.data(40)
+    with pytest.raises(UsageError, match="holdout"):
+        api.tune(toys.conv_net(), (x, y), 2, holdout=1.0, device="cpu")
+    with pytest.raises(UsageError, match="metric"):
+        api.tune(toys.conv_net(), (x, y), 2, metric="miou", device="cpu")
+    with pytest.raises(DataError, match="fitting examples"):
+        api.tune(toys.conv_net(), (x[:4], y[:4]), 2, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------- prior strength
+def test_prior_strength_is_alpha_one_over_n_plus_one(cli, toy_files):
+    assert alpha_from_prior_strength(3) == 0.25 and alpha_from_prior_strength(0) == 1.0
+    assert parse_prior_strengths("0,1,3") == [0.0, 1.0, 3.0]
+    assert alphas_from_prior_strengths([3, 1, 0, 3]) == [0.25, 0.5, 1.0]
+    with pytest.raises(UsageError, match="prior"):
+        alpha_from_prior_strength(-1)
+    by_n = api.weight(toys.conv_net(), prior_strength=3)
+    by_alpha = api.weight(toys.conv_net(), 0.25)
+    got, want = coefficients(by_n.model), coefficients(by_alpha.model)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[n][0], want[n][0]) and torch.equal(got[n][1], want[n][1]) for n in got)
+    assert all(float(lc.alpha) == float(lc.beta) == 0.25 for lc in by_n.corrections.layers.values())
+    with pytest.raises(UsageError, match="both given"):
+        api.weight(toys.conv_net(), 0.25, prior_strength=3)
+
+    load = ("--arch", toy_files["arch"])
+    a, b = toy_files["dir"] / "n.safetensors", toy_files["dir"] / "a.safetensors"
+    assert cli("weight", toy_files["state_dict"], *load, "--prior-strength", 3, "-o", a).code == 0
+    assert cli("weight", toy_files["state_dict"], *load, "--alpha", 0.25, "-o", b).code == 0
+    ca, cb = load_corrections(a), load_corrections(b)
+    assert ca.coefficients()[0].keys() == cb.coefficients()[0].keys()
+    for name in ca.layers:
+        assert torch.equal(ca.layers[name].alpha, cb.layers[name].alpha)
+        assert torch.equal(ca.layers[name].beta, cb.layers[name].beta)
+    bad = cli("weight", toy_files["state_dict"], *load, "--prior-strength", 3, "--alpha", 0.2)
+    assert bad.code != 0 and "both given" in bad.err
+    report = toy_files["dir"] / "sweep.json"
+    res = cli("sweep-alpha", toy_files["state_dict"], *load, "--data", toy_files["data"],
+              "--prior-strengths", "0,1,3", "--report", report, "--device", "cpu")  # fmt: skip
+    assert res.code == 0, res.err
+    assert sorted(r["alpha"] for r in json.loads(report.read_text())["rows"]) == [0.0, 0.25, 0.5, 1.0]
+
+
+def test_tta_variance_identity():
+    """alpha = beta = 1/(N+1) gives test-time BN adaptation's mean exactly and its variance plus
+    beta (1 - beta) d^2, which is the variance of the mixture of the population (weight N/(N+1)) and the
+    example's values (weight 1/(N+1)) about the mixture's mean."""
+    g = torch.Generator().manual_seed(0)
+    bn = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        bn.running_var.copy_(torch.tensor([1.5, 0.3, 4.0]))
+    x = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64) * 2 + 1
+    bn = bn.double().eval()
+    for n in (0, 1, 3, 7.5, 100):
+        w = alpha_from_prior_strength(n)
+        layer = CorrectedNorm(bn, w, w).eval()
+        mean, var = layer.normalization_stats(x)
+        mu_i, var_i = x.mean((2, 3)), x.var((2, 3), unbiased=False)
+        mu_e, var_e = bn.running_mean, bn.running_var
+        mu_tta = (n * mu_e + mu_i) / (n + 1)
+        var_tta = (n * var_e + var_i) / (n + 1)
+        d = mu_i - mu_e
+        torch.testing.assert_close(mean, mu_tta, rtol=0, atol=1e-12)
+        torch.testing.assert_close(var, var_tta + w * (1 - w) * d * d, rtol=0, atol=1e-12)
+        torch.testing.assert_close(var, var_tta + n * d * d / (n + 1) ** 2, rtol=0, atol=1e-12)
+        # the mixture: E-population values with exactly mean mu_E and variance var_E (two points
+        # mu_E +- sigma_E), weight 1 - w; the example's 25 values, weight w
+        for i in range(x.shape[0]):
+            for c in range(3):
+                s = float(var_e[c]) ** 0.5
+                pop = torch.tensor([float(mu_e[c]) - s, float(mu_e[c]) + s], dtype=torch.float64)
+                own = x[i, c].reshape(-1)
+                values = torch.cat([pop, own])
+                weights = torch.cat(
+                    [
+                        torch.full((2,), (1 - w) / 2, dtype=torch.float64),
+                        torch.full((own.numel(),), w / own.numel(), dtype=torch.float64),
+                    ]
+                )
+                m = (weights * values).sum()
+                v = (weights * (values - m) ** 2).sum()
+                assert float(m) == pytest.approx(float(mean[i, c]), abs=1e-12)
+                assert float(v) == pytest.approx(float(var[i, c]), abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------------- the CLI
+def test_cli_tune_end_to_end_on_the_sample(cli, tmp_path):
+    out, report, plot = tmp_path / "tuned.safetensors", tmp_path / "tune.json", tmp_path / "tune.png"
+    res = cli(
+        "tune", SAMPLE / "model.pt", "--data", SAMPLE / "val.npz", "-B", 2, "--max-examples", 240,
+        "--max-epochs", 4, "--strengths", "0,0.01", "--device", "cpu", "-o", out, "--report", report,
+        "--plot", plot, "--json",
+    )  # fmt: skip
+    assert res.code == 0, res.err
+    data = json.loads(res.out)
+    assert data["output"] == str(out)
+    saved = json.loads(report.read_text())
+    for key in ("metric", "n_examples", "n_fit", "n_heldout", "chosen", "rows", "layers", "strengths",
+                "n_zero_layers", "notes", "global_alpha", "fit"):  # fmt: skip
+        assert key in saved and key in data
+    assert saved["n_examples"] == 240 and saved["n_fit"] + saved["n_heldout"] == 240
+    assert [r["kind"] for r in saved["rows"]] == ["ema", "rule", "global", "evalnorm", "tuned"]
+    for r in saved["rows"]:
+        assert {"nll", "top1", "top5"} <= set(r["fit"]) and {"nll", "top1", "top5"} <= set(r["heldout"])
+    assert [ly["name"] for ly in saved["layers"]] == [f"features.{i}.1" for i in range(4)]
+    assert all(
+        {"alpha", "beta", "evalnorm_alpha", "evalnorm_beta", "plain"} <= set(ly) for ly in saved["layers"]
+    )
+    assert saved["chosen"]["heldout"]["nll"] <= saved["rows"][0]["heldout"]["nll"]
+    corr = load_corrections(out)
+    assert corr.method.startswith("tune (") and set(corr.layers) == {ly["name"] for ly in saved["layers"]}
+    chosen = {ly["name"]: (ly["chosen_alpha"], ly["chosen_beta"]) for ly in saved["layers"]}
+    for name, lc in corr.layers.items():
+        assert float(lc.alpha) == pytest.approx(chosen[name][0]) and float(lc.beta) == pytest.approx(
+            chosen[name][1]
+        )
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    help_text = cli("tune", "--help")
+    assert help_text.code == 0 and "--holdout" in help_text.out and "--per-channel" in help_text.out
