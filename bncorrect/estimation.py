@@ -5,7 +5,9 @@ everything else in eval behaviour; no running-stat, parameter or gradient update
 copy under ``torch.no_grad``). At every BN layer the input ``x`` and its statistics are observed:
 
 - :class:`SampleReservoir` keeps a bounded uniform sample of (example, channel) rows (S positions of each)
-  with their per-example and per-group statistics, so memory does not grow with the data;
+  with their per-example and per-group statistics, the same number of rows of every channel, each channel
+  sampling its examples independently (so a wide layer keeps rows of thousands of examples, not a handful
+  of whole ones); memory does not grow with the data;
 - :class:`EvalNormEstimator` minimises L_aux over (alpha, beta) in [0, 1]^2 on (a random subset of at
   most ``solve_rows`` rows of) that sample with a coarse-to-fine grid (11 x 11, then five 7 x 7
   refinements), each candidate evaluated from the sorted samples in O(log S) per row
@@ -20,6 +22,7 @@ onnxruntime path (:func:`bncorrect.onnx_passes.estimate_onnx`) differ only in wh
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -41,7 +44,8 @@ from .passes import (
     training_mode_pass,
 )
 
-#: Default number of sampled activation values kept per layer (float32): 2^19 values = 2 MiB.
+#: Default number of sampled activation values kept per layer (float32): 2^19 values = 2 MiB, i.e.
+#: 2^19 / S (example, channel) rows of S positions (8192 rows at S = 64) shared equally by the channels.
 DEFAULT_SAMPLE_BUDGET = 1 << 19
 #: Default number of spatial positions sampled per (example, channel).
 DEFAULT_POSITIONS = 64
@@ -50,56 +54,116 @@ DEFAULT_SOLVE_ROWS = 4096
 
 
 class SampleReservoir:
-    """A bounded uniform sample of rows (one example's C channels, S positions each) and their statistics.
+    """A bounded uniform sample of (example, channel) rows, S positions each, with each row's statistics.
 
-    Reservoir sampling over examples (Algorithm R, vectorised per batch): after any number of examples, each
-    one seen is kept with equal probability, and memory stays ``capacity * C * (S + 4)`` numbers.
+    One reservoir of ``capacity`` rows per channel (Algorithm R over the examples, vectorised per batch,
+    each channel drawing its own slots): after any number of examples every (example, channel) row seen is
+    kept with the same probability ``capacity / seen``, each channel keeps the same number of rows (a
+    stratified sample: the channels weigh equally in the mean over all rows, as in L_aux), and the channels
+    keep rows of independently drawn examples, so a layer keeps up to ``channels * capacity`` distinct
+    examples, not ``capacity`` whole ones. A row carries what L_aux needs of it: S of its positions (a
+    uniform random choice, the same for the rows kept from one batch), its example's mean and variance,
+    its normalization group's mean and variance, and the example's index in the pass. Memory:
+    ``channels * capacity`` rows of S float32 values, four float64 statistics and one int64 index, fixed
+    once the first batch is seen, whatever the amount of data.
     """
 
     def __init__(self, channels: int, capacity: int, positions: int, generator: torch.Generator) -> None:
+        if channels < 1 or capacity < 1 or positions < 1:
+            raise ValueError("channels, capacity and positions must be >= 1")
         self.channels = channels
-        self.capacity = capacity
-        self.positions = positions
+        self.capacity = capacity  # rows kept per channel
+        self.positions = positions  # at most this many positions per row (S; fixed by the first batch)
         self.generator = generator
-        self.seen = 0
-        self.filled = 0
-        self.values: Tensor | None = None
-        self.stats = torch.zeros(4, capacity, channels, dtype=torch.float64)
+        self.seen = 0  # examples observed
+        self.filled = 0  # rows kept per channel: min(capacity, seen)
+        self.values: Tensor | None = None  # (channels, capacity, S) float32
+        self.stats = torch.zeros(4, channels, capacity, dtype=torch.float64)  # mu_i, var_i, mu_b, var_b
+        self.example = torch.full((channels, capacity), -1, dtype=torch.long)  # index of each row's example
 
     def add(self, x: Tensor, mu_i: Tensor, var_i: Tensor, mu_b: Tensor, var_b: Tensor) -> None:
-        n = x.shape[0]
-        idx = torch.arange(self.seen, self.seen + n)
-        draw = (torch.rand(n, generator=self.generator, dtype=torch.float64) * (idx + 1)).long()
-        slots = torch.where(idx < self.capacity, idx, draw)
-        keep = {}
-        for row, slot in enumerate(slots.tolist()):  # later rows win a shared slot, as in sequential order
-            if slot < self.capacity:
-                keep[slot] = row
-        self.seen += n
-        self.filled = min(self.capacity, self.seen)
-        if not keep:
+        """Offer the rows of a batch ``x`` (N, C, *spatial) with their statistics (N, C each)."""
+        n, c, k = x.shape[0], self.channels, self.capacity
+        if n == 0:
             return
-        rows = torch.tensor(list(keep.values()), device=x.device)
-        dest = torch.tensor(list(keep.keys()))
-        # only the kept rows are gathered: once the reservoir is full most batches cost almost nothing
-        flat = x.detach().index_select(0, rows).reshape(len(keep), self.channels, -1)
+        if x.shape[1] != c:
+            raise DataError(f"expected {c} channels, got input of shape {tuple(x.shape)}")
+        flat = x.detach().reshape(n, c, -1)
         size = flat.shape[2]
-        s = min(size, self.positions)
         if self.values is None:
-            self.values = torch.zeros(self.capacity, self.channels, s, dtype=torch.float32)
-        if s < size:
-            pos = torch.randperm(size, generator=self.generator)[:s].to(flat.device)
-            flat = flat.index_select(2, pos)
-        self.values[dest] = flat.float().cpu()
-        for k, t in enumerate((mu_i, var_i, mu_b, var_b)):
-            self.stats[k, dest] = t.detach().index_select(0, rows).double().cpu()
+            self.values = torch.zeros(c, k, min(size, self.positions), dtype=torch.float32)
+        s = self.values.shape[2]
+        if size < s:
+            raise DataError(
+                f"an input with {size} positions per (example, channel) after inputs with {s} or more: "
+                "the estimator needs the same spatial size in every batch"
+            )
+        # Algorithm R per channel: example t (0-based, in pass order) takes slot t while t < k, else a slot
+        # drawn uniformly from [0, t], kept if it is < k. The draws do not depend on the reservoir's
+        # contents, so one batch's draws are made at once; rows of one batch drawing the same slot are
+        # resolved as sequential order would: the later example wins.
+        base = self.seen
+        self.seen += n
+        self.filled = min(k, self.seen)
+        t = torch.arange(base, base + n, dtype=torch.long)
+        late = max(0, min(n, base + n - k))  # examples past the filling point
+        draw = torch.empty(late, c, dtype=torch.long)
+        if late:
+            upper = (t[n - late :] + 1).to(torch.float64).unsqueeze(1)
+            draw = torch.rand(late, c, generator=self.generator, dtype=torch.float64).mul_(upper).long()
+        slots = draw if late == n else torch.cat([t[: n - late].unsqueeze(1).expand(-1, c), draw])
+        lin = (slots < k).view(-1).nonzero().squeeze(1)  # (example, channel) rows that take a slot, in order
+        if lin.numel() == 0:
+            return
+        key = (lin % c) * k + slots.view(-1)[lin]
+        winner = torch.full((c * k,), -1, dtype=torch.long).scatter_reduce_(0, key, lin, reduce="amax")
+        won = (winner[key] == lin).nonzero().squeeze(1)
+        lin, key = lin[won], key[won]
+        lin_dev = lin.to(flat.device)
+        # only the kept rows (and S of their positions) are gathered: once the reservoir is full most
+        # batches cost almost nothing
+        pos = torch.randperm(size, generator=self.generator)[:s].to(flat.device) if s < size else None
+        picked = _gather_rows(flat, lin_dev, pos)
+        self.values.view(c * k, s)[key] = picked.float().cpu()
+        stats = torch.stack([v.detach().reshape(n * c) for v in (mu_i, var_i, mu_b, var_b)])
+        self.stats.view(4, c * k)[:, key] = stats.index_select(1, lin_dev).double().cpu()
+        self.example.view(-1)[key] = lin // c + base
 
     def arrays(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """(values, mu_b, var_b, mu_i, var_i) of the kept rows; values unsorted, float32."""
+        """(values (C, R, S) float32 unsorted, mu_b, var_b, mu_i, var_i (C, R)) of the R rows kept per
+        channel; row ``[c, r]`` is channel ``c`` of example ``example[c, r]``."""
         if self.values is None or self.filled == 0:
             raise DataError("no activations were observed")
-        mu_i, var_i, mu_b, var_b = (t[: self.filled] for t in self.stats)
-        return self.values[: self.filled], mu_b, var_b, mu_i, var_i
+        f = self.filled
+        mu_i, var_i, mu_b, var_b = (t[:, :f] for t in self.stats)
+        return self.values[:, :f], mu_b, var_b, mu_i, var_i
+
+    def distinct_examples(self) -> int:
+        """How many different examples the kept rows come from."""
+        return int(torch.unique(self.example[:, : self.filled]).numel())
+
+    def stored_elements(self) -> int:
+        """Numbers held (values, statistics, example indices): fixed by the first batch."""
+        values = 0 if self.values is None else self.values.numel()
+        return values + self.stats.numel() + self.example.numel()
+
+
+def _gather_rows(flat: Tensor, lin: Tensor, pos: Tensor | None) -> Tensor:
+    """Rows ``lin`` (indices into the N * C rows) of ``flat`` (N, C, L) at positions ``pos`` (None: all):
+    (len(lin), S), moving as few values as the layout allows."""
+    n, c, size = flat.shape
+    try:
+        rows = flat.view(n * c, size)
+    except RuntimeError:  # no (N * C, L) view (e.g. channels_last): index each value where it is
+        r, ch = lin // c, lin % c
+        if pos is None:
+            return flat[r, ch]
+        return flat[r.unsqueeze(1), ch.unsqueeze(1), pos.unsqueeze(0)]
+    if pos is None:
+        return rows.index_select(0, lin)
+    if lin.numel() * size <= n * c * pos.numel():  # few rows: the rows, then their positions
+        return rows.index_select(0, lin).index_select(1, pos)
+    return rows.index_select(1, pos).index_select(0, lin)  # most rows (while filling): positions first
 
 
 def minimise_on_grid(
@@ -132,7 +196,7 @@ def minimise_on_grid(
 
 @dataclass
 class LayerEstimate:
-    """Result for one layer. L_aux values are on the layer's sample of activations."""
+    """Result for one layer. L_aux values are on the rows of the layer's sample the solve used."""
 
     name: str
     alpha: float
@@ -141,8 +205,9 @@ class LayerEstimate:
     l_aux: float
     train_batch_size: int
     examples: int
-    sampled_rows: int
-    positions: int
+    sampled_rows: int  # (example, channel) rows in the sample
+    sampled_examples: int  # distinct examples those rows come from
+    positions: int  # positions kept per row (S)
 
     def as_dict(self) -> dict[str, float | int | str]:
         return {
@@ -153,6 +218,7 @@ class LayerEstimate:
             "l_aux": self.l_aux,
             "train_batch_size": self.train_batch_size,
             "sampled_rows": self.sampled_rows,
+            "sampled_examples": self.sampled_examples,
             "positions": self.positions,
         }
 
@@ -205,38 +271,47 @@ class EvalNormEstimator:
         check_observed(self.name, x, (mu_i, var_i, mu_b, var_b), data_hint=self.data_hint)
         if self.reservoir is None:
             c = x.shape[1]
-            size = 1 if x.dim() == 2 else int(x[0, 0].numel())
-            s = min(size, self.positions)
+            s = min(math.prod(x.shape[2:]), self.positions)
+            # the budget counts values: rows of S positions, shared equally by the channels
             capacity = max(1, self.sample_budget // (c * s))
             self.reservoir = SampleReservoir(c, capacity, s, self.generator)
         self.reservoir.add(x, mu_i, var_i, mu_b, var_b)
 
-    def objective(self, dtype: torch.dtype = torch.float64) -> Callable[[Tensor, Tensor], Tensor]:
+    def objective(
+        self, dtype: torch.dtype = torch.float64, *, rows: int | None = None
+    ) -> Callable[[Tensor, Tensor], Tensor]:
         """L_aux on the sample as a function of candidate (alpha, beta) vectors.
 
-        At most ``solve_rows`` (example, channel) rows of the sample are used, drawn at random (the mean
-        over rows is unbiased); every evaluation reads only those rows' sorted values.
+        At most ``rows`` (default ``solve_rows``; 0: all) (example, channel) rows of the sample are used:
+        each channel's rows in a random order, taken one per channel in turn (channels in a random order),
+        so the channels stay represented equally (within one row) and the mean over the rows taken stays an
+        unbiased estimate of L_aux. The same rows are used on every call. Every evaluation reads only those
+        rows' sorted values.
         """
         if self.reservoir is None:
             raise DataError(f"layer {self.name} saw no data (is it used in the forward pass?)")
         values, mu_b, var_b, mu_i, var_i = self.reservoir.arrays()
-        r, c, _ = values.shape
-        channel = torch.arange(c).repeat(r)
-        flat = [values.reshape(r * c, -1)] + [t.reshape(r * c) for t in (mu_b, var_b, mu_i, var_i)]
-        if r * c > self.solve_rows:
-            pick = self._pick if self._pick is not None else torch.randperm(r * c, generator=self.generator)
-            self._pick = pick
-            flat = [t[pick[: self.solve_rows]] for t in flat]
-            channel = channel[pick[: self.solve_rows]]
+        c, f, _ = values.shape
+        limit = self.solve_rows if rows is None else rows
+        flat = [values.reshape(c * f, -1)] + [t.reshape(c * f) for t in (mu_b, var_b, mu_i, var_i)]
+        channel = torch.arange(c).repeat_interleave(f)
+        if 0 < limit < c * f:
+            if self._pick is None:
+                within = torch.rand(c, f, generator=self.generator).argsort(dim=1)  # each channel's rows
+                order = torch.randperm(c, generator=self.generator)  # which channels come first
+                self._pick = (order.unsqueeze(0) * f + within[order].T).reshape(-1)  # round by round
+            pick = self._pick[:limit]
+            flat = [t[pick] for t in flat]
+            channel = channel[pick]
         values, mu_b, var_b, mu_i, var_i = (t.unsqueeze(0).to(dtype) for t in flat)
         values = values.sort(dim=-1).values
         prefix = torch.cat([torch.zeros(*values.shape[:2], 1, dtype=dtype), values.cumsum(-1)], dim=-1)
         rm = self.running_mean[channel].to(dtype)
         rv = self.running_var[channel].to(dtype)
-        rows = values.shape[1]
-        chunk = max(1, (1 << 21) // max(1, rows))
+        n_rows = values.shape[1]
+        chunk = max(1, (1 << 21) // max(1, n_rows))
 
-        def f(alpha: Tensor, beta: Tensor) -> Tensor:
+        def f_(alpha: Tensor, beta: Tensor) -> Tensor:
             out = [
                 C.l_aux_sorted(
                     values,
@@ -255,10 +330,11 @@ class EvalNormEstimator:
             ]
             return torch.cat(out).double()
 
-        return f
+        return f_
 
     def solve(self) -> LayerEstimate:
-        """Grid-search (alpha, beta) in float32, then report L_aux at the result and at EMA in float64."""
+        """Grid-search (alpha, beta) in float32 on at most ``solve_rows`` rows of the sample, then report
+        L_aux at the result and at EMA in float64 on the same rows."""
         fast = self.objective(torch.float32)
         alpha, beta, _ = minimise_on_grid(fast)
         exact = self.objective(torch.float64)
@@ -266,7 +342,7 @@ class EvalNormEstimator:
             torch.tensor([alpha, 0.0], dtype=torch.float64), torch.tensor([beta, 0.0], dtype=torch.float64)
         )
         res = self.reservoir
-        assert res is not None
+        assert res is not None and res.values is not None
         if not bool(torch.isfinite(values).all()):
             raise NumericalError(
                 f"L_aux of layer {self.name} is NaN/Inf at alpha = {alpha:g}, beta = {beta:g} "
@@ -283,8 +359,9 @@ class EvalNormEstimator:
             l_aux=float(values[0]),
             train_batch_size=self.train_batch_size,
             examples=res.seen,
-            sampled_rows=res.filled,
-            positions=res.positions,
+            sampled_rows=res.channels * res.filled,
+            sampled_examples=res.distinct_examples(),
+            positions=int(res.values.shape[2]),
         )
 
 
