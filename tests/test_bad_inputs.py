@@ -370,6 +370,16 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         ["diagnose", *SD, *D, "-B", "2", "--corrections", "{w}/corr_other.safetensors"],
         ["corr_other.safetensors", "--force"],
     ),
+    # ---- tune
+    ("tune-B0", ["tune", *SD, *D, "-B", "0"], ["--train-batch-size 0"]),
+    ("tune-holdout", ["tune", *SD, *D, "-B", "2", "--holdout", "1.5"], ["--holdout"]),
+    ("tune-no-labels", ["tune", *SD, "--data", "{w}/nolabel.npz", "-B", "2"], ["nolabel.npz", "labels"]),
+    ("tune-onnx", ["tune", "{w}/model.onnx", *D, "-B", "2"], ["model.onnx"]),
+    (
+        "tune-out-is-data",
+        ["tune", *SD, "--data", "{w}/data.safetensors", "-B", "2", "-o", "{w}/data.safetensors"],
+        ["data.safetensors", "--data"],
+    ),
     # ---- ONNX
     (
         "onnx-opset-99",
