@@ -923,9 +923,21 @@ def _recalibrate_stats(
     seed: int,
     forward_fn: Any,
     progress: Any,
+    *,
+    exact: bool = False,
+    tolerance: float | None = None,
+    max_passes: int | None = None,
 ) -> Any:
-    from .recalibration import recalibrate_stats
+    """The recalibrated statistics (:class:`~bncorrect.recalibration.RecalibrateResult`) on MODEL's runtime;
+    ``exact``, ``tolerance`` and ``max_passes`` choose and stop the inference-consistent scheme (defaults:
+    the iterative one, :data:`~bncorrect.recalibration.DEFAULT_TOLERANCE`,
+    :data:`~bncorrect.recalibration.DEFAULT_MAX_PASSES`)."""
+    from .recalibration import DEFAULT_MAX_PASSES, DEFAULT_TOLERANCE, check_iteration, recalibrate_stats
 
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
+    max_passes = DEFAULT_MAX_PASSES if max_passes is None else max_passes
+    if upstream == "eval" and not exact:
+        check_iteration(tolerance, max_passes)
     if upstream == "train":
         if batch_size is None:
             raise UsageError(
@@ -934,8 +946,22 @@ def _recalibrate_stats(
                 f"{spell('upstream', 'eval')}",
             )
         loader_batch = batch_size * max(1, 64 // batch_size)
-    else:
+    elif exact:
         loader_batch = 128
+    else:
+        # the iterative scheme settles in fewer passes the more examples a batch holds (all of the data in
+        # one batch: exact after pass 1, benchmarks/README.md): batches of about 4M input values, 128 to
+        # 4096 examples
+        loader_batch = 128
+        values = 0
+        if hasattr(dataset, "example_shape"):  # bncorrect's datasets
+            values = int(np.prod(dataset.example_shape()))
+        elif hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__") and len(dataset):
+            first = dataset[0]
+            x = first[0] if isinstance(first, tuple | list) else first
+            values = x.numel() if isinstance(x, Tensor) else 0
+        if values:
+            loader_batch = min(4096, max(128, (1 << 22) // values))
     loader, total, description = _loader(
         dataset,
         loader_batch,
@@ -952,6 +978,9 @@ def _recalibrate_stats(
         forward_fn=forward_fn,
         upstream=upstream,
         batch_size=batch_size,
+        exact=exact,
+        tolerance=tolerance,
+        max_passes=max_passes,
         device=device,
         total_examples=total,
         progress=progress,
@@ -967,6 +996,9 @@ def recalibrate(
     out: str | Path | None = None,
     upstream: str = "eval",
     batch_size: int | None = None,
+    exact: bool = False,
+    tolerance: float | None = None,
+    max_passes: int | None = None,
     max_examples: int | None = None,
     device: str = "auto",
     num_workers: int = 0,
@@ -978,7 +1010,12 @@ def recalibrate(
     **load_options: Any,
 ) -> Outcome:
     """Replace every BN layer's running statistics by exact population statistics over ``data`` (an ONNX
-    model runs in onnxruntime, :mod:`bncorrect.onnx_passes`)."""
+    model runs in onnxruntime, :mod:`bncorrect.onnx_passes`).
+
+    ``upstream="eval"`` (inference-consistent) runs the iterative scheme of :mod:`bncorrect.recalibration`
+    (full passes until the largest relative change is at most ``tolerance``, default 1e-4, at most
+    ``max_passes``, default 10; a warning when it stops at the cap), or with ``exact`` one partial pass per
+    layer (about L/2 full passes for L layers)."""
     _check_upstream(upstream)
     _check_batch_size("batch_size", batch_size)
     _check_device(device)
@@ -992,8 +1029,28 @@ def recalibrate(
     channels = correctable_channels(source, allow_broken_stats=True)
     dataset = open_data(data, data_spec)
     recal = _recalibrate_stats(
-        source, dataset, upstream, batch_size, max_examples, device, num_workers, seed, forward_fn, progress
+        source,
+        dataset,
+        upstream,
+        batch_size,
+        max_examples,
+        device,
+        num_workers,
+        seed,
+        forward_fn,
+        progress,
+        exact=exact,
+        tolerance=tolerance,
+        max_passes=max_passes,
     )
+    warnings = []
+    if not recal.converged:
+        warnings.append(
+            f"the iterative inference-consistent recalibration stopped after {recal.passes} passes with a "
+            f"change of {recal.max_change:.3g} in the last one, above the tolerance {recal.tolerance:g}: "
+            f"give it more passes ({spell('max_passes', 2 * recal.passes)}) or use the exact "
+            f"layer-by-layer scheme ({spell('exact')})"
+        )
     existing = {} if is_onnx else {n: (m.alpha, m.beta) for n, m in corrected_layers(source.model).items()}
     zero = torch.tensor(0.0)
     layers = {
@@ -1008,7 +1065,16 @@ def recalibrate(
         batch_size,
         source.sha256,
         description,
-        {"examples": recal.examples, "passes": recal.passes, "upstream": upstream},
+        {
+            "examples": recal.examples,
+            "passes": recal.passes,
+            "upstream": upstream,
+            **(
+                {"scheme": recal.scheme, "max_change": recal.max_change, "exact": recal.exact}
+                if upstream == "eval"
+                else {}
+            ),
+        },
     )
     export = export or ExportOptions()
     if (
@@ -1018,7 +1084,7 @@ def recalibrate(
         and hasattr(dataset, "__getitem__")
     ):
         export.example_input = torch.stack([dataset[i][0] for i in range(min(2, len(dataset)))])
-    outcome = _finish(source, corrections, out, export)
+    outcome = _finish(source, corrections, out, export, warnings=warnings)
     outcome.report["recalibrate"] = recal
     return outcome
 

@@ -725,6 +725,27 @@ def recalibrate(
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help="Normalization batch size for --upstream train.")
     ] = None,
+    exact: Annotated[
+        bool,
+        typer.Option(
+            "--exact",
+            help="--upstream eval layer by layer: one partial pass per BN layer (about L/2 passes for L "
+            "layers), the reference. Default: full passes until the statistics settle (--tolerance), exact "
+            "after at most depth + 1 passes.",
+        ),
+    ] = False,
+    tolerance: Annotated[
+        float | None,
+        typer.Option(
+            help="--upstream eval: stop when no layer's per-batch input moments changed by more than this "
+            "since the previous pass (means relative to the std, variances relative to the variance; "
+            "default 1e-4)."
+        ),
+    ] = None,
+    max_passes: Annotated[
+        int | None,
+        typer.Option(help="--upstream eval: at most this many passes (default 10; a warning if reached)."),
+    ] = None,
     max_examples: MaxExamplesOpt = None,
     device: DeviceOpt = "auto",
     num_workers: WorkersOpt = 0,
@@ -760,6 +781,9 @@ def recalibrate(
             out=output,
             upstream=upstream,
             batch_size=batch_size,
+            exact=exact,
+            tolerance=tolerance,
+            max_passes=max_passes,
             max_examples=max_examples,
             device=device,
             num_workers=num_workers,
@@ -777,6 +801,17 @@ def recalibrate(
                 "upstream": recal.upstream,
                 "examples": recal.examples,
                 "passes": recal.passes,
+                **(
+                    {
+                        "scheme": recal.scheme,
+                        "max_change": recal.max_change,
+                        "tolerance": recal.tolerance,
+                        "converged": recal.converged,
+                        "exact": recal.exact,
+                    }
+                    if recal.upstream == "eval"
+                    else {}
+                ),
                 "output": None if outcome.output is None else str(outcome.output),
                 "layers": [
                     {"name": n, "running_mean": m.tolist(), "running_var": v.tolist()}
@@ -791,6 +826,15 @@ def recalibrate(
     for name, (mean_t, var_t) in recal.stats.items():
         table.add_row(name, f"{float(mean_t.abs().mean()):.4g}", f"{float(var_t.mean()):.4g}")
     out_console.print(table)
+    if recal.upstream == "eval":
+        how = (
+            f"layer by layer, {recal.passes} partial passes"
+            if recal.scheme == "layer by layer"
+            else f"{recal.passes} pass{'es' if recal.passes > 1 else ''}"
+            + ("" if recal.max_change is None else f", last change {recal.max_change:.2g}")
+            + (" (exact)" if recal.exact else f" (tolerance {recal.tolerance:g})")
+        )
+        err_console.print(f"[dim]inference-consistent statistics: {how}[/]", highlight=False)
     _report_written(outcome, json_out)
 
 

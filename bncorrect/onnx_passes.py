@@ -22,14 +22,22 @@ common multiple of the group sizes (the rest is dropped and counted, as in the P
 batch, in graph order, the observers get ``(x, mu_i, var_i, mu_B, var_B)`` with the statistics from
 :mod:`bncorrect.correction`, as :func:`bncorrect.passes.training_mode_pass` gives them.
 
-**Inference-consistent recalibration** (``--upstream eval``): layer by layer in graph (topological) order;
-for layer k the graph is the original with the layers before it already recalibrated (plain BN with their
-new statistics, the recalibration path of :func:`bncorrect.onnx_rewrite.rewrite`, so onnxruntime still
-folds them into their Conv), pruned to layer k's input: one session per layer, each pass running only the
-prefix of the network up to that layer. Measured against one session over the whole graph with every BN's
-statistics as graph inputs, run once per layer (benchmarks/bench_onnx_passes.py, 256 examples, 2 threads):
-0.52x its time on the ResNet-style net (15 BN layers), 0.61x on the MobileNet-style net (13), sessions
-included (0.2 s for all of them).
+**Inference-consistent recalibration** (``--upstream eval``), by default the iterative scheme of
+:mod:`bncorrect.recalibration` (:class:`~bncorrect.recalibration.OffsetNormalization`): one graph
+(:func:`offset_graph`) in which every correctable BN node normalizes its input ``x`` with its batch moments
+``m, v`` (per channel over examples and positions, two-pass ReduceMean in the statistics' type) turned into
+mean ``w m + shift`` and variance ``ratio (v + eps) + q - eps`` by four graph inputs per node, and returns
+``m``, ``v`` and the shape of ``x`` (N, C, L) as outputs (a few numbers per node: no activation leaves the
+graph); one session, fed each batch's inputs in every pass. The graph is static, so the longest chain of BN
+nodes (:func:`bn_depths`) is known and the iteration stops, exact, after depth + 1 passes at the latest.
+With ``exact`` (the reference): layer by layer in graph (topological) order; for layer k the graph is the
+original with the layers before it already recalibrated (plain BN with their new statistics, the
+recalibration path of :func:`bncorrect.onnx_rewrite.rewrite`, so onnxruntime still folds them into their
+Conv), pruned to layer k's input: one session per layer, each pass running only the prefix of the network
+up to that layer. Measured against one session over the whole graph with every BN's statistics as graph
+inputs, run once per layer (benchmarks/bench_onnx_passes.py, 256 examples, 2 threads): 0.52x its time on
+the ResNet-style net (15 BN layers), 0.61x on the MobileNet-style net (13), sessions included (0.2 s for
+all of them).
 
 **Sweep**: one graph whose BN nodes read alpha, beta and the running statistics from graph inputs
 (:func:`sweep_graph`: the corrected layer of DESIGN §2 in the formulation of
@@ -93,14 +101,19 @@ from .passes import (
     check_observed,
     first_tensor,
     lcm,
+    nonfinite_error,
     nonfinite_output_error,
     run_trimmed,
 )
 from .recalibration import (
+    DEFAULT_MAX_PASSES,
+    DEFAULT_TOLERANCE,
+    OffsetNormalization,
     PopulationMoments,
     RecalibrateResult,
     Upstream,
     check_finite,
+    check_iteration,
     check_upstream,
     train_consistent_stats,
 )
@@ -127,11 +140,14 @@ from .sweep import (
 
 __all__ = [
     "GraphRunner",
+    "OffsetInputs",
     "OnnxLayer",
     "SweepInputs",
+    "bn_depths",
     "correctable_layers",
     "estimate_onnx",
     "node_corrections",
+    "offset_graph",
     "providers_for",
     "recalibrate_onnx",
     "sweep_graph",
@@ -691,12 +707,116 @@ def estimate_onnx(
     )
 
 
+@dataclass(frozen=True)
+class OffsetInputs:
+    """One BN node of :func:`offset_graph`: the graph inputs it reads its normalization from (it normalizes
+    its input of batch moments ``m, v`` with mean ``w m + shift`` and variance ``ratio (v + eps) + q - eps``,
+    :class:`bncorrect.recalibration.OffsetNormalization`) and the graph outputs ``m``, ``v`` (shape (1, C, 1))
+    and ``shape``, the (N, C, L) shape the moments are over."""
+
+    w: str
+    shift: str
+    ratio: str
+    q: str
+    mean: str
+    var: str
+    shape: str
+    channels: int
+    dtype: Any  # numpy dtype of the inputs and moments
+
+    @property
+    def inputs(self) -> tuple[str, str, str, str]:
+        return self.w, self.shift, self.ratio, self.q
+
+
+def _offset_builder(specs: dict[str, OffsetInputs]) -> Callable[[Builder, LayerPlan], None]:
+    """Build function for :func:`bncorrect.onnx_rewrite.rewrite_with`: the normalization of
+    :func:`offset_graph` (module docstring)."""
+
+    def build(b: Builder, p: LayerPlan) -> None:
+        c = p.channels
+        x3 = b.op("Reshape", [cast_in(b, p), b.shape([0, 0, -1])], "x_ncl")  # rank 2: L = 1
+        m = b.reduce("ReduceMean", x3, [0, 2], 1, "batch_mean")
+        xc = b.op("Sub", [x3, m], "x_centered")
+        v = b.reduce("ReduceMean", b.op("Mul", [xc, xc], "x_centered_sq"), [0, 2], 1, "batch_var")
+        w, shift, ratio, q = (b.fresh(k) for k in ("w", "shift", "ratio", "q"))
+        mean = b.op("Add", [b.op("Mul", [m, w], "w_m"), shift], "norm_mean")
+        v_eps = b.op("Add", [v, b.const("eps", p.eps)], "batch_var_eps")
+        var_eps = b.op("Add", [b.op("Mul", [v_eps, ratio], "ratio_var"), q], "norm_var_eps")
+        std = b.op("Sqrt", [var_eps], "norm_std")
+        scale = b.op("Div", [b.const("gamma", p.gamma.reshape(1, c, 1)), std], "scale")
+        centered = b.op("Sub", [x3, mean], "x_minus_mean")
+        y3 = b.op(
+            "Add",
+            [b.op("Mul", [centered, scale], "x_scaled"), b.const("bias", p.bias.reshape(1, c, 1))],
+            "y_ncl",
+        )
+        finish_layer(b, p, "y", "Reshape", [y3, b.op("Shape", [p.x], "x_shape")])
+        specs[p.name] = OffsetInputs(
+            w, shift, ratio, q, m, v, b.op("Shape", [x3], "ncl_shape"), c, b.np_dtype
+        )
+
+    return build
+
+
+def offset_graph(
+    model: onnx.ModelProto, layers: Sequence[OnnxLayer], *, source: str | Path | None = None
+) -> tuple[onnx.ModelProto, dict[str, OffsetInputs]]:
+    """A copy of ``model`` with every layer of ``layers`` normalizing as the iterative recalibration says
+    (:class:`OffsetInputs` per node name: four graph inputs each), and only the layers' batch moments and
+    shapes as outputs (nodes that none of them needs are left out)."""
+    specs: dict[str, OffsetInputs] = {}
+    graph = _build_every(
+        model,
+        [ly.name for ly in layers],
+        _offset_builder(specs),
+        "normalization with per-batch offsets from graph inputs (bncorrect.onnx_passes, recalibration)",
+        "recalibrated",
+        source,
+    )
+    elem = helper.np_dtype_to_tensor_dtype
+    for spec in specs.values():
+        dtype = elem(np.dtype(spec.dtype))
+        graph.graph.input.append(helper.make_tensor_value_info(spec.w, dtype, [1, 1, 1]))
+        for name in (spec.shift, spec.ratio, spec.q):
+            graph.graph.input.append(helper.make_tensor_value_info(name, dtype, [1, spec.channels, 1]))
+    taps = [t for ly in layers for t in (specs[ly.name].mean, specs[ly.name].var, specs[ly.name].shape)]
+    return tap_graph(graph, taps), specs
+
+
+def bn_depths(model: onnx.ModelProto, layers: Sequence[OnnxLayer]) -> dict[str, int]:
+    """Per layer of ``layers`` (node name): the number of layers on the longest chain of them upstream of
+    it, through the graph's dataflow (subgraphs' outer-scope reads included). The iterative recalibration
+    is exact after max + 1 passes."""
+    by_output = {ly.y: ly.name for ly in layers if ly.y}
+    depth: dict[str, int] = {}  # tensor -> longest chain of layers upstream of it (their outputs included)
+    out: dict[str, int] = {}
+    for node in model.graph.node:
+        d = max((depth.get(t, 0) for t in [*node.input, *_subgraph_names(node)] if t), default=0)
+        name = by_output.get(node.output[0]) if node.output else None
+        if name is not None:
+            out[name] = depth.get(node.input[0], 0)
+            d = max(d, out[name] + 1)  # its output depends on its own statistics too
+        for o in node.output:
+            depth[o] = d
+    return out
+
+
+def _feed(value: Tensor | float, shape: Sequence[int], dtype: Any) -> np.ndarray:
+    if isinstance(value, Tensor):
+        return value.detach().cpu().numpy().astype(dtype).reshape(shape)
+    return np.full(shape, value, dtype=dtype)
+
+
 def recalibrate_onnx(
     model: onnx.ModelProto,
     batches: Iterable[Batch],
     *,
     upstream: Upstream = "eval",
     batch_size: int | None = None,
+    exact: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+    max_passes: int = DEFAULT_MAX_PASSES,
     device: str | None = "auto",
     threads: int | None = None,
     total_examples: int | None = None,
@@ -705,9 +825,10 @@ def recalibrate_onnx(
     source: str | Path | None = None,
 ) -> RecalibrateResult:
     """Population statistics of every correctable BN node over ``batches``, as
-    :func:`bncorrect.recalibration.recalibrate_stats` computes them for a PyTorch model: ``eval`` layer by
-    layer with the earlier layers recalibrated (``batches`` re-iterable), ``train`` from one
-    training-mode pass over groups of ``batch_size``."""
+    :func:`bncorrect.recalibration.recalibrate_stats` computes them for a PyTorch model: ``eval`` with the
+    iterative scheme (at most ``max_passes`` and at most depth + 1 passes, module docstring; ``batches``
+    re-iterable, in the same order each time) or with ``exact`` layer by layer with the earlier layers
+    recalibrated, ``train`` from one training-mode pass over groups of ``batch_size``."""
     layers = correctable_layers(model, source=source)
     if upstream == "train":
 
@@ -731,10 +852,102 @@ def recalibrate_onnx(
         )
     check_upstream(upstream, batches)
     work, fixed = _working_copy(model, source)
-    # layer k's pass reads the layers before it with their new statistics and stops at its own input
+    # the recalibrated layers never read their stored statistics (broken ones become placeholders)
     _placeholder_statistics(work)
+    if exact:
+        return _layer_by_layer(
+            work, fixed, layers, batches, device, threads, total_examples, progress, data_hint, source
+        )
+    check_iteration(tolerance, max_passes)
+    depths = bn_depths(work, layers)
+    bound = max(depths.values(), default=0) + 1  # passes after which the statistics are exact
+    cap = min(max_passes, bound)
+    graph, specs = offset_graph(work, layers, source=source)
+    outputs = [t for ly in layers for t in (specs[ly.name].mean, specs[ly.name].var, specs[ly.name].shape)]
+    runner = GraphRunner(
+        graph,
+        outputs,
+        device=device,
+        threads=threads,
+        source=source,
+        data_hint=data_hint,
+        fixed_batch=fixed,
+        extra_inputs=[n for spec in specs.values() for n in spec.inputs],
+    )
+    state = OffsetNormalization(
+        {ly.name: ly.eps for ly in layers}, tolerance=tolerance, max_passes=cap, data_hint=data_hint
+    )
+    done = False
+    while not done:
+        state.begin_pass()
+        label = f"recalibrate pass {state.passes} of ≤{cap}"
+        for batch in batches:
+            data = _input_tensor(batch)
+            state.begin_batch(data, batch_size_of(batch))
+            feed = runner.feed(data)
+            extra = {}
+            for ly in layers:
+                spec = specs[ly.name]
+                shapes = ((1, 1, 1), *((1, spec.channels, 1),) * 3)
+                for name, value, shape in zip(spec.inputs, state.coefficients(ly.name), shapes, strict=True):
+                    extra[name] = _feed(value, shape, spec.dtype)
+            values = runner.run(feed, extra)
+            for k, ly in enumerate(layers):  # graph order: the first layer at fault is named
+                mean, var, shape = values[3 * k : 3 * k + 3]
+                if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(var).all())):
+                    raise _nonfinite_input(graph, ly, {**feed, **extra}, runner, device, threads, data)
+                n = int(shape[0]) * int(shape[2])
+                state.record_moments(ly.name, mean.reshape(-1), var.reshape(-1), n)
+            if progress is not None:
+                progress(label, state.examples, total_examples)
+        done = state.end_pass()
+    return state.result([ly.name for ly in layers], exact=state.passes >= bound)
+
+
+def _nonfinite_input(
+    graph: onnx.ModelProto,
+    ly: OnnxLayer,
+    feed: Mapping[str, np.ndarray],
+    runner: GraphRunner,
+    device: str | None,
+    threads: int | None,
+    data: Tensor,
+) -> NumericalError:
+    """The error for layer ``ly`` whose batch moments in :func:`offset_graph` ``graph`` are NaN/Inf: the
+    batch (``feed``: every input) is run again with the layer's input as the output, to say what is wrong
+    with it (NaN/Inf, or finite values whose variance overflows the statistics' type)."""
+    tapped = tap_graph(graph, [ly.x])
+    again = GraphRunner(
+        tapped,
+        [tap_name(graph, ly.x)],
+        device=device,
+        threads=threads,
+        source=runner.source,
+        data_hint=runner.data_hint,
+        extra_inputs=[n for n in feed if n != runner.input.name],
+    )
+    (x,) = again.run(dict(feed))
+    return nonfinite_error(ly.name, x, data_hint=runner.data_hint, data=data)
+
+
+def _layer_by_layer(
+    work: onnx.ModelProto,
+    fixed: int | None,
+    layers: Sequence[OnnxLayer],
+    batches: Iterable[Batch],
+    device: str | None,
+    threads: int | None,
+    total_examples: int | None,
+    progress: Progress | None,
+    data_hint: str,
+    source: str | Path | None,
+) -> RecalibrateResult:
+    """The exact scheme: layer k's pass reads the layers before it with their new statistics and stops at
+    its own input (module docstring)."""
     done: dict[str, tuple[Tensor, Tensor]] = {}
-    examples = 0
+    examples = seen = 0
+    label = f"recalibrate layer by layer ({len(layers)} layers)"
+    total = None if total_examples is None else total_examples * len(layers)
     for ly in layers:
         graph = (
             rewrite_with(work, {}, {}, running_stats=done, source=source, check=False)[0] if done else work
@@ -757,15 +970,18 @@ def recalibrate_onnx(
             moments.add(x, data)
             examples += batch_size_of(batch)
             if progress is not None:
-                progress(f"recalibrate {ly.name}", examples, total_examples)
+                progress(label, seen + examples, total)
         if examples == 0:
             raise DataError(
                 "the data is empty", path=data_hint or None, hint="pass a dataset with at least one example"
             )
+        seen += examples
         mean, var = moments.mean, moments.variance()
         check_finite(ly.name, mean, var, data_hint=data_hint)
         done[ly.name] = (mean.float(), var.float())
-    return RecalibrateResult(dict(done), "eval", examples, len(layers), None, [])
+    return RecalibrateResult(
+        dict(done), "eval", examples, len(layers), None, [], "layer by layer", 0.0, None, True, True
+    )
 
 
 # ---------------------------------------------------------------------------------------------- sweep

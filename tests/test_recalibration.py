@@ -12,12 +12,18 @@ from bncorrect.recalibration import PopulationMoments, recalibrate_stats
 from . import toys
 
 
-def test_inference_consistent_equals_full_batch_layer_by_layer():
+@pytest.mark.parametrize("exact", [True, False])
+def test_inference_consistent_equals_full_batch_layer_by_layer(exact):
     model = toys.conv_net(seed=1)
     x, _ = toys.data(100, seed=2)
     batches = [(x[i : i + 32],) for i in range(0, 100, 32)]  # uneven last batch
-    result = recalibrate_stats(model, batches, upstream="eval")
-    assert result.passes == 3 and result.examples == 100
+    result = recalibrate_stats(model, batches, upstream="eval", exact=exact)
+    assert result.examples == 100 and result.exact == exact and result.converged
+    # layer by layer: one partial pass per layer; iterative: a chain of 3 BN layers (depth 2) is exact
+    # after 3 passes, and the 4th finds nothing changed
+    assert result.passes == (3 if exact else 4)
+    assert result.scheme == ("layer by layer" if exact else "iterative")
+    assert result.max_change is not None and result.max_change < 1e-6
     # direct computation: the whole data at once, each layer with the earlier ones already recalibrated
     ref = copy.deepcopy(model).double()
     h = x.double()
@@ -65,11 +71,17 @@ def test_model_untouched_and_options_checked():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, _ = toys.data(16)
     recalibrate_stats(model, [(x,)], upstream="eval")
+    recalibrate_stats(model, [(x,)], upstream="eval", exact=True)
     recalibrate_stats(model, [(x,)], upstream="train", batch_size=4)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(UsageError, match="--batch-size"):
         recalibrate_stats(model, [(x,)], upstream="train")
     with pytest.raises(UsageError, match="re-iterable"):
         recalibrate_stats(model, iter([(x,)]), upstream="eval")
-    with pytest.raises(DataError, match="empty"):
-        recalibrate_stats(model, [], upstream="eval")
+    for exact in (True, False):
+        with pytest.raises(DataError, match="empty"):
+            recalibrate_stats(model, [], upstream="eval", exact=exact)
+    with pytest.raises(UsageError, match="tolerance"):
+        recalibrate_stats(model, [(x,)], tolerance=0.0)
+    with pytest.raises(UsageError, match="at least 2 passes"):
+        recalibrate_stats(model, [(x,)], max_passes=1)
