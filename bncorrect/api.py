@@ -1084,7 +1084,7 @@ def recalibrate(
         and hasattr(dataset, "__getitem__")
     ):
         export.example_input = torch.stack([dataset[i][0] for i in range(min(2, len(dataset)))])
-    outcome = _finish(source, corrections, out, export, warnings=warnings)
+    outcome = _finish(source, corrections, out, export, warnings=warnings, data_pass=True, progress=progress)
     outcome.report["recalibrate"] = recal
     return outcome
 

@@ -763,6 +763,7 @@ def recalibrate(
     channels: ChannelsOpt = 3,
     preprocess: PreprocessOpt = None,
     skip_bad_files: SkipBadOpt = False,
+    data_config: DataConfigOpt = None,
     input_shape: InputShapeOpt = None,
     opset: OpsetOpt = None,
     no_verify: NoVerifyOpt = False,
@@ -772,11 +773,14 @@ def recalibrate(
     from . import api
 
     spec = _data_spec(resize, crop, mean, std, no_normalize, channels, preprocess, skip_bad_files)
+    load = _load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch)
+    model_or_source, spec = _model_and_spec(model, spec, data_config, load)
     dataset = api.open_data(data, spec)
     _warn_skipped(dataset)
+    _say_preprocessing(dataset, json_out)
     with _progress_bar(enabled=not json_out) as bar:
         outcome = api.recalibrate(
-            model,
+            model_or_source,
             dataset,
             out=output,
             upstream=upstream,
@@ -790,7 +794,7 @@ def recalibrate(
             seed=seed,
             progress=bar,
             export=_export_options(input_shape, opset, no_verify),
-            **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch),
+            **load,
         )
     _warn_load(outcome.source)
     _warn_outcome(outcome)
