@@ -726,14 +726,17 @@ def recalibrate(
         int | None, typer.Option("--batch-size", help="Normalization batch size for --upstream train.")
     ] = None,
     exact: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--exact",
-            help="--upstream eval layer by layer: one partial pass per BN layer (about L/2 passes for L "
-            "layers), the reference. Default: full passes until the statistics settle (--tolerance), exact "
-            "after at most depth + 1 passes.",
+            "--exact/--iterative",
+            help="--upstream eval scheme. --exact: layer by layer, one partial pass per BN layer (about L/2 "
+            "passes for L layers), the reference. --iterative: full passes until the statistics settle "
+            "(--tolerance, --max-passes), exact after at most depth + 1 passes and after one pass when the "
+            "data is one batch. Default: --exact when L/2 <= --max-passes and the data is several batches, "
+            "else --iterative.",
+            show_default=False,
         ),
-    ] = False,
+    ] = None,
     tolerance: Annotated[
         float | None,
         typer.Option(
