@@ -546,6 +546,7 @@ def write_output(
             raise
         raise _with_saved_corrections(e, outcome.corrections, out) from None
     outcome.report["export"] = report
+    outcome.report.setdefault("warnings", []).extend(report.notes)
     return out
 
 

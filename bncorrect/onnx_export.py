@@ -77,6 +77,8 @@ class ExportReport:
     #: whether onnxruntime loads the written graph: "onnxruntime loads it" (proven by the verification run,
     #: or by a session created on the staged file with ``verify=False``) or "not checked: <why>".
     runtime_check: str = RUNTIME_NOT_WRITTEN
+    #: warnings about how the graph was made (the TorchScript exporter stood in for torch.export)
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, object]:
         """JSON-friendly report."""
@@ -89,6 +91,7 @@ class ExportReport:
             "kept": list(self.kept),
             "min_effect": None if self.min_effect is None else self.min_effect.summary(),
             "runtime_check": self.runtime_check,
+            "notes": list(self.notes),
         }
 
 
@@ -336,8 +339,13 @@ def export_plain(
     *,
     opset: int | None = None,
     dynamic_batch: bool = True,
+    notes: list[str] | None = None,
 ) -> onnx.ModelProto:
-    """Export ``model`` (as it is, in eval mode) with its BatchNormalization nodes kept, constants folded."""
+    """Export ``model`` (as it is, in eval mode) with its BatchNormalization nodes kept, constants folded.
+
+    When torch.export cannot capture the model, the TorchScript exporter (opset ``opset`` or
+    :data:`LEGACY_OPSET`) writes it, and a warning saying so (and what the tracer fixed) goes to
+    ``notes``; when both fail, the :class:`OnnxError` is torch.export's."""
     try:
         import onnx_ir.passes.common as ir_passes
         import onnxscript.optimizer as script_optimizer
@@ -370,11 +378,26 @@ def export_plain(
     except OnnxError:
         raise
     except Exception as e:
-        raise OnnxError(
+        dynamo_error = OnnxError(
             f"torch.onnx.export failed: {_export_cause(e)}",
             hint=_export_hint(),
             detail=_export_detail(e, cap.text() if cap is not None else ""),
-        ) from None
+        )
+        # torch.export could not capture the model (data-dependent control flow, list outputs of
+        # detection models): the TorchScript tracer often can, for the example input's path through it
+        try:
+            proto, tracer_warnings = _trace_export(
+                model, args, opset or LEGACY_OPSET, dynamic_batch, output_names
+            )
+        except OnnxError as legacy:
+            raise OnnxError(
+                dynamo_error.message,
+                hint=dynamo_error.hint,
+                detail=f"{dynamo_error.detail}\n\nthe TorchScript exporter failed too: {legacy.message}",
+            ) from None
+        if notes is not None:
+            notes.append(_traced_note(_export_cause(e), tracer_warnings))
+        return proto
     got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is not None and got != opset:
         try:
@@ -389,6 +412,30 @@ def _export_legacy(
 ) -> onnx.ModelProto:
     """TorchScript-based exporter for opsets the dynamo exporter cannot write; BN kept with
     ``training=TrainingMode.PRESERVE`` (the model is in eval mode, so BN exports in inference form)."""
+    try:
+        return _trace_export(model, args, opset, dynamic_batch, None)[0]
+    except OnnxError as e:
+        raise OnnxError(
+            f"exporting to opset {opset} (legacy TorchScript exporter) failed: {e.message}",
+            hint=f"use {spell('opset', 18)} or newer, or leave it out (the dynamo exporter writes opset 18+)",
+            detail=e.detail,
+        ) from None
+
+
+#: The opset of the TorchScript exporter's graphs when the dynamo exporter cannot capture the model and no
+#: opset is asked for (the newest it writes without warnings in torch 2.13).
+LEGACY_OPSET = 17
+
+
+def _trace_export(
+    model: nn.Module,
+    args: tuple[Tensor, ...],
+    opset: int,
+    dynamic_batch: bool,
+    output_names: list[str] | None,
+) -> tuple[onnx.ModelProto, list[str]]:
+    """The TorchScript exporter (``dynamo=False``) with BN kept, and the tracer's warnings (Python control
+    flow or values the trace fixed to the example input's)."""
     names = [f"input_{i}" if len(args) > 1 else "input" for i in range(len(args))]
     buf = io.BytesIO()
     cap: _Captured | None = None
@@ -402,15 +449,32 @@ def _export_legacy(
                 opset_version=opset,
                 training=torch.onnx.TrainingMode.PRESERVE,
                 input_names=names,
+                output_names=output_names,
                 dynamic_axes={n: {0: "batch"} for n in names} if dynamic_batch else None,
             )
     except Exception as e:
         raise OnnxError(
-            f"exporting to opset {opset} (legacy TorchScript exporter) failed: {_export_cause(e)}",
-            hint=f"use {spell('opset', 18)} or newer, or leave it out (the dynamo exporter writes opset 18+)",
+            f"the TorchScript exporter failed: {_export_cause(e)}",
             detail=_export_detail(e, cap.text() if cap is not None else ""),
         ) from None
-    return onnx.load_from_string(buf.getvalue())
+    assert cap is not None
+    tracer = [w for w in cap.warnings if w.startswith("TracerWarning")]
+    return onnx.load_from_string(buf.getvalue()), tracer
+
+
+def _traced_note(cause: str, tracer_warnings: list[str]) -> str:
+    """The warning for a graph written by the TorchScript exporter after torch.export failed."""
+    note = (
+        f"torch.export could not capture the model ({shorten(cause, 160)}), so the graph was written by "
+        "torch.onnx's TorchScript exporter (a trace of the example input) and verified on that input"
+    )
+    if tracer_warnings:
+        first = tracer_warnings[0].split(" (", 1)[0].removeprefix("TracerWarning: ")
+        note += (
+            f"; the tracer fixed {len(tracer_warnings)} Python value(s) or branch(es) to the example's "
+            f"(first: {shorten(first, 160)}), so check the graph on inputs of other shapes and contents"
+        )
+    return note
 
 
 def export_onnx(
@@ -456,7 +520,8 @@ def export_onnx(
         for name, m in corrected_layers(reference).items()
         if not m.is_identity()
     }
-    proto = export_plain(plain, example_input, opset=opset, dynamic_batch=dynamic_batch)
+    notes: list[str] = []
+    proto = export_plain(plain, example_input, opset=opset, dynamic_batch=dynamic_batch, notes=notes)
     step(EXPORT_STEPS, 1, 3)
     alpha: dict[str, Tensor] = {}
     beta: dict[str, Tensor] = {}
@@ -523,6 +588,7 @@ def export_onnx(
         rewrite=report,
         min_effect=effect,
         runtime_check=report.runtime_check,
+        notes=notes,
     )
 
 

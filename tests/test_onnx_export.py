@@ -304,3 +304,59 @@ def test_dict_outputs_keep_their_names(tmp_path: Path) -> None:
     export_onnx(net, torch.randn(2, 3, 8, 8), tmp_path / "seg.onnx")
     graph = onnx.load(tmp_path / "seg.onnx")
     assert [o.name for o in graph.graph.output] == ["out", "aux"]
+
+
+class Branchy(nn.Module):
+    """Data-dependent Python control flow: torch.export cannot capture it, the TorchScript tracer can
+    (for the example input's branch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        with torch.no_grad():
+            self.bn.running_mean.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+            self.bn.running_var.copy_(torch.tensor([0.5, 1.5, 2.0, 1.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.conv(x))
+        if h.sum() > -1e9:  # always taken, but a branch on a tensor's value
+            return torch.relu(h)
+        return h
+
+
+def test_torchscript_exporter_stands_in_when_torch_export_fails(tmp_path):
+    torch.manual_seed(0)
+    model = Branchy().eval()
+    x = torch.randn(2, 3, 6, 6)
+    out = tmp_path / "b.onnx"
+    outcome = api.weight(model, 0.3, out=out, export=api.ExportOptions(example_input=x))
+    report = outcome.report["export"]
+    assert report.rewritten == ["bn"] and report.rel_diff < 1e-5
+    (note,) = [w for w in outcome.report["warnings"] if "TorchScript exporter" in w]
+    assert "torch.export could not capture" in note and "fixed 1 Python value" in note
+    # the written graph is the corrected layer: against the float64 reference on new inputs of that branch
+    x2 = torch.randn(3, 3, 6, 6)
+    got = run_onnx(out, x2)[0]
+    with torch.no_grad():
+        h = model.conv(x2).numpy()
+    bn = model.bn
+    stats = [t.detach().numpy() for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias)]
+    want = np.maximum(corrected_bn_reference(h, *stats, bn.eps, 0.3, 0.3), 0.0)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_both_exporters_failing_raise_torch_exports_error(tmp_path):
+    class Eig(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.bn(x).unsqueeze(-1)
+            return torch.linalg.eigvalsh(y @ y.transpose(1, 2))
+
+    with pytest.raises(onnx_export.OnnxError) as info:
+        export_plain(Eig().eval(), torch.randn(4, 3))
+    assert info.value.message.startswith("torch.onnx.export failed")
+    assert "the TorchScript exporter failed too" in (info.value.detail or "")
