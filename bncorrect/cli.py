@@ -1304,7 +1304,7 @@ def demo(
         for s in tuned:
             assert s.tune is not None
             plain = (
-                f"; {s.tune.zero_layers} of {s.tune.n_layers} tuned layers plain BN"
+                f" (the per-layer fit leaves {s.tune.zero_layers} of {s.tune.n_layers} layers plain BN)"
                 if s.tune.zero_layers
                 else ""
             )
