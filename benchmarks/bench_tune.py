@@ -8,8 +8,15 @@ per-round ratios. tune's own stages (split, estimate, sweep, fit, held-out) are 
 of the last round, and the held-out NLL of every candidate (EMA, rule, best global alpha, EvalNorm offline,
 tuned per layer) with the one tune chose.
 
+``--memory``: instead, peak memory against the data size. For each case the validation set is tiled 1x,
+4x and 16x (each copy with small noise, labels kept), and tune runs on it in a fresh process per size, once
+with the default cache (fitting examples held in memory up to ``cache_bytes``, 1 GiB) and once with
+``cache_bytes=0`` (streamed from the loader every epoch: what happens past the budget). Reported: the
+process's peak RSS minus its RSS after the data was loaded (so the data itself, which the caller holds,
+is not counted), in MiB.
+
 Usage: python benchmarks/bench_tune.py [--repeats 3] [--threads N] [--samples DIR] [--cases a,b]
-       [--holdout 0.3] [--seed 0]
+       [--holdout 0.3] [--seed 0] [--memory]
 """
 
 from __future__ import annotations
@@ -30,6 +37,49 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bncorrect import api  # noqa: E402
+
+MEMORY_CHILD = r"""
+import resource, sys, numpy as np, torch
+torch.set_num_threads(1)
+from bncorrect import api
+from bncorrect.tune import tune_model
+path, b, copies, cache = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+d = np.load(path)
+rng = np.random.default_rng(0)
+x = np.concatenate([d["x"] + (0 if i == 0 else 0.01) * rng.standard_normal(d["x"].shape).astype(d["x"].dtype)
+                    for i in range(copies)])
+y = np.concatenate([d["y"]] * copies)
+src = api.open_model(path.replace("val.npz", "model.pt"))
+ds = api.open_data((torch.from_numpy(x), torch.from_numpy(y)))
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+base = rss()
+kw = {} if cache < 0 else {"cache_bytes": cache}
+r = tune_model(src.model, ds, b, device="cpu", **kw)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(f"{len(x)} {max(0.0, peak - base):.1f} {r.fit.cache}")
+"""
+
+
+def memory(args: argparse.Namespace) -> None:
+    print("| case | examples | cache | peak RSS above the loaded data, MiB | fit's cache |")
+    print("|---|---|---|---|---|")
+    for name in [c.strip() for c in args.cases.split(",") if c.strip()]:
+        path = args.samples / name / "val.npz"
+        b = int(name.rsplit("_b", 1)[1])
+        for cache, label in ((-1, "default (1 GiB)"), (0, "0 (streamed)")):
+            for copies in (1, 4, 16):
+                out = subprocess.run(
+                    [sys.executable, "-c", MEMORY_CHILD, str(path), str(b), str(copies), str(cache)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    cwd=ROOT,
+                    env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+                ).stdout.split(maxsplit=2)
+                print(f"| {name} | {out[0]} | {label} | {out[1]} | {out[2].strip()} |", flush=True)
+
 
 CASES = ("mnist1d_b2", "digits_b2", "mnist1d_b32", "digits_b32")
 
@@ -54,6 +104,7 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--holdout", type=float, default=0.3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--memory", action="store_true", help="peak memory at 1x/4x/16x the data instead")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -62,6 +113,9 @@ def main() -> None:
         f"host: {host_label()}; {platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, Python {platform.python_version()}"
     )
+    if args.memory:
+        memory(args)
+        return
     print(f"repeats {args.repeats} (after 1 warm-up round), jobs alternating; CPU\n")
     print("| case | sweep-alpha s | tune s | tune / sweep | tune stages (s) |")
     print("|---|---|---|---|---|")

@@ -1247,8 +1247,9 @@ def demo(
     json_out: JsonOpt = False,
 ) -> None:
     """Show the correction at work on the sample checkpoints (B = 2 beside B = 32): inspect, rule,
-    estimate, sweep-alpha and a verified ONNX export, then one comparison table."""
-    from .demo import METHODS, run_demo
+    estimate, sweep-alpha, a verified ONNX export and tune, then a comparison table and tune's held-out
+    table."""
+    from .demo import METHODS, TUNE_ROWS, run_demo
 
     with _progress_bar(enabled=not json_out) as bar:
         result = run_demo(
@@ -1287,11 +1288,39 @@ def demo(
         )
         + "."
     )
+    tuned = [s for s in result.samples if s.tune is not None]
+    if tuned:
+        table = Table(
+            title="tune: NLL (top-1) on the held-out half, every candidate fitted on the other half; "
+            "◀ written"
+        )
+        table.add_column("candidate")
+        for s in tuned:
+            assert s.tune is not None
+            table.add_column(f"{s.name}\n({s.tune.n_fit} fit / {s.tune.n_heldout} held out)", justify="right")
+        for kind, label in TUNE_ROWS:
+            cells = []
+            for s in tuned:
+                assert s.tune is not None
+                m = s.tune.heldout[kind]
+                alpha = f" a={m.alpha:g}" if kind == "global" and m.alpha is not None else ""
+                mark = " ◀" if s.tune.chosen == kind else ""
+                cells.append(f"{m.nll:.4f} ({100 * m.top1:.1f}%){alpha}{mark}")
+            table.add_row(label, *cells)
+        out_console.print(table)
+        for s in tuned:
+            assert s.tune is not None
+            plain = (
+                f" (the per-layer fit leaves {s.tune.zero_layers} of {s.tune.n_layers} layers plain BN)"
+                if s.tune.zero_layers
+                else ""
+            )
+            out_console.print(f"{s.name}: tune wrote {s.tune.chosen_label}{plain}")
     for s in result.samples:
         diff = "" if s.onnx_max_abs_diff is None else f" (verified, max abs diff {s.onnx_max_abs_diff:.2g})"
         err_console.print(
             f"[green]Wrote[/] {result.out_dir / s.name}/: rule, evalnorm, sweep plot and report, "
-            f"corrected.onnx{diff}"
+            f"corrected.onnx{diff}, tuned.safetensors with tune.json and tune.png"
         )
 
 

@@ -9,6 +9,11 @@ what a user would run, through the same API functions as the CLI commands:
 4. ``sweep-alpha``: a grid of global alphas, with EMA, the rule and the EvalNorm file as extra rows, on the
    labelled validation data (plot and JSON report);
 5. ONNX export of the NLL-best global alpha, verified against PyTorch in onnxruntime;
+6. ``tune``: the validation data split in halves (seeded, stratified by label); every candidate (EMA, the
+   rule, the best global alpha, EvalNorm offline, per-layer alpha/beta fitted to the NLL) fitted on one
+   half and scored on the other, the held-out half; the chosen one written (``tuned.safetensors``, its
+   JSON report and per-layer plot). Its numbers are on the held-out half only, so they are shown in a
+   table of their own, not beside the whole-set rows of steps 1-5;
 
 and, as the reference the corrections try to approach, the model with *training-mode* normalization over
 consecutive groups of B validation examples (the statistics training used; not usable at inference for
@@ -40,6 +45,16 @@ METHODS = (
     "train-mode BN, groups of B",
 )
 FAST_ALPHAS = (0.0, 0.05, 0.1, 0.2, 0.3)
+#: tune's held-out fraction in the demo: half the validation data (the other half fits the candidates).
+TUNE_HOLDOUT = 0.5
+#: Candidates of the demo's tune table, in order: (kind in :data:`bncorrect.tune.KINDS`, label).
+TUNE_ROWS = (
+    ("ema", "EMA (plain BN)"),
+    ("rule", "rule 1/B^2"),
+    ("global", "best global alpha"),
+    ("evalnorm", "EvalNorm offline"),
+    ("tuned", "tuned per layer"),
+)
 
 
 def default_samples_dir() -> Path:
@@ -61,6 +76,38 @@ class MethodResult:
 
 
 @dataclass
+class TuneSummary:
+    """What ``tune`` measured on one sample: every candidate on the held-out half, and what it wrote."""
+
+    holdout: float
+    n_fit: int
+    n_heldout: int
+    heldout: dict[str, MethodResult]  # kind -> held-out NLL/top-1
+    fit: dict[str, MethodResult]  # kind -> fitting-part NLL/top-1
+    chosen: str  # the kind written
+    chosen_label: str
+    zero_layers: int
+    n_layers: int
+    heldout_indices: list[int]
+    notes: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "holdout": self.holdout,
+            "n_fit": self.n_fit,
+            "n_heldout": self.n_heldout,
+            "heldout": {k: v.as_dict() for k, v in self.heldout.items()},
+            "fit": {k: v.as_dict() for k, v in self.fit.items()},
+            "chosen": self.chosen,
+            "chosen_label": self.chosen_label,
+            "zero_layers": self.zero_layers,
+            "n_layers": self.n_layers,
+            "heldout_indices": list(self.heldout_indices),
+            "notes": list(self.notes),
+        }
+
+
+@dataclass
 class SampleResult:
     """Everything the demo did on one sample checkpoint."""
 
@@ -72,6 +119,7 @@ class SampleResult:
     evalnorm_alpha_range: tuple[float, float]
     files: dict[str, Path]
     onnx_max_abs_diff: float | None
+    tune: TuneSummary | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -83,6 +131,7 @@ class SampleResult:
             "evalnorm_alpha_range": list(self.evalnorm_alpha_range),
             "files": {k: str(v) for k, v in self.files.items()},
             "onnx_max_abs_diff": self.onnx_max_abs_diff,
+            "tune": None if self.tune is None else self.tune.as_dict(),
         }
 
 
@@ -176,6 +225,9 @@ def run_sample(
         "sweep_plot": out / "sweep.png",
         "sweep_report": out / "sweep.json",
         "onnx": out / "corrected.onnx",
+        "tuned": out / "tuned.safetensors",
+        "tune_report": out / "tune.json",
+        "tune_plot": out / "tune.png",
     }
     tag = f"{sample.name}: "
     step = None if progress is None else (lambda d, c, t: progress(tag + d, c, t))
@@ -229,6 +281,33 @@ def run_sample(
     )
     plain = api.open_model(model_path)
     methods[METHODS[5]] = batch_mode_metrics(plain.model, loader, b)
+    tuned = api.tune(
+        model_path,
+        dataset,
+        b,
+        holdout=TUNE_HOLDOUT,
+        seed=seed,
+        alphas=alphas,
+        out=files["tuned"],
+        report=files["tune_report"],
+        plot=files["tune_plot"],
+        max_examples=max_examples,
+        device=device,
+        progress=step,
+    ).report["tune"]
+    summary = TuneSummary(
+        TUNE_HOLDOUT,
+        tuned.n_fit,
+        tuned.n_heldout,
+        {r.kind: MethodResult(r.heldout.nll, r.heldout.top1, r.alpha, r.heldout.n) for r in tuned.rows},
+        {r.kind: MethodResult(r.fit["nll"], r.fit["top1"], r.alpha, tuned.n_fit) for r in tuned.rows},
+        tuned.chosen.kind,
+        tuned.chosen.label,
+        len(tuned.zero_layers),
+        len(tuned.layers),
+        list(tuned.heldout_indices),
+        list(tuned.notes),
+    )
     return SampleResult(
         sample.name,
         b,
@@ -238,6 +317,7 @@ def run_sample(
         (min(alphas_est), max(alphas_est)) if alphas_est else (math.nan, math.nan),
         files,
         None if export is None else export.max_abs_diff,
+        summary,
     )
 
 
@@ -252,7 +332,7 @@ def run_demo(
     seed: int = 0,
     progress: Callable[[str, int, int | None], None] | None = None,
 ) -> DemoResult:
-    """Run inspect -> rule -> estimate -> sweep-alpha -> ONNX export on each sample checkpoint.
+    """Run inspect -> rule -> estimate -> sweep-alpha -> ONNX export -> tune on each sample checkpoint.
 
     ``fast``: 200 validation examples and a 5-point alpha grid (what the test suite runs)."""
     from .paths import check_paths

@@ -47,7 +47,13 @@ every number is measured. Rows per network:
 - EMA: plain inference BN with the running statistics;
 - best alpha (NLL): :func:`bncorrect.api.sweep_alpha` on the tuning half (train_batch_size = B), the alpha
   with the lowest NLL, then :func:`bncorrect.api.weight` with it;
-- EvalNorm offline: :func:`bncorrect.api.estimate` on the tuning half with B = the normalization batch.
+- EvalNorm offline: :func:`bncorrect.api.estimate` on the tuning half with B = the normalization batch;
+- tune: :func:`bncorrect.api.tune` on the tuning half (B = the normalization batch, its own seeded
+  stratified split of that half: 70% to fit the candidates, 30% held out to choose among them, seed = the
+  network's seed); the correction it writes (``<checkpoint>.tuned.safetensors``, EMA when no candidate
+  beat plain BN on its held-out part) applied with :func:`bncorrect.api.apply`. The record keeps which
+  candidate it chose (``chosen``: ema, rule, global, evalnorm, tuned) and the NLL of EMA and of the chosen
+  one on tune's held-out part.
 
 The post-hoc tools model the training normalization as per-channel statistics over B examples; that is
 exact for ``bn`` and ``ghost`` only (Batch Renorm trains with r/d-corrected statistics, BGN with channel-
@@ -109,7 +115,7 @@ METHOD_LABELS: dict[str, str] = {
     "cbn": "Cross-Iteration BN",
     "gn": "GroupNorm",
 }
-ROWS: tuple[str, ...] = ("EMA", "best alpha (NLL)", "EvalNorm offline")
+ROWS: tuple[str, ...] = ("EMA", "best alpha (NLL)", "EvalNorm offline", "tune")
 #: Examples each BGN statistic / CBN window covers (in units of examples at one position and channel).
 TARGET_EXAMPLES = 16
 #: Batch Renorm paper's schedule (sec. 4) as fractions of its 130k training steps.
@@ -451,9 +457,14 @@ def _metrics(model: nn.Module, test: Path) -> dict[str, float]:
     return make_samples.evaluate(model, torch.from_numpy(data["x"]), torch.from_numpy(data["y"]))
 
 
-def evaluate_run(path: Path, run: Run, tune: Path, test: Path) -> dict[str, dict[str, float]]:
-    """Test-half NLL/top-1 of the rows EMA, best alpha (NLL) and EvalNorm offline (GroupNorm: EMA only,
-    meaning its plain inference)."""
+def tuned_path(path: Path) -> Path:
+    """Where :func:`evaluate_run` writes tune's corrections for the checkpoint ``path``."""
+    return path.with_name(f"{path.stem}.tuned.safetensors")
+
+
+def evaluate_run(path: Path, run: Run, tune: Path, test: Path) -> dict[str, dict[str, Any]]:
+    """Test-half NLL/top-1 of the rows EMA, best alpha (NLL), EvalNorm offline and tune (GroupNorm: EMA
+    only, meaning its plain inference)."""
     import bncorrect
     from bncorrect import api
 
@@ -470,6 +481,16 @@ def evaluate_run(path: Path, run: Run, tune: Path, test: Path) -> dict[str, dict
         **_metrics(est.model, test),
         "alpha_mean": statistics.fmean(ly.alpha for ly in layers),
         "beta_mean": statistics.fmean(ly.beta for ly in layers),
+    }
+    out = tuned_path(path)
+    out.unlink(missing_ok=True)
+    result = api.tune(path, tune, run.B, seed=run.seed, device="cpu", out=out).report["tune"]
+    rows["tune"] = {
+        **_metrics(api.apply(path, out).model, test),
+        "chosen": result.chosen.kind,
+        "heldout_ema_nll": result.ema.heldout.nll,
+        "heldout_chosen_nll": result.chosen.heldout.nll,
+        "n_zero_layers": len(result.zero_layers),
     }
     return rows
 
@@ -521,9 +542,9 @@ def markdown_table(results: list[dict[str, Any]], dataset: str, sizes: Sequence[
     """Per B and method: test NLL and top-1 error (%) for each row, mean ± sd over seeds."""
     head = (
         "| B | method | seeds | EMA NLL | EMA err % | best α (NLL) NLL | best α err % | α chosen "
-        "| EvalNorm NLL | EvalNorm err % | EvalNorm mean α | train s |"
+        "| EvalNorm NLL | EvalNorm err % | EvalNorm mean α | tune NLL | tune err % | tune chose | train s |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 15]
     methods = [m for m in METHODS if any(r["method"] == m for r in results)]
     for b in sizes:
         for m in methods:
@@ -537,15 +558,20 @@ def markdown_table(results: list[dict[str, Any]], dataset: str, sizes: Sequence[
             runs.sort(key=lambda r: r["seed"])
             cells = [str(b), METHOD_LABELS[m], ",".join(str(r["seed"]) for r in runs)]
             for row in ROWS:
-                if row not in runs[0]["rows"]:
+                have = [r for r in runs if row in r["rows"]]
+                if not have:
                     cells += ["n/a", "n/a"] + (["n/a"] if row != "EMA" else [])
                     continue
-                cells.append(_mean_sd([r["rows"][row]["nll"] for r in runs]))
-                cells.append(_err([r["rows"][row]["top1"] for r in runs]))
+                # a row measured on fewer seeds than the block (tune, added later) names its seeds
+                seeds = "" if len(have) == len(runs) else f" (seeds {','.join(str(r['seed']) for r in have)})"
+                cells.append(_mean_sd([r["rows"][row]["nll"] for r in have]) + seeds)
+                cells.append(_err([r["rows"][row]["top1"] for r in have]))
                 if row == "best alpha (NLL)":
-                    cells.append(", ".join(f"{r['rows'][row]['alpha']:g}" for r in runs))
+                    cells.append(", ".join(f"{r['rows'][row]['alpha']:g}" for r in have))
                 elif row == "EvalNorm offline":
-                    cells.append(", ".join(f"{r['rows'][row]['alpha_mean']:.3f}" for r in runs))
+                    cells.append(", ".join(f"{r['rows'][row]['alpha_mean']:.3f}" for r in have))
+                elif row == "tune":
+                    cells.append(", ".join(str(r["rows"][row]["chosen"]) for r in have))
             cells.append(f"{statistics.fmean(r['train_seconds'] for r in runs):.0f}")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -10,6 +10,11 @@ For each dataset (digits, MNIST-1D), B in {2, 4, 8, 32} and seed, a sample netwo
 - EvalNorm offline after training-consistent recalibration (``estimate --recalibrate --upstream train``);
 - the best global alpha (``sweep-alpha``, alpha = beta for every layer), chosen by NLL and by top-1 on the
   tuning half;
+- tune (``bncorrect.tune``): every candidate above (EMA, rule, best global alpha, EvalNorm offline) and
+  per-layer alpha/beta fitted to the NLL, fitted on 70% of the tuning half and chosen on the other 30%
+  (its own seeded, stratified split, seed = the network's seed; EMA when nothing beat it there); the
+  correction it writes (``tuned.safetensors`` in the network's folder) is scored on the test half like
+  every other row, and the record keeps which candidate it chose;
 - for reference, training-mode normalization over consecutive groups of B examples (what training saw).
 
 To avoid choosing and scoring on the same examples, each validation set is split in two fixed halves: the
@@ -49,6 +54,7 @@ METHODS = (
     "EvalNorm + recalibrate",
     "best alpha (NLL)",
     "best alpha (top-1)",
+    "tune",
     "train-mode, groups of B",
 )
 
@@ -86,8 +92,8 @@ def _metrics(model, x, y) -> dict[str, float]:  # type: ignore[no-untyped-def]
     return {"nll": float(F.cross_entropy(logits, y)), "top1": float((logits.argmax(1) == y).double().mean())}
 
 
-def evaluate(folder: Path, b: int) -> dict[str, dict[str, float | None]]:
-    """Every method's test-half NLL/top-1 for the network in ``folder``."""
+def evaluate(folder: Path, b: int, seed: int = 0) -> dict[str, dict[str, float | str | None]]:
+    """Every method's test-half NLL/top-1 for the network in ``folder`` (``seed``: tune's split)."""
     import torch
 
     import bncorrect
@@ -99,7 +105,7 @@ def evaluate(folder: Path, b: int) -> dict[str, dict[str, float | None]]:
     model_path = folder / "model.pt"
     data = np.load(test)
     x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"])
-    rows: dict[str, dict[str, float | None]] = {}
+    rows: dict[str, dict[str, float | str | None]] = {}
 
     plain = bncorrect.load(model_path)
     rows["EMA"] = {**_metrics(plain, x, y), "alpha": 0.0}
@@ -117,6 +123,17 @@ def evaluate(folder: Path, b: int) -> dict[str, dict[str, float | None]]:
     for label, metric in (("best alpha (NLL)", "nll"), ("best alpha (top-1)", "top1")):
         a = float(sweep.best_row(metric).alpha)
         rows[label] = {**_metrics(api.weight(model_path, a).model, x, y), "alpha": a}
+    out = folder / "tuned.safetensors"
+    out.unlink(missing_ok=True)
+    tuned = api.tune(model_path, tune, b, seed=seed, device="cpu", out=out).report["tune"]
+    rows["tune"] = {
+        **_metrics(api.apply(model_path, out).model, x, y),
+        "alpha": None,
+        "chosen": tuned.chosen.kind,
+        "heldout_ema_nll": tuned.ema.heldout.nll,
+        "heldout_chosen_nll": tuned.chosen.heldout.nll,
+        "n_zero_layers": len(tuned.zero_layers),
+    }
     loader = [(x[i : i + 10 * b], y[i : i + 10 * b]) for i in range(0, len(x), 10 * b)]
     ref = batch_mode_metrics(bncorrect.load(model_path), loader, b)
     rows["train-mode, groups of B"] = {"nll": ref.nll, "top1": ref.top1, "alpha": None}
@@ -127,7 +144,7 @@ def _job(job: tuple[str, int, int, str]) -> dict[str, object]:
     t0 = time.perf_counter()
     folder = Path(_train(job))
     dataset, b, seed, _ = job
-    rows = evaluate(folder, b)
+    rows = evaluate(folder, b, seed)
     return {"dataset": dataset, "B": b, "seed": seed, "rows": rows, "seconds": time.perf_counter() - t0}
 
 
@@ -148,6 +165,30 @@ def markdown_table(results: list[dict[str, object]], dataset: str) -> str:
             err = _mean_sd([100 * (1 - r["rows"][m]["top1"]) for r in runs])  # type: ignore[index]
             cells.append(f"{nll[0]:.3f} ± {nll[1]:.3f} ({err[0]:.1f} ± {err[1]:.1f}%)")
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def tune_table(results: list[dict[str, object]]) -> str:
+    """What tune chose per dataset and B (every seed), and its test NLL against EMA's and the best
+    global alpha's: mean over seeds, and on how many seeds it was no worse than EMA."""
+    lines = [
+        "| dataset | B | tune chose (seeds) | tune NLL | EMA NLL | best alpha NLL | seeds tune <= EMA |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    keys = sorted({(str(r["dataset"]), int(r["B"])) for r in results})  # type: ignore[call-overload]
+    for ds, b in keys:
+        runs = sorted((r for r in results if r["dataset"] == ds and r["B"] == b), key=lambda r: r["seed"])  # type: ignore[arg-type,return-value]
+        runs = [r for r in runs if "tune" in r["rows"]]  # type: ignore[operator]
+        if not runs:
+            continue
+        get = lambda r, m: r["rows"][m]["nll"]  # noqa: E731
+        chose = ", ".join(str(r["rows"]["tune"]["chosen"]) for r in runs)  # type: ignore[index]
+        ok = sum(get(r, "tune") <= get(r, "EMA") for r in runs)
+        lines.append(
+            f"| {ds} | {b} | {chose} | {statistics.fmean(get(r, 'tune') for r in runs):.4f} | "
+            f"{statistics.fmean(get(r, 'EMA') for r in runs):.4f} | "
+            f"{statistics.fmean(get(r, 'best alpha (NLL)') for r in runs):.4f} | {ok}/{len(runs)} |"
+        )
     return "\n".join(lines)
 
 
@@ -236,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Seeds {args.seeds}; test half of each validation set; NLL ± sd (top-1 error ± sd).",
         *[f"\n### {ds}\n\n{markdown_table(results, ds)}" for ds in args.datasets.split(",")],
         f"\n### Best global alpha\n\n{alpha_table(results)}",
+        f"\n### What tune chose\n\n{tune_table(results)}",
     ]
     (args.out / "tables.md").write_text("\n".join(text) + "\n")
     plot(results, args.out / "best_alpha_vs_B.png")

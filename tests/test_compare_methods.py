@@ -305,6 +305,26 @@ def test_short_training_convert_back_and_post_hoc(tmp_path: Path, dataset: str, 
     corrected = correct_model(model, alpha)
     again = make_samples.evaluate(corrected, torch.from_numpy(x_va[32:]), torch.from_numpy(y_va[32:]))
     assert rows["best alpha (NLL)"]["nll"] == pytest.approx(again["nll"], rel=1e-5)
+    # tune's row: the corrections file it wrote, read back and applied by hand, re-scored on the test half
+    import bncorrect
+    from bncorrect.corrections import load_corrections
+    from bncorrect.tune import KINDS
+
+    tune_row = rows["tune"]
+    assert tune_row["chosen"] in KINDS
+    assert tune_row["heldout_chosen_nll"] <= tune_row["heldout_ema_nll"] + 1e-12  # the guard
+    corr = load_corrections(cm.tuned_path(path))
+    fresh = bncorrect.load(path)
+    alpha = {n: lc.alpha for n, lc in corr.layers.items()}
+    beta = {n: lc.beta for n, lc in corr.layers.items()}
+    assert all(lc.running_mean is None for lc in corr.layers.values())  # tune without --recalibrate
+    rescored = make_samples.evaluate(
+        correct_model(fresh, alpha, beta), torch.from_numpy(x_va[32:]), torch.from_numpy(y_va[32:])
+    )
+    assert tune_row["nll"] == pytest.approx(rescored["nll"], rel=1e-5)
+    assert tune_row["top1"] == pytest.approx(rescored["top1"])
+    if tune_row["chosen"] == "ema":
+        assert tune_row["nll"] == pytest.approx(rows["EMA"]["nll"], rel=1e-6)
 
 
 def test_markdown_table_mean_and_sd() -> None:
@@ -313,6 +333,8 @@ def test_markdown_table_mean_and_sd() -> None:
         if method != "gn":
             rows["best alpha (NLL)"] = {"nll": nll / 2, "top1": top1, "alpha": 0.1 * (seed + 1)}
             rows["EvalNorm offline"] = {"nll": nll / 4, "top1": top1, "alpha_mean": 0.25}
+            if seed == 1:  # tune measured on one seed of two: the cell names it
+                rows["tune"] = {"nll": nll / 3, "top1": top1, "chosen": "ema"}
         return {
             "dataset": "digits",
             "method": method,
@@ -330,8 +352,9 @@ def test_markdown_table_mean_and_sd() -> None:
     # NLL mean 0.2, sample sd 0.1414; error 15% ± 7.07
     assert bn[3:6] == ["0.200 ± 0.141", "15.0 ± 7.1", "0.100 ± 0.071"]
     assert bn[7] == "0.1, 0.2"
+    assert bn[11:14] == ["0.100 ± 0.000 (seeds 1)", "20.0 ± 0.0", "ema"]
     gn = lines[3].split(" | ")
-    assert gn[3:5] == ["0.200 ± 0.000", "5.0 ± 0.0"] and gn[5:8] == ["n/a"] * 3
+    assert gn[3:5] == ["0.200 ± 0.000", "5.0 ± 0.0"] and gn[5:14] == ["n/a"] * 9
 
 
 def test_merge_keeps_only_records_not_recomputed() -> None:

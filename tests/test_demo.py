@@ -113,6 +113,8 @@ def test_demo_table_in_text_mode(tmp_path, cli):
     for method in METHODS:
         assert method in res.out
     assert "digits_b2" in res.out and "digits_b32" not in res.out and "corrected.onnx" in res.err
+    assert "held-out half" in res.out and "tuned per layer" in res.out and "◀" in res.out
+    assert "tune wrote" in res.out and (tmp_path / "d" / "digits_b2" / "tuned.safetensors").is_file()
 
 
 def test_demo_without_samples_says_where_to_get_them(tmp_path, cli):
@@ -124,3 +126,36 @@ def test_demo_without_samples_says_where_to_get_them(tmp_path, cli):
     res = cli("demo", "-B", 4, "--out-dir", tmp_path / "d")
     assert res.code != 0 and "digits_b4" in res.err and "--batch-sizes 4" in res.err
     assert not (tmp_path / "d").exists()  # nothing written when the samples are not all there
+
+
+def test_demo_tune_rows_are_held_out_numbers_of_what_it_wrote(demo_run):
+    """The demo's tune table: every candidate scored on the held-out half; the written file, applied to the
+    model and evaluated directly on those examples, gives the chosen row's number, and plain BN there gives
+    the EMA row's. The held-out half is a stratified half of the examples tune used, disjoint from the
+    rest."""
+    from bncorrect.demo import TUNE_ROWS
+
+    _, data, _ = demo_run
+    for s in data["samples"]:
+        t = s["tune"]
+        assert set(t["heldout"]) == {kind for kind, _ in TUNE_ROWS} == set(t["fit"])
+        assert t["holdout"] == 0.5 and t["n_fit"] + t["n_heldout"] == N_FAST and t["n_heldout"] == N_FAST // 2
+        idx = torch.tensor(t["heldout_indices"])
+        assert idx.unique().numel() == t["n_heldout"]
+        full = np.load(SAMPLES / s["name"] / "val.npz")
+        x, y = torch.from_numpy(full["x"])[idx], torch.from_numpy(full["y"])[idx]
+        report = json.loads(Path(s["files"]["tune_report"]).read_text())
+        assert report["chosen"]["kind"] == t["chosen"]
+        assert report["chosen"]["heldout"]["nll"] == pytest.approx(t["heldout"][t["chosen"]]["nll"])
+        written = bncorrect.apply(SAMPLES / s["name"] / "model.pt", s["files"]["tuned"]).model.eval()
+        plain = bncorrect.load(SAMPLES / s["name"] / "model.pt")
+        with torch.no_grad():
+            nll, top1 = _metrics(written(x), y)
+            ema_nll, ema_top1 = _metrics(plain(x), y)
+        assert t["heldout"][t["chosen"]]["nll"] == pytest.approx(nll, abs=1e-5)
+        assert t["heldout"][t["chosen"]]["top1"] == pytest.approx(top1)
+        assert t["heldout"]["ema"]["nll"] == pytest.approx(ema_nll, abs=1e-6)
+        assert t["heldout"]["ema"]["top1"] == pytest.approx(ema_top1)
+        # the guard: what was written is no worse than plain BN on the held-out half
+        assert nll <= ema_nll + 1e-9
+        assert Path(s["files"]["tune_plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

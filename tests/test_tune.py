@@ -169,6 +169,25 @@ def test_stacked_strengths_equal_one_strength_at_a_time():
     assert stacked.fits[0].alpha != stacked.fits[1].alpha  # the strengths really differ
 
 
+def test_a_strength_that_stops_leaves_the_stack_and_the_others_run_on_unchanged():
+    """A strength so strong that it stops after `patience` epochs leaves the stacked pass; the strength
+    still running fits exactly as if it had been fitted alone, and the stopped one's kept snapshot is the one
+    from before it stopped (a mix-up of which rows belong to which set would break both)."""
+    model, x, y = _fit_data()
+    batches = [(x[i : i + 48], y[i : i + 48]) for i in range(0, 96, 48)]
+    kwargs = dict(init_alpha=0.1, lr=0.05, max_epochs=8, device="cpu")
+    both = fit_per_layer(model, batches, batches, strengths=(0.0, 50.0), **kwargs)
+    alone = fit_per_layer(model, batches, batches, strengths=(0.0,), **kwargs)
+    weak, strong = both.fits
+    assert strong.epoch < weak.epoch == alone.fits[0].epoch  # the strong pull stopped first
+    assert weak.monitor_nll == pytest.approx(alone.fits[0].monitor_nll, abs=1e-6)
+    for name in weak.alpha:
+        assert float(weak.alpha[name]) == pytest.approx(float(alone.fits[0].alpha[name]), abs=1e-4)
+        assert float(weak.beta[name]) == pytest.approx(float(alone.fits[0].beta[name]), abs=1e-4)
+    # the stopped set as returned is its snapshot: its monitor NLL is the best it reached, not worse
+    assert strong.monitor_nll <= strong.start_monitor_nll + 1e-9
+
+
 class Wrapped(nn.Module):
     """conv_net behind a plain forward: no sequential prefix to cut, no prefix cache."""
 
