@@ -1278,6 +1278,20 @@ def _fit_numbers(row: SweepRow) -> dict[str, float]:
     return {"nll": row.nll, "top1": row.top1, "top5": row.top5}
 
 
+def _check_scores(
+    model: nn.Module, part: _Part, forward_fn: ForwardFn | None, output_key: str | int | None, device: Any
+) -> None:
+    """Before any pass: the model's output on two examples has to hold class scores; object detections,
+    an ambiguous dict or a wrong ``output_key`` are refused here rather than after the passes."""
+    from .passes import run_forward
+    from .sweep import select_output
+
+    batch = next(iter(_part_loader(part, 2, shuffle=False, seed=0, num_workers=0)))
+    work = copy.deepcopy(model).to(resolve_device(device)).eval()
+    out = run_forward(work, batch, forward_fn, resolve_device(device), data_hint=part.description)
+    select_output(out, output_key, rows=batch_size_of(batch))
+
+
 def tune_model(
     model: nn.Module,
     dataset: Any,
@@ -1365,6 +1379,7 @@ def tune_model(
     held_part = _Part(dataset, held_idx.tolist(), "held-out part")
     inner_part = _Part(dataset, inner_idx.tolist(), "fitting examples of the per-layer fit")
     mon_part = _Part(dataset, mon_idx.tolist(), "monitor slice of the fitting part")
+    _check_scores(model, held_part, forward_fn, output_key, device)
     lap("split")
 
     # EvalNorm offline on the fitting part (optionally on recalibrated statistics)

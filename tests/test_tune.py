@@ -430,3 +430,19 @@ def test_cli_tune_end_to_end_on_the_sample(cli, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     help_text = cli("tune", "--help")
     assert help_text.code == 0 and "--holdout" in help_text.out and "--per-channel" in help_text.out
+
+
+def test_detection_outputs_are_refused_before_any_pass(tmp_path):
+    """A model returning per-image detection dicts has no class scores to tune on: one UsageError, raised
+    before the first data pass (no progress reported) and nothing written."""
+    x, y = toys.data(24, seed=11)
+    calls: list[tuple] = []
+    out = tmp_path / "det.safetensors"
+    with pytest.raises(UsageError, match="object detections"):
+        api.tune(toys.TinyDetector(seed=0).eval(), (x, y), 2, device="cpu", out=out,
+                 progress=lambda *a: calls.append(a))
+    assert calls == [] and not out.exists()
+    with pytest.raises(UsageError, match="output-key|output_key"):  # a wrong key, also before any pass
+        api.tune(toys.conv_net(), (x, y), 2, device="cpu", output_key="logits",
+                 progress=lambda *a: calls.append(a))
+    assert calls == []
