@@ -1207,21 +1207,22 @@ def example_stats_nodes(b: Builder, p: LayerPlan, x: str, r: int) -> tuple[str, 
     if not np.any(p.beta):
         return b.reduce("ReduceMean", x, axes, 1, "mu_i"), None, False
     if b.opset >= 17:
-        spatial = p.spatial_dims(r)
-        if spatial is not None:  # a full-shape scale: onnxruntime's broadcast-scale path is ~10x slower
-            ones = b.shared_const("ones_" + "x".join(map(str, spatial)), np.ones(spatial), b.np_dtype)
-        else:
-            one = numpy_helper.from_array(np.ones(1, dtype=b.np_dtype))
-            ones = b.op("ConstantOfShape", [b.op("Shape", [x], "spatial_shape", start=2)], "ones", value=one)
-        _, mu, inv_std = b.ops("LayerNormalization", [x, ones], 3, "stats", axis=2, epsilon=0.0)
+        mu, inv_std = _layernorm_stats(b, p, x, r)
         return mu, inv_std, True
     mu = b.reduce("ReduceMean", x, axes, 1, "mu_i")
     xc = b.op("Sub", [x, mu], "x_centered")
     return mu, b.reduce("ReduceMean", b.op("Mul", [xc, xc], "x_centered_sq"), axes, 1, "var_i"), False
 
 
-def build_fast(b: Builder, p: LayerPlan) -> None:
-    """The formulation of the module docstring (rank >= 3, or rank unknown)."""
+def _coef_const(b: Builder, hint: str, v: np.ndarray, pc: Callable[[np.ndarray], np.ndarray]) -> str:
+    """A coefficient as a constant: a scalar when it is one value (broadcasts anywhere), else ``pc(v)``."""
+    v = np.asarray(v, dtype=np.float64)
+    return b.const(hint, v if v.ndim == 0 else pc(v))
+
+
+def build_fast(b: Builder, p: LayerPlan, *, stats: str | None = None) -> None:
+    """The formulation of the module docstring (rank >= 3, or rank unknown). ``stats``: "layernorm" or
+    "two-pass" to force the statistics (default: by opset, as the docstring says; for benchmarks)."""
     x = cast_in(b, p)
     rank = p.rank
     if rank is None:  # view as (N, C, L): works for any rank >= 2 ((N, C) becomes L = 1: var_i = 0)
@@ -1229,42 +1230,123 @@ def build_fast(b: Builder, p: LayerPlan) -> None:
         r = 3
     else:
         r = rank
-    pc = lambda v: p.per_channel(v, r)  # noqa: E731
     a, be = p.alpha, p.beta
-    mu, v, is_inv_std = example_stats_nodes(b, p, x, r)
+    batch = p.batch_dim if isinstance(p.batch_dim, int) and p.batch_dim > 0 else None
+    use_ln = (b.opset >= 17) if stats is None else stats == "layernorm"
+    if stats == "layernorm" and b.opset < 17:
+        raise ValueError("LayerNormalization needs opset >= 17")
+    if batch is not None and rank is not None and np.any(be) and not use_ln:
+        _build_flat_two_pass(b, p, x, r, batch)
+        return
+    pc = lambda v: p.per_channel(v, r)  # noqa: E731
     flat = b.shape([-1])
-    n = b.batch_size(x, p.batch_dim)
-    if np.any(a):  # mu_hat = mu_E + alpha * (mu_i - mu_E)
-        ca = b.const("alpha", pc(a))
+    src = x
+    d: str | None = None
+    if not np.any(be):  # mu_hat only
+        mu = b.reduce("ReduceMean", x, list(range(2, r)), 1, "mu_i")
+        v_in = None
+    elif use_ln:
+        mu, inv_std = _layernorm_stats(b, p, x, r)
+        beta_var = b.op("Div", [_coef_const(b, "beta", be, pc), b.op("Mul", [inv_std, inv_std], "inv_var")])
+        v_terms = [beta_var]
+    else:  # exact two-pass; the affine then runs on the centred x (mean input (alpha - 1) d, no mu_hat)
+        mu = b.reduce("ReduceMean", x, list(range(2, r)), 1, "mu_i")
+        src = b.op("Sub", [x, mu], "x_centered")
+        var_i = b.reduce(
+            "ReduceMean", b.op("Mul", [src, src], "x_centered_sq"), list(range(2, r)), 1, "var_i"
+        )
+        v_terms = [b.op("Mul", [var_i, _coef_const(b, "beta", be, pc)], "beta_var_i")]
+    if np.any(be):
+        bb = be * (1.0 - be)
+        if np.any(bb) or src is not x:
+            d = b.op("Sub", [mu, b.const("mean", pc(p.mean))], "d")
+        if np.any(bb):
+            v_terms.append(b.op("Mul", [b.op("Mul", [d, d], "d2"), _coef_const(b, "bb", bb, pc)], "bb_d2"))
+        ce = (1.0 - be) * p.var
+        if np.any(ce):
+            v_terms.append(b.const("var_1mb", pc(ce)))
+        var_hat = b.op("Sum", v_terms, "var_hat") if len(v_terms) > 1 else v_terms[0]
+        v_in = b.op("Reshape", [var_hat, flat], "var_hat_flat")
+    n = None if batch is not None else b.batch_size(x, p.batch_dim)
+
+    def tiled(hint: str, v: np.ndarray) -> str:
+        if batch is not None:  # static batch: a constant, no run-time Tile
+            return b.const(hint + "_tiled", np.tile(v, batch))
+        return b.op("Tile", [b.const(hint, v), n], hint + "_tiled")
+
+    if src is not x:  # centred input: BN mean input mu_hat - mu_i = (alpha - 1) d
+        if np.any(a != 1.0):
+            m = b.op("Mul", [d, _coef_const(b, "alpha_m1", a - 1.0, pc)], "m")
+            m_in = b.op("Reshape", [m, flat], "m_flat")
+        else:
+            m_in = tiled("zeros", np.zeros(p.channels))
+    elif np.any(a):  # mu_hat = mu_E + alpha * (mu_i - mu_E)
+        ca = _coef_const(b, "alpha", a, pc)
         mu_hat = b.op(
             "Add", [b.op("Mul", [mu, ca], "alpha_mu"), b.const("mean_1ma", pc((1.0 - a) * p.mean))], "mu_hat"
         )
         m_in = b.op("Reshape", [mu_hat, flat], "mu_hat_flat")
     else:
-        m_in = b.op("Tile", [b.const("mean", p.mean), n], "mu_hat_flat")
-    if v is not None:  # var_hat = beta * var_i + beta (1 - beta) d^2 + (1 - beta) var_E
-        if is_inv_std:
-            beta_var = b.op("Div", [b.const("beta", pc(be)), b.op("Mul", [v, v], "inv_var")], "beta_var_i")
-        else:
-            beta_var = b.op("Mul", [v, b.const("beta", pc(be))], "beta_var_i")
-        terms = [beta_var]
-        bb = be * (1.0 - be)
-        if np.any(bb):
-            d = b.op("Sub", [mu, b.const("mean", pc(p.mean))], "d")
-            terms.append(b.op("Mul", [b.op("Mul", [d, d], "d2"), b.const("bb", pc(bb))], "bb_d2"))
-        ce = (1.0 - be) * p.var
-        if np.any(ce):
-            terms.append(b.const("var_1mb", pc(ce)))
-        var_hat = b.op("Sum", terms, "var_hat") if len(terms) > 1 else terms[0]
-        v_in = b.op("Reshape", [var_hat, flat], "var_hat_flat")
-    else:
-        v_in = b.op("Tile", [b.const("var", p.var), n], "var_hat_flat")
-    g_in = b.op("Tile", [b.const("gamma", p.gamma), n], "gamma_tiled")
-    b_in = b.op("Tile", [b.const("bias", p.bias), n], "bias_tiled")
-    xv = b.op("Reshape", [x, b.shape([1, -1] + [0] * (r - 2))], "x_view")
+        m_in = tiled("mean", p.mean)
+    if v_in is None:
+        v_in = tiled("var", p.var)
+    g_in = tiled("gamma", p.gamma)
+    b_in = tiled("bias", p.bias)
+    xv = b.op("Reshape", [src, b.shape([1, -1] + [0] * (r - 2))], "x_view")
     yv = b.op(_BN, [xv, g_in, b_in, m_in, v_in], "y_view", epsilon=float(p.eps))
     back = b.shape([-1, p.channels] + [0] * (r - 2)) if rank is not None else b.op("Shape", [p.x], "x_shape")
     finish_layer(b, p, "y", "Reshape", [yv, back])
+
+
+def _layernorm_stats(b: Builder, p: LayerPlan, x: str, r: int) -> tuple[str, str]:
+    """(mu_i, 1 / sqrt(var_i)) of shape (N, C, 1, ...) from one LayerNormalization (opset >= 17)."""
+    spatial = p.spatial_dims(r)
+    if spatial is not None:  # a full-shape scale: onnxruntime's broadcast-scale path is ~10x slower
+        ones = b.shared_const("ones_" + "x".join(map(str, spatial)), np.ones(spatial), b.np_dtype)
+    else:
+        one = numpy_helper.from_array(np.ones(1, dtype=b.np_dtype))
+        ones = b.op("ConstantOfShape", [b.op("Shape", [x], "spatial_shape", start=2)], "ones", value=one)
+    _, mu, inv_std = b.ops("LayerNormalization", [x, ones], 3, "stats", axis=2, epsilon=0.0)
+    return mu, inv_std
+
+
+def _build_flat_two_pass(b: Builder, p: LayerPlan, x: str, r: int, batch: int) -> None:
+    """Static batch size N, opset < 17, beta != 0: everything on the (1, N*C, *spatial) view, the per-channel
+    terms tiled N times as constants, so no run-time shape arithmetic and no reshapes of the statistics."""
+    nc = batch * p.channels
+    axes = list(range(2, r))
+
+    def per_nc(hint: str, v: np.ndarray) -> str:  # a coefficient: scalar, or (C,) tiled to (N*C,)
+        v = np.asarray(v, dtype=np.float64)
+        return b.const(hint, v if v.ndim == 0 else np.tile(v, batch))
+
+    xv = b.op("Reshape", [x, b.shape([1, nc] + [0] * (r - 2))], "x_view")
+    mu = b.reduce("ReduceMean", xv, axes, 1, "mu_i")  # (1, N*C, 1, ...)
+    xc = b.op("Sub", [xv, mu], "x_centered")
+    var_i = b.reduce("ReduceMean", b.op("Mul", [xc, xc], "x_centered_sq"), [0, *axes], 0, "var_i")  # (N*C,)
+    mu_f = b.op("Reshape", [mu, b.shape([-1])], "mu_i_flat")
+    a, be = p.alpha, p.beta
+    d = b.op("Sub", [mu_f, per_nc("mean_tiled", p.mean)], "d")
+    terms = [b.op("Mul", [var_i, per_nc("beta", be)], "beta_var_i")]
+    bb = be * (1.0 - be)
+    if np.any(bb):
+        terms.append(b.op("Mul", [b.op("Mul", [d, d], "d2"), per_nc("bb", bb)], "bb_d2"))
+    ce = (1.0 - be) * p.var
+    if np.any(ce):
+        terms.append(b.const("var_1mb_tiled", np.tile(ce, batch)))
+    var_hat = b.op("Sum", terms, "var_hat") if len(terms) > 1 else terms[0]
+    if np.any(a != 1.0):  # BN mean input mu_hat - mu_i = (alpha - 1) d
+        m = b.op("Mul", [d, per_nc("alpha_m1", a - 1.0)], "m")
+    else:
+        m = b.const("zeros_tiled", np.zeros(nc))
+    yv = b.op(
+        _BN,
+        [xc, b.const("gamma_tiled", np.tile(p.gamma, batch)), b.const("bias_tiled", np.tile(p.bias, batch)),
+         m, var_hat],
+        "y_view",
+        epsilon=float(p.eps),
+    )  # fmt: skip
+    finish_layer(b, p, "y", "Reshape", [yv, b.shape([batch, p.channels] + [0] * (r - 2))])
 
 
 def build_default(b: Builder, p: LayerPlan) -> None:
