@@ -502,6 +502,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, opset, n, pin, t, ratio, to_floor, nc, _ in rows:
+
         def cell(k: str, ratio: dict = ratio, to_floor: dict = to_floor) -> str:
             return f"{ratio[k]:.3f} ({to_floor[k]:.3f})" if k in ratio else "—"
 
