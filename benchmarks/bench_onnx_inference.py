@@ -412,7 +412,8 @@ def main() -> None:
         "--nets",
         default="resnet,mobilenet,real",
         help="resnet, mobilenet (exported by torch, opset 20), real (a generated opset-11 classifier with "
-        "Constant-fed BN, benchmarks/real_graph.py)",
+        "Constant-fed BN, benchmarks/real_graph.py), real17 (the same graph at opset 17, what upgrading the "
+        "opset would make of it)",
     )
     ap.add_argument(
         "--batch-dim",
@@ -460,6 +461,7 @@ def main() -> None:
             lambda: export_plain(trained_looking(mobilenet_style()), _example(args.size)),
         ),
         "real": ("real-style opset 11 (3x48x192)", real_style_graph),
+        "real17": ("real-style at opset 17 (upgraded)", lambda: real_style_graph(opset=17)),
     }
     pins = {"dynamic": [False], "static": [True], "both": [False, True]}[args.batch_dim]
     rows = []

@@ -7,32 +7,53 @@ Layers with alpha = beta = 0 keep their original node (runtimes still fold it in
 with new running statistics only (``recalibrate``) the node stays a plain BN fed with the new statistics.
 
 The subgraph (input ``x`` of shape (N, C, *spatial), statistics computed in float32 — fp16/bf16 inputs are
-cast up and the result cast back — or float64 for double graphs)::
+cast up and the result cast back — or float64 for double graphs; ``~`` marks a per-channel (C,) term
+repeated N times, a constant when N is static (the graph's value_info or one shape inference), else
+``Tile(., N)`` with N read once per symbolic batch dimension and shared)::
 
-    opset >= 17:  _, mu_i, r_i = LayerNormalization(x, ones(spatial), axis=2, epsilon=0)  (N, C, 1, ...)
-                  beta * var_i = beta / (r_i * r_i)               both moments from one read, exact
-    opset <  17:  mu_i = ReduceMean(x);  var_i = ReduceMean((x - mu_i)^2)     exact two-pass variance
-    mu_hat  = alpha * mu_i + (1 - alpha) * mu_E                              = mu_E + alpha * d
-    var_hat = Sum(beta * var_i,  beta (1 - beta) * d^2,  (1 - beta) * var_E),    d = mu_i - mu_E
-    y = Reshape(BatchNormalization(Reshape(x, (1, N*C, *spatial)),
-                                   scale=Tile(gamma, N), B=Tile(b, N),
-                                   mean=Reshape(mu_hat, -1), var=Reshape(var_hat, -1), epsilon=eps),
-                (N, C, *spatial))
-      = gamma * (x - mu_hat) / sqrt(var_hat + eps) + b  =  x * s + t     one read + one write of x
+    statistics per (example, channel), (N, C, 1, ...):
+      opset >= 17:  _, mu_i, r_i = LayerNormalization(x, ones(spatial), axis=2, epsilon=0)
+                    beta * var_i = beta / (r_i * r_i)                   both moments from one read, exact
+      opset <  17:  mu_i = ReduceMean(x);  xc = x - mu_i;  var_i = ReduceMean(xc * xc)   exact two-pass
+    d       = mu_i - mu_E
+    var_hat = Sum(beta * var_i,  beta (1 - beta) * d^2,  (1 - beta) * var_E)      (+ eps inside the BN)
+    affine step, one BatchNormalization over a (1, N*C, *spatial) view (the Reshapes are free):
+      opset >= 17:  y = BN(view(x),  gamma~, b~, mean = mu_hat,       var = var_hat, eps)
+                    mu_hat = alpha * mu_i + (1 - alpha) * mu_E
+      opset <  17:  y = BN(view(xc), gamma~, b~, mean = (alpha - 1) d, var = var_hat, eps)
+                    (x - mu_hat = xc - (alpha - 1) d: the centred tensor exists already; no mu_hat)
+      = gamma * (x - mu_hat) / sqrt(var_hat + eps) + b  =  x * s + t     one read + one write
 
-The last step is the per-(N, C) affine ``y = x * s + t`` of DESIGN §2 through BatchNormalization's
-kernel over a (1, N*C, ...) view (the Reshapes are free), which also does the ``+ eps``, the rsqrt and the
-scaling, so the small-tensor math is 8 ops on (N, C, 1, ...) tensors. The node count per layer is 16
-(N is read once per symbolic batch dimension and shared). With beta = 0 no variance is computed (one
-ReduceMean); with alpha = 0 mu_hat is Tile(mu_E, N). For (N, C) inputs (mu_i = x, var_i = 0) the layer
-is elementwise: ``y = gamma (1 - alpha) d / sqrt((1 - beta) var_E + eps + beta (1 - beta) d^2) + b``,
+    opset < 17 with a static batch size N: the whole layer runs on the (1, N*C, *spatial) view —
+      mu_i = ReduceMean(view(x)) (1, N*C, 1, ...), var_i = ReduceMean(xc * xc, axes 0, 2, ...) (N*C,)
+      directly, every per-channel term a tiled (N*C,) constant (a scalar when alpha/beta are one value):
+      no Shape, Slice or Tile and no reshape of the statistics (14 nodes per layer, 16-18 before).
+
+The affine step is the per-(N, C) ``y = x * s + t`` of DESIGN §2 through BatchNormalization's kernel,
+which also does the ``+ eps``, the rsqrt and the scaling, so the small-tensor math is a handful of ops on
+(N, C) tensors. With beta = 0 no variance is computed (one ReduceMean, affine on x with mu_hat); with
+alpha = 0 the opset >= 17 mean input is mu_E~; with alpha = 1 the opset < 17 one is zeros. Coefficients
+that are one value are scalar constants. For (N, C) inputs (mu_i = x, var_i = 0) the layer is
+elementwise: ``y = gamma (1 - alpha) d / sqrt((1 - beta) var_E + eps + beta (1 - beta) d^2) + b``,
 ``d = x - mu_E``; when the rank is unknown, x is viewed as (N, C, -1), which covers (N, C) too.
 
-``benchmarks/bench_onnx_inference.py`` compares this with a naive subgraph (README: ONNX Runtime
-inference cost). The one-pass variance E[x^2] - E[x]^2 (ReduceMean + ReduceSumSquare, no write) would be
-cheaper again but is not exact enough: in float32 it is off by 2e-4 of the variance when |mean| = 10 std,
-2e-3 at 30 std and entirely wrong at 1000 std, where LayerNormalization's and the two-pass statistics stay
-within 4e-7 (``bench_onnx_inference.py --numerics``).
+Why this formulation (``benchmarks/bench_onnx_inference.py``; numbers in benchmarks/README.md, "ONNX
+Runtime inference cost"): in onnxruntime (CPU) the cost of a corrected layer is the number of full-size
+elementwise passes, not the node count — a ReduceMean over the trailing axes is nearly free, while every
+Sub/Mul/BatchNormalization over the activation costs one pass, and at batch 1 with 2 threads each also pays
+a thread-pool dispatch. The exact two-pass statistics need Sub and Mul (ReduceSumSquare(xc) instead of
+Mul + ReduceMean measured 1.3x slower: onnxruntime's generic reduction path); the affine step is one BN
+pass (Mul + Add over the activation: two). So below opset 17 the layer is three passes (Sub, Mul, BN) and
+the floor (affine step only) one; LayerNormalization (one op, writing a normalized output nobody reads)
+measured ahead of or level with the two-pass statistics at opset >= 17 in 7 of 8 cases (relative to the
+floor: up to 6% ahead; behind in one, ResNet-style batch 1 with a static N, by 7%), so it stays there.
+Against the previous formulation (BN over the view of x with mu_hat, per-channel coefficient arrays, Tile
+at run time even for a static N) the chosen one measured 0.88-1.01x at batch 32 and 0.69-1.00x at batch 1.
+
+The one-pass variance E[x^2] - E[x]^2 (ReduceMean + ReduceSumSquare, no write) would be cheaper again but
+is not exact enough: in float32 it is off by 2e-4 of the variance when |mean| = 10 std, 2e-3 at 30 std and
+entirely wrong at 1000 std, where LayerNormalization's and the two-pass statistics stay within 4e-7
+(``bench_onnx_inference.py --numerics``).
 
 Graph surgery uses raw ``onnx`` protobuf and ``onnx.helper`` throughout: the rewrite is local (one node
 becomes a short run of nodes at the same position), and protobuf in, protobuf out keeps every untouched
