@@ -39,9 +39,9 @@ elementwise: ``y = gamma (1 - alpha) d / sqrt((1 - beta) var_E + eps + beta (1 -
 
 Why this formulation (``benchmarks/bench_onnx_inference.py``; numbers in benchmarks/README.md, "ONNX
 Runtime inference cost"): in onnxruntime (CPU) the cost of a corrected layer is the number of full-size
-elementwise passes, not the node count — a ReduceMean over the trailing axes is nearly free, while every
-Sub/Mul/BatchNormalization over the activation costs one pass, and at batch 1 with 2 threads each also pays
-a thread-pool dispatch. The exact two-pass statistics need Sub and Mul (ReduceSumSquare(xc) instead of
+elementwise passes, not the node count: every Sub/Mul/BatchNormalization over the activation costs one
+(at batch 1 with 2 threads each also pays a thread-pool dispatch), a ReduceMean over the trailing axes
+about a quarter of one. The exact two-pass statistics need Sub and Mul (ReduceSumSquare(xc) instead of
 Mul + ReduceMean measured 1.3x slower: onnxruntime's generic reduction path); the affine step is one BN
 pass (Mul + Add over the activation: two). So below opset 17 the layer is three passes (Sub, Mul, BN) and
 the floor (affine step only) one; LayerNormalization (one op, writing a normalized output nobody reads)
@@ -1487,7 +1487,7 @@ def rewrite_with(
     report.formulation = formulation or (
         "LayerNormalization statistics + BatchNormalization over a (1, N*C, ...) view"
         if opset >= 17
-        else "two-pass ReduceMean statistics + BatchNormalization over a (1, N*C, ...) view"
+        else "two-pass ReduceMean statistics + BatchNormalization over a (1, N*C, ...) view of x - mu_i"
     )
     by_name = {ly.name: ly for ly in layers}
     stats = dict(running_stats or {})
