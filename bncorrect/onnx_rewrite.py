@@ -12,19 +12,20 @@ repeated N times, a constant when N is static (the graph's value_info or one sha
 ``Tile(., N)`` with N read once per symbolic batch dimension and shared)::
 
     statistics per (example, channel), (N, C, 1, ...):
-      opset >= 17:  _, mu_i, r_i = LayerNormalization(x, ones(spatial), axis=2, epsilon=0)
-                    beta * var_i = beta / (r_i * r_i)                   both moments from one read, exact
-      opset <  17:  mu_i = ReduceMean(x);  xc = x - mu_i;  var_i = ReduceMean(xc * xc)   exact two-pass
+      symbolic N, opset >= 17:  _, mu_i, r_i = LayerNormalization(x, ones(spatial), axis=2, epsilon=0)
+                                beta * var_i = beta / (r_i * r_i)       both moments from one read, exact
+      otherwise:                mu_i = ReduceMean(x);  xc = x - mu_i;  var_i = ReduceMean(xc * xc)
+                                                                        exact two-pass
     d       = mu_i - mu_E
     var_hat = Sum(beta * var_i,  beta (1 - beta) * d^2,  (1 - beta) * var_E)      (+ eps inside the BN)
     affine step, one BatchNormalization over a (1, N*C, *spatial) view (the Reshapes are free):
-      opset >= 17:  y = BN(view(x),  gamma~, b~, mean = mu_hat,       var = var_hat, eps)
-                    mu_hat = alpha * mu_i + (1 - alpha) * mu_E
-      opset <  17:  y = BN(view(xc), gamma~, b~, mean = (alpha - 1) d, var = var_hat, eps)
-                    (x - mu_hat = xc - (alpha - 1) d: the centred tensor exists already; no mu_hat)
+      LayerNormalization statistics:  y = BN(view(x),  gamma~, b~, mean = mu_hat, var = var_hat, eps)
+                                      mu_hat = alpha * mu_i + (1 - alpha) * mu_E
+      two-pass statistics:            y = BN(view(xc), gamma~, b~, mean = (alpha - 1) d, var = var_hat, eps)
+                                      (x - mu_hat = xc - (alpha - 1) d: xc exists already; no mu_hat)
       = gamma * (x - mu_hat) / sqrt(var_hat + eps) + b  =  x * s + t     one read + one write
 
-    opset < 17 with a static batch size N: the whole layer runs on the (1, N*C, *spatial) view —
+    static batch size N (any opset): the two-pass layer runs on the (1, N*C, *spatial) view throughout —
       mu_i = ReduceMean(view(x)) (1, N*C, 1, ...), var_i = ReduceMean(xc * xc, axes 0, 2, ...) (N*C,)
       directly, every per-channel term a tiled (N*C,) constant (a scalar when alpha/beta are one value):
       no Shape, Slice or Tile and no reshape of the statistics (14 nodes per layer, 16-18 before).
@@ -32,8 +33,8 @@ repeated N times, a constant when N is static (the graph's value_info or one sha
 The affine step is the per-(N, C) ``y = x * s + t`` of DESIGN §2 through BatchNormalization's kernel,
 which also does the ``+ eps``, the rsqrt and the scaling, so the small-tensor math is a handful of ops on
 (N, C) tensors. With beta = 0 no variance is computed (one ReduceMean, affine on x with mu_hat); with
-alpha = 0 the opset >= 17 mean input is mu_E~; with alpha = 1 the opset < 17 one is zeros. Coefficients
-that are one value are scalar constants. For (N, C) inputs (mu_i = x, var_i = 0) the layer is
+alpha = 0 the LayerNormalization path's mean input is mu_E~, with alpha = 1 the two-pass one is zeros.
+Coefficients that are one value are scalar constants. For (N, C) inputs (mu_i = x, var_i = 0) the layer is
 elementwise: ``y = gamma (1 - alpha) d / sqrt((1 - beta) var_E + eps + beta (1 - beta) d^2) + b``,
 ``d = x - mu_E``; when the rank is unknown, x is viewed as (N, C, -1), which covers (N, C) too.
 
@@ -43,12 +44,18 @@ elementwise passes, not the node count: every Sub/Mul/BatchNormalization over th
 (at batch 1 with 2 threads each also pays a thread-pool dispatch), a ReduceMean over the trailing axes
 about a quarter of one. The exact two-pass statistics need Sub and Mul (ReduceSumSquare(xc) instead of
 Mul + ReduceMean measured 1.3x slower: onnxruntime's generic reduction path); the affine step is one BN
-pass (Mul + Add over the activation: two). So below opset 17 the layer is three passes (Sub, Mul, BN) and
-the floor (affine step only) one; LayerNormalization (one op, writing a normalized output nobody reads)
-measured ahead of or level with the two-pass statistics at opset >= 17 in 7 of 8 cases (relative to the
-floor: up to 6% ahead; behind in one, ResNet-style batch 1 with a static N, by 7%), so it stays there.
-Against the previous formulation (BN over the view of x with mu_hat, per-channel coefficient arrays, Tile
-at run time even for a static N) the chosen one measured 0.88-1.01x at batch 32 and 0.69-1.00x at batch 1.
+pass (Mul + Add over the activation: two). So the two-pass layer is three passes (Sub, Mul, BN), the floor
+(affine step only) one.
+
+LayerNormalization (one op, writing a normalized output nobody reads) against the two-pass statistics at
+opset >= 17, relative to the floor over 12 measured cases: with a symbolic N LayerNormalization ahead by
+3-9% in 4 of 6, level in 1, behind by 8% in 1; with a static N the flat two-pass path ahead by 1-10% in 4
+of 6, level in 1, behind by 6% in 1. Hence LayerNormalization for a symbolic N, the flat two-pass path for
+a static one. Upgrading an opset-11 graph to opset 17 (onnx's version converter) measured no faster than
+rewriting it at opset 11 (1.15-1.24 vs 1.13-1.32 of the floor, within noise), so no ``--upgrade-opset`` is
+offered. Against the previous formulation (BN over the view of x with mu_hat, per-channel coefficient
+arrays, Tile at run time even for a static N) the chosen one measured 0.88-1.01x at batch 32 and
+0.69-1.00x at batch 1.
 
 The one-pass variance E[x^2] - E[x]^2 (ReduceMean + ReduceSumSquare, no write) would be cheaper again but
 is not exact enough: in float32 it is off by 2e-4 of the variance when |mean| = 10 std, 2e-3 at 30 std and
@@ -1243,7 +1250,8 @@ def _coef_const(b: Builder, hint: str, v: np.ndarray, pc: Callable[[np.ndarray],
 
 def build_fast(b: Builder, p: LayerPlan, *, stats: str | None = None) -> None:
     """The formulation of the module docstring (rank >= 3, or rank unknown). ``stats``: "layernorm" or
-    "two-pass" to force the statistics (default: by opset, as the docstring says; for benchmarks)."""
+    "two-pass" to force the statistics (default: as the docstring says, by batch dimension and opset; for
+    benchmarks)."""
     x = cast_in(b, p)
     rank = p.rank
     if rank is None:  # view as (N, C, L): works for any rank >= 2 ((N, C) becomes L = 1: var_i = 0)
@@ -1253,12 +1261,13 @@ def build_fast(b: Builder, p: LayerPlan, *, stats: str | None = None) -> None:
         r = rank
     a, be = p.alpha, p.beta
     batch = p.batch_dim if isinstance(p.batch_dim, int) and p.batch_dim > 0 else None
-    use_ln = (b.opset >= 17) if stats is None else stats == "layernorm"
     if stats == "layernorm" and b.opset < 17:
         raise ValueError("LayerNormalization needs opset >= 17")
-    if batch is not None and rank is not None and np.any(be) and not use_ln:
+    flat_path = batch is not None and rank is not None and np.any(be) and stats != "layernorm"
+    if flat_path:  # static batch size: the (1, N*C, ...) two-pass path, at every opset (module docstring)
         _build_flat_two_pass(b, p, x, r, batch)
         return
+    use_ln = (b.opset >= 17) if stats is None else stats == "layernorm"
     pc = lambda v: p.per_channel(v, r)  # noqa: E731
     flat = b.shape([-1])
     src = x
@@ -1332,8 +1341,9 @@ def _layernorm_stats(b: Builder, p: LayerPlan, x: str, r: int) -> tuple[str, str
 
 
 def _build_flat_two_pass(b: Builder, p: LayerPlan, x: str, r: int, batch: int) -> None:
-    """Static batch size N, opset < 17, beta != 0: everything on the (1, N*C, *spatial) view, the per-channel
-    terms tiled N times as constants, so no run-time shape arithmetic and no reshapes of the statistics."""
+    """Static batch size N, beta != 0 (any opset): everything on the (1, N*C, *spatial) view, the
+    per-channel terms tiled N times as constants, so no run-time shape arithmetic and no reshapes of the
+    statistics."""
     nc = batch * p.channels
     axes = list(range(2, r))
 
@@ -1485,7 +1495,8 @@ def rewrite_with(
     opset = _opset(model)
     report = RewriteReport(opset=opset)
     report.formulation = formulation or (
-        "LayerNormalization statistics + BatchNormalization over a (1, N*C, ...) view"
+        "LayerNormalization statistics (symbolic batch) or two-pass ReduceMean statistics (static batch) + "
+        "BatchNormalization over a (1, N*C, ...) view"
         if opset >= 17
         else "two-pass ReduceMean statistics + BatchNormalization over a (1, N*C, ...) view of x - mu_i"
     )
