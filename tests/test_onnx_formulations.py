@@ -185,7 +185,7 @@ def test_generated_real_style_graph_layer_by_layer(batch: int | None) -> None:
     assert report.rewritten == [ly.name for ly in layers]
     bn_nodes = [model.graph.node[ly.node_index] for ly in layers]
     consts = {
-        n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t)
+        n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t).copy()
         for n in model.graph.node
         if n.op_type == "Constant"
     }
