@@ -1,19 +1,33 @@
-"""Inference cost of the corrected-BN ONNX subgraph in onnxruntime (CPU).
+"""Inference cost of the corrected-BN ONNX subgraph in onnxruntime (CPU), against the original graph and
+against the affine-only floor of the same graph (issue #15).
 
-Two networks built here in PyTorch with BN after every conv — a ResNet-style net (BasicBlocks, ResNet-18
-layout) and a MobileNet-style net (MobileNetV1 layout: depthwise 3x3 + pointwise 1x1) — are exported with
-their BN nodes kept (``bncorrect.onnx_export.export_plain``) and compared, in onnxruntime on CPU with
-``intra_op_num_threads`` threads:
+Three graphs with BN after every conv:
 
-- ``original``: the exported graph; onnxruntime folds every BN into its Conv at session creation;
-- ``chosen``:   rewritten by ``bncorrect.onnx_rewrite.rewrite`` with alpha = beta = 0.25 on every layer;
-- ``naive``:    the same correction as a straightforward subgraph (two reductions and a dozen elementwise
-                ops per layer, :func:`build_naive` below), for scale.
+- ResNet-style (BasicBlocks, ResNet-18 layout, 20 BN) and MobileNet-style (MobileNetV1 layout: depthwise
+  3x3 + pointwise 1x1, 27 BN), built here in PyTorch and exported with their BN nodes kept
+  (``bncorrect.onnx_export.export_plain``: opset 20, symbolic batch), input 3 x size x size;
+- ``real``: a generated stand-in for a third-party exported classifier (``benchmarks/real_graph.py``:
+  opset 11, 35 BN fed by Constant nodes, input 3x48x192, conv/BN/ReLU stacks with depthwise convs, no
+  value_info).
 
-Runs are interleaved (original, chosen, naive, ... in rotating order, repeated) and the table reports
-median latencies and the median of the per-round ratios, since the machine may be shared.
+Each graph is timed with its batch dimension symbolic (as exported) and pinned to the batch size (what the
+rewrite sees when shapes are static). Compared, in onnxruntime on CPU with ``intra_op_num_threads``
+threads, with alpha = beta on every layer:
 
-    python benchmarks/bench_onnx_inference.py [--size 112] [--repeats 15] [--threads 2]
+- ``original``: onnxruntime folds every BN into its Conv at session creation;
+- ``floor``:    not a correction: only the per-(N, C) affine step, constant statistics (:func:`build_floor`),
+                what any exact subgraph costs at least once BN cannot be folded;
+- ``previous``: the formulation before issue #15 (:func:`build_previous`);
+- ``naive``:    the straightforward subgraph (:func:`build_naive`);
+- ``chosen``:   what ``bncorrect.onnx_rewrite.rewrite`` writes now;
+- ``two-pass``: at opset >= 17 only, the chosen subgraph with the two-pass statistics forced instead of
+                LayerNormalization (is LayerNormalization still the better choice there?).
+
+Runs are interleaved in rotating order, repeated; the table reports the median of the per-round ratios
+(to the original, and to the floor), since the machine may be shared.
+
+    python benchmarks/bench_onnx_inference.py [--nets resnet,mobilenet,real] [--batch-dim both]
+        [--repeats 15] [--threads 2] [--numerics]
 """
 
 from __future__ import annotations
@@ -33,9 +47,23 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from onnx import numpy_helper
+from real_graph import real_style_graph
 
 from bncorrect.onnx_export import export_plain
-from bncorrect.onnx_rewrite import Builder, LayerPlan, build_rank2, find_bn_nodes, rewrite, rewrite_with
+from bncorrect.onnx_rewrite import (
+    Builder,
+    LayerPlan,
+    build_fast,
+    build_rank2,
+    cast_in,
+    find_bn_nodes,
+    finish_layer,
+    rewrite,
+    rewrite_with,
+)
 
 # ------------------------------------------------------------------------------------------------ networks
 
@@ -147,14 +175,88 @@ def build_floor(b: Builder, p: LayerPlan) -> None:
     least once the BN can no longer be folded into its Conv: the lower bound for the ratios."""
     assert p.rank is not None and p.rank >= 3
     r = p.rank
-    n = b.batch_size(p.x, p.batch_dim)
-    ins = [
-        b.op("Tile", [b.const(k, v), n])
-        for k, v in (("gamma", p.gamma), ("bias", p.bias), ("mean", p.mean), ("var", p.var))
-    ]
+    params = (("gamma", p.gamma), ("bias", p.bias), ("mean", p.mean), ("var", p.var))
+    if isinstance(p.batch_dim, int) and p.batch_dim > 0:  # static batch: constants, as the rewrite does
+        ins = [b.const(k, np.tile(v, p.batch_dim)) for k, v in params]
+    else:
+        n = b.batch_size(p.x, p.batch_dim)
+        ins = [b.op("Tile", [b.const(k, v), n]) for k, v in params]
     xv = b.op("Reshape", [p.x, b.shape([1, -1] + [0] * (r - 2))])
     yv = b.op("BatchNormalization", [xv, *ins], epsilon=float(p.eps))
     b.op("Reshape", [yv, b.shape([-1, p.channels] + [0] * (r - 2))], out=p.y)
+
+
+# --------------------------------------------------------------------------- the formulation before #15
+
+
+def _previous_stats(b: Builder, p: LayerPlan, x: str, r: int) -> tuple[str, str | None, bool]:
+    """Nodes for the per-(example, channel) statistics of ``x`` (rank ``r``, module docstring):
+    (mu_i, v, is_inv_std) of shape (N, C, 1, ...), ``v`` 1/sqrt(var_i) (LayerNormalization, opset >= 17) or
+    var_i (exact two-pass, older opsets); None when beta = 0 (no variance needed)."""
+    axes = list(range(2, r))
+    if not np.any(p.beta):
+        return b.reduce("ReduceMean", x, axes, 1, "mu_i"), None, False
+    if b.opset >= 17:
+        spatial = p.spatial_dims(r)
+        if spatial is not None:  # a full-shape scale: onnxruntime's broadcast-scale path is ~10x slower
+            ones = b.shared_const("ones_" + "x".join(map(str, spatial)), np.ones(spatial), b.np_dtype)
+        else:
+            one = numpy_helper.from_array(np.ones(1, dtype=b.np_dtype))
+            ones = b.op("ConstantOfShape", [b.op("Shape", [x], "spatial_shape", start=2)], "ones", value=one)
+        _, mu, inv_std = b.ops("LayerNormalization", [x, ones], 3, "stats", axis=2, epsilon=0.0)
+        return mu, inv_std, True
+    mu = b.reduce("ReduceMean", x, axes, 1, "mu_i")
+    xc = b.op("Sub", [x, mu], "x_centered")
+    return mu, b.reduce("ReduceMean", b.op("Mul", [xc, xc], "x_centered_sq"), axes, 1, "var_i"), False
+
+
+def build_previous(b: Builder, p: LayerPlan) -> None:
+    """The formulation bncorrect wrote before issue #15 (kept here for comparison): statistics as now
+    (LayerNormalization at opset >= 17, two-pass ReduceMean below), the affine step as BatchNormalization over
+    a (1, N*C, ...) view of x with gamma, b Tiled N times at run time and mu_hat, var_hat reshaped."""
+    x = cast_in(b, p)
+    rank = p.rank
+    if rank is None:  # view as (N, C, L): works for any rank >= 2 ((N, C) becomes L = 1: var_i = 0)
+        x = b.op("Reshape", [x, b.shape([0, 0, -1])], "x_ncl")
+        r = 3
+    else:
+        r = rank
+    pc = lambda v: p.per_channel(v, r)  # noqa: E731
+    a, be = p.alpha, p.beta
+    mu, v, is_inv_std = _previous_stats(b, p, x, r)
+    flat = b.shape([-1])
+    n = b.batch_size(x, p.batch_dim)
+    if np.any(a):  # mu_hat = mu_E + alpha * (mu_i - mu_E)
+        ca = b.const("alpha", pc(a))
+        mu_hat = b.op(
+            "Add", [b.op("Mul", [mu, ca], "alpha_mu"), b.const("mean_1ma", pc((1.0 - a) * p.mean))], "mu_hat"
+        )
+        m_in = b.op("Reshape", [mu_hat, flat], "mu_hat_flat")
+    else:
+        m_in = b.op("Tile", [b.const("mean", p.mean), n], "mu_hat_flat")
+    if v is not None:  # var_hat = beta * var_i + beta (1 - beta) d^2 + (1 - beta) var_E
+        if is_inv_std:
+            beta_var = b.op("Div", [b.const("beta", pc(be)), b.op("Mul", [v, v], "inv_var")], "beta_var_i")
+        else:
+            beta_var = b.op("Mul", [v, b.const("beta", pc(be))], "beta_var_i")
+        terms = [beta_var]
+        bb = be * (1.0 - be)
+        if np.any(bb):
+            d = b.op("Sub", [mu, b.const("mean", pc(p.mean))], "d")
+            terms.append(b.op("Mul", [b.op("Mul", [d, d], "d2"), b.const("bb", pc(bb))], "bb_d2"))
+        ce = (1.0 - be) * p.var
+        if np.any(ce):
+            terms.append(b.const("var_1mb", pc(ce)))
+        var_hat = b.op("Sum", terms, "var_hat") if len(terms) > 1 else terms[0]
+        v_in = b.op("Reshape", [var_hat, flat], "var_hat_flat")
+    else:
+        v_in = b.op("Tile", [b.const("var", p.var), n], "var_hat_flat")
+    g_in = b.op("Tile", [b.const("gamma", p.gamma), n], "gamma_tiled")
+    b_in = b.op("Tile", [b.const("bias", p.bias), n], "bias_tiled")
+    xv = b.op("Reshape", [x, b.shape([1, -1] + [0] * (r - 2))], "x_view")
+    yv = b.op("BatchNormalization", [xv, g_in, b_in, m_in, v_in], "y_view", epsilon=float(p.eps))
+    back = b.shape([-1, p.channels] + [0] * (r - 2)) if rank is not None else b.op("Shape", [p.x], "x_shape")
+    finish_layer(b, p, "y", "Reshape", [yv, back])
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -247,17 +349,77 @@ def numerics(size: int = 56) -> None:
         print(f"| {rho} | {err(one_pass)} | {err(ln)} | {err(var2p)} |")
 
 
+def pin_batch(model: onnx.ModelProto, n: int) -> onnx.ModelProto:
+    """A copy with the graph input's batch dimension fixed to ``n`` (value_info dropped: shape inference
+    recomputes it), i.e. what an exporter writes for a fixed batch size."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for v in [*out.graph.input, *out.graph.output]:
+        dim = v.type.tensor_type.shape.dim[0]
+        dim.Clear()
+        dim.dim_value = n
+    del out.graph.value_info[:]
+    return out
+
+
+def graphs_for(original: onnx.ModelProto, alpha: float) -> dict[str, onnx.ModelProto]:
+    """original, floor (affine only), previous (before #15), naive, chosen (bncorrect.onnx_rewrite.rewrite),
+    and at opset >= 17 the two-pass statistics forced (``two-pass``), which the opset < 17 graphs get."""
+    layers = [ly.name for ly in find_bn_nodes(original)]
+    coef = dict.fromkeys(layers, alpha)
+    out = {"original": original}
+    out["floor"] = rewrite_with(original, coef, coef, build=build_floor, formulation="floor", check=False)[0]
+    out["previous"] = rewrite_with(original, coef, coef, build=build_previous, formulation="previous")[0]
+    out["naive"] = rewrite_with(original, coef, coef, build=build_naive, formulation="naive")[0]
+    out["chosen"] = rewrite(original, coef, coef)[0]
+    if max(o.version for o in original.opset_import if o.domain in ("", "ai.onnx")) >= 17:
+
+        def two_pass(b: Builder, p: LayerPlan) -> None:
+            if p.rank == 2:
+                build_rank2(b, p)
+            else:
+                build_fast(b, p, stats="two-pass")
+
+        out["two-pass"] = rewrite_with(original, coef, coef, build=two_pass, formulation="two-pass")[0]
+    return out
+
+
+def host() -> str:
+    """``lscpu`` model name and the widest x86 vector extension."""
+    name, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name in ("", "x86_64"):
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = line
+                break
+    except OSError:
+        pass
+    simd = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
+    return f"{name} ({simd}, {os.cpu_count()} cpus)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, default=112, help="input height = width (default 112)")
+    ap.add_argument("--size", type=int, default=112, help="input height = width of the torch nets (112)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=15, help="interleaved rounds per measurement")
     ap.add_argument("--min-time", type=float, default=0.2, help="seconds per measurement (inner loop)")
     ap.add_argument("--batches", default="1,32")
-    ap.add_argument("--alpha", type=float, default=0.25)
-    ap.add_argument("--nets", default="resnet,mobilenet")
+    ap.add_argument("--alpha", type=float, default=0.1, help="alpha = beta on every layer (0.1)")
     ap.add_argument(
-        "--floor", action="store_true", help="also time the affine-only lower bound (build_floor)"
+        "--nets",
+        default="resnet,mobilenet,real",
+        help="resnet, mobilenet (exported by torch, opset 20), real (a generated opset-11 classifier with "
+        "Constant-fed BN, benchmarks/real_graph.py), real17 (the same graph at opset 17, what upgrading the "
+        "opset would make of it)",
+    )
+    ap.add_argument(
+        "--batch-dim",
+        choices=["dynamic", "static", "both"],
+        default="both",
+        help="the graphs' batch dimension: symbolic as exported, pinned to the batch size, or both",
     )
     ap.add_argument(
         "--no-spin",
@@ -283,78 +445,89 @@ def main() -> None:
     import onnxruntime as ort
 
     print(
-        f"# {datetime.date.today()}  onnxruntime {ort.__version__}  onnx {onnx.__version__}  torch "
-        f"{torch.__version__}  {platform.processor() or platform.machine()}  threads={args.threads}  "
-        f"input 3x{args.size}x{args.size}  alpha=beta={args.alpha}  opt-level={args.opt_level}  "
-        f"spinning={'off' if args.no_spin else 'on'}  cpus={os.cpu_count()}"
+        f"# {datetime.date.today()}  host: {host()}  onnxruntime {ort.__version__}  onnx {onnx.__version__}  "
+        f"threads={args.threads}  alpha=beta={args.alpha}  opt-level={args.opt_level}  "
+        f"spinning={'off' if args.no_spin else 'on'}  rounds={args.repeats}  "
+        f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}",
+        flush=True,
     )
-    nets = {"resnet": ("ResNet-style", resnet_style), "mobilenet": ("MobileNet-style", mobilenet_style)}
+    nets = {
+        "resnet": (
+            "ResNet-style",
+            lambda: export_plain(trained_looking(resnet_style()), _example(args.size)),
+        ),
+        "mobilenet": (
+            "MobileNet-style",
+            lambda: export_plain(trained_looking(mobilenet_style()), _example(args.size)),
+        ),
+        "real": ("real-style opset 11 (3x48x192)", real_style_graph),
+        "real17": ("real-style at opset 17 (upgraded)", lambda: real_style_graph(opset=17)),
+    }
+    pins = {"dynamic": [False], "static": [True], "both": [False, True]}[args.batch_dim]
     rows = []
     for key in args.nets.split(","):
-        label, factory = nets[key]
-        model = trained_looking(factory())
-        example = torch.randn(1, 3, args.size, args.size)
-        original = export_plain(model, example)
-        layers = [ly.name for ly in find_bn_nodes(original)]
-        coef = dict.fromkeys(layers, args.alpha)
-        chosen, _ = rewrite(original, coef, coef)
-        naive, _ = rewrite_with(original, coef, coef, build=build_naive, formulation="naive")
-        graphs = {"original": original, "chosen": chosen, "naive": naive}
-        if args.floor:
-            graphs["floor"] = rewrite_with(
-                original, coef, coef, build=build_floor, formulation="floor", check=False
-            )[0]
-        per_layer = {
-            k: (len(g.graph.node) - len(original.graph.node)) / len(layers) + 1
-            for k, g in graphs.items()
-            if k != "original"
-        }
+        label, make = nets[key]
+        exported = make()
+        opset = max(o.version for o in exported.opset_import if o.domain in ("", "ai.onnx"))
+        in_shape = [d.dim_value for d in exported.graph.input[0].type.tensor_type.shape.dim[1:]]
         for n in (int(v) for v in args.batches.split(",")):
-            x = np.random.default_rng(0).standard_normal((n, 3, args.size, args.size)).astype(np.float32)
-            t = bench(graphs, x, args.threads, args.repeats, args.min_time)
-            r_chosen = statistics.median(c / o for c, o in zip(t["chosen"], t["original"], strict=True))
-            r_naive = statistics.median(c / o for c, o in zip(t["naive"], t["original"], strict=True))
-            r_floor = (
-                statistics.median(c / o for c, o in zip(t["floor"], t["original"], strict=True))
-                if "floor" in t
-                else float("nan")
-            )
-            rows.append(
-                (
-                    label,
-                    len(layers),
-                    n,
-                    statistics.median(t["original"]) * 1e3,
-                    statistics.median(t["chosen"]) * 1e3,
-                    statistics.median(t["naive"]) * 1e3,
-                    r_chosen,
-                    r_naive,
-                    r_naive / r_chosen,
-                    r_floor,
-                    per_layer,
+            for pinned in pins:
+                original = pin_batch(exported, n) if pinned else exported
+                graphs = graphs_for(original, args.alpha)
+                x = np.random.default_rng(0).standard_normal((n, *in_shape)).astype(np.float32)
+                t = bench(graphs, x, args.threads, args.repeats, args.min_time)
+                ratio = {
+                    k: statistics.median(a / o for a, o in zip(t[k], t["original"], strict=True)) for k in t
+                }
+                to_floor = {
+                    k: statistics.median(a / f for a, f in zip(t[k], t["floor"], strict=True)) for k in t
+                }
+                naive_chosen = statistics.median(a / c for a, c in zip(t["naive"], t["chosen"], strict=True))
+                nodes = {k: len(g.graph.node) for k, g in graphs.items()}
+                rows.append(
+                    (label, opset, n, "N" if pinned else "?", t, ratio, to_floor, naive_chosen, nodes)
                 )
-            )
-            print(
-                f"  {label} batch {n}: original {rows[-1][3]:.2f} ms, chosen x{r_chosen:.3f}, "
-                f"naive x{r_naive:.3f}"
-                f", floor x{r_floor:.3f}",
-                flush=True,
-            )
+                print(
+                    f"  {label} opset {opset} batch {n} ({'static' if pinned else 'dynamic'} N): original "
+                    f"{statistics.median(t['original']) * 1e3:.2f} ms; "
+                    + ", ".join(
+                        f"{k} x{ratio[k]:.3f} (/floor {to_floor[k]:.3f})" for k in t if k != "original"
+                    ),
+                    flush=True,
+                )
+    print()
+    print("Ratios to the original (and to the floor) — medians of per-round ratios")
     print()
     print(
-        "| net | BN layers | batch | original ms | chosen ms | naive ms | chosen / original "
-        "| naive / original "
-        "| naive / chosen | floor / original |"
+        "| graph | opset | batch | N in graph | original ms | floor | previous | naive | chosen | two-pass "
+        "| chosen / floor | naive / chosen |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for label, nl, n, o, c, nv, rc, rn, rnc, rf, _ in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, opset, n, pin, t, ratio, to_floor, nc, _ in rows:
+
+        def cell(k: str, ratio: dict = ratio, to_floor: dict = to_floor) -> str:
+            return f"{ratio[k]:.3f} ({to_floor[k]:.3f})" if k in ratio else "—"
+
         print(
-            f"| {label} | {nl} | {n} | {o:.2f} | {c:.2f} | {nv:.2f} | {rc:.3f} | {rn:.3f} | {rnc:.2f} "
-            f"| {rf:.3f} |"
+            f"| {label} | {opset} | {n} | {'static' if pin == 'N' else 'symbolic'} "
+            f"| {statistics.median(t['original']) * 1e3:.2f} | {ratio['floor']:.3f} | {cell('previous')} "
+            f"| {cell('naive')} | **{cell('chosen')}** | {cell('two-pass')} | {to_floor['chosen']:.3f} "
+            f"| {nc:.3f} |"
         )
     print()
-    for label, *_rest, per_layer in rows[:: len(args.batches.split(","))]:
-        print(f"nodes per BN layer ({label}): " + ", ".join(f"{k} {v:.0f}" for k, v in per_layer.items()))
+    seen = set()
+    for label, _o, _n, pin, *_r, nodes in rows:
+        if (label, pin) in seen:
+            continue
+        seen.add((label, pin))
+        print(
+            f"nodes ({label}, {'static' if pin == 'N' else 'symbolic'} N): "
+            + ", ".join(f"{k} {v}" for k, v in nodes.items())
+        )
+
+
+def _example(size: int) -> torch.Tensor:
+    return torch.randn(1, 3, size, size)
 
 
 if __name__ == "__main__":

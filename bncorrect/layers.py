@@ -229,6 +229,18 @@ class CorrectedNorm(nn.Module):
             if not torch.isfinite(t).all() or (t < 0).any() or (t > 1).any():
                 raise UsageError(f"{label} must lie in [0, 1], got {t.tolist()}")
             setattr(self, label, t.to(rm.device))
+        self._remember_identity()
+
+    def _remember_identity(self) -> bool:
+        """Read whether alpha = beta = 0 from the buffers and keep the answer as a Python bool, for
+        :meth:`is_identity` under ``torch.compile``."""
+        identity = not bool(self.alpha.any()) and not bool(self.beta.any())
+        self._identity = identity
+        return identity
+
+    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
+        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[arg-type]
+        self._remember_identity()
 
     def extra_repr(self) -> str:
         a = self.alpha.tolist() if self.alpha.dim() == 0 else f"vector[{self.alpha.numel()}]"
@@ -236,8 +248,19 @@ class CorrectedNorm(nn.Module):
         return f"alpha={a}, beta={b}, strategy={self.strategy}"
 
     def is_identity(self) -> bool:
-        """True when the correction is a no-op (alpha = beta = 0 everywhere)."""
-        return not bool(self.alpha.any()) and not bool(self.beta.any())
+        """True when the correction is a no-op (alpha = beta = 0 everywhere).
+
+        Under ``torch.compile`` this is the answer read last from the buffers (by :meth:`set_coefficients`,
+        ``load_state_dict`` or an eager call), a Python bool that dynamo guards on, so the compiled graph has
+        no data-dependent branch (``bool(tensor)`` breaks the graph at every corrected layer). Change the
+        coefficients of a compiled model through :meth:`set_coefficients` or ``load_state_dict`` (or run it
+        once eagerly after writing the buffers in place)."""
+        if torch.compiler.is_compiling():
+            known = getattr(self, "_identity", None)  # None: a layer pickled before the attribute existed
+            if known is not None:
+                return bool(known)
+            return not bool(self.alpha.any()) and not bool(self.beta.any())
+        return self._remember_identity()
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() < 2 or x.shape[1] != self.num_channels:

@@ -7,32 +7,60 @@ Layers with alpha = beta = 0 keep their original node (runtimes still fold it in
 with new running statistics only (``recalibrate``) the node stays a plain BN fed with the new statistics.
 
 The subgraph (input ``x`` of shape (N, C, *spatial), statistics computed in float32 — fp16/bf16 inputs are
-cast up and the result cast back — or float64 for double graphs)::
+cast up and the result cast back — or float64 for double graphs; ``~`` marks a per-channel (C,) term
+repeated N times, a constant when N is static (the graph's value_info or one shape inference), else
+``Tile(., N)`` with N read once per symbolic batch dimension and shared)::
 
-    opset >= 17:  _, mu_i, r_i = LayerNormalization(x, ones(spatial), axis=2, epsilon=0)  (N, C, 1, ...)
-                  beta * var_i = beta / (r_i * r_i)               both moments from one read, exact
-    opset <  17:  mu_i = ReduceMean(x);  var_i = ReduceMean((x - mu_i)^2)     exact two-pass variance
-    mu_hat  = alpha * mu_i + (1 - alpha) * mu_E                              = mu_E + alpha * d
-    var_hat = Sum(beta * var_i,  beta (1 - beta) * d^2,  (1 - beta) * var_E),    d = mu_i - mu_E
-    y = Reshape(BatchNormalization(Reshape(x, (1, N*C, *spatial)),
-                                   scale=Tile(gamma, N), B=Tile(b, N),
-                                   mean=Reshape(mu_hat, -1), var=Reshape(var_hat, -1), epsilon=eps),
-                (N, C, *spatial))
-      = gamma * (x - mu_hat) / sqrt(var_hat + eps) + b  =  x * s + t     one read + one write of x
+    statistics per (example, channel), (N, C, 1, ...):
+      symbolic N, opset >= 17:  _, mu_i, r_i = LayerNormalization(x, ones(spatial), axis=2, epsilon=0)
+                                beta * var_i = beta / (r_i * r_i)       both moments from one read, exact
+      otherwise:                mu_i = ReduceMean(x);  xc = x - mu_i;  var_i = ReduceMean(xc * xc)
+                                                                        exact two-pass
+    d       = mu_i - mu_E
+    var_hat = Sum(beta * var_i,  beta (1 - beta) * d^2,  (1 - beta) * var_E)      (+ eps inside the BN)
+    affine step, one BatchNormalization over a (1, N*C, *spatial) view (the Reshapes are free):
+      LayerNormalization statistics:  y = BN(view(x),  gamma~, b~, mean = mu_hat, var = var_hat, eps)
+                                      mu_hat = alpha * mu_i + (1 - alpha) * mu_E
+      two-pass statistics:            y = BN(view(xc), gamma~, b~, mean = (alpha - 1) d, var = var_hat, eps)
+                                      (x - mu_hat = xc - (alpha - 1) d: xc exists already; no mu_hat)
+      = gamma * (x - mu_hat) / sqrt(var_hat + eps) + b  =  x * s + t     one read + one write
 
-The last step is the per-(N, C) affine ``y = x * s + t`` of DESIGN §2 through BatchNormalization's
-kernel over a (1, N*C, ...) view (the Reshapes are free), which also does the ``+ eps``, the rsqrt and the
-scaling, so the small-tensor math is 8 ops on (N, C, 1, ...) tensors. The node count per layer is 16
-(N is read once per symbolic batch dimension and shared). With beta = 0 no variance is computed (one
-ReduceMean); with alpha = 0 mu_hat is Tile(mu_E, N). For (N, C) inputs (mu_i = x, var_i = 0) the layer
-is elementwise: ``y = gamma (1 - alpha) d / sqrt((1 - beta) var_E + eps + beta (1 - beta) d^2) + b``,
+    static batch size N (any opset): the two-pass layer runs on the (1, N*C, *spatial) view throughout —
+      mu_i = ReduceMean(view(x)) (1, N*C, 1, ...), var_i = ReduceMean(xc * xc, axes 0, 2, ...) (N*C,)
+      directly, every per-channel term a tiled (N*C,) constant (a scalar when alpha/beta are one value):
+      no Shape, Slice or Tile and no reshape of the statistics (14 nodes per layer, 16-18 before).
+
+The affine step is the per-(N, C) ``y = x * s + t`` of DESIGN §2 through BatchNormalization's kernel,
+which also does the ``+ eps``, the rsqrt and the scaling, so the small-tensor math is a handful of ops on
+(N, C) tensors. With beta = 0 no variance is computed (one ReduceMean, affine on x with mu_hat); with
+alpha = 0 the LayerNormalization path's mean input is mu_E~, with alpha = 1 the two-pass one is zeros.
+Coefficients that are one value are scalar constants. For (N, C) inputs (mu_i = x, var_i = 0) the layer is
+elementwise: ``y = gamma (1 - alpha) d / sqrt((1 - beta) var_E + eps + beta (1 - beta) d^2) + b``,
 ``d = x - mu_E``; when the rank is unknown, x is viewed as (N, C, -1), which covers (N, C) too.
 
-``benchmarks/bench_onnx_inference.py`` compares this with a naive subgraph (README: ONNX Runtime
-inference cost). The one-pass variance E[x^2] - E[x]^2 (ReduceMean + ReduceSumSquare, no write) would be
-cheaper again but is not exact enough: in float32 it is off by 2e-4 of the variance when |mean| = 10 std,
-2e-3 at 30 std and entirely wrong at 1000 std, where LayerNormalization's and the two-pass statistics stay
-within 4e-7 (``bench_onnx_inference.py --numerics``).
+Why this formulation (``benchmarks/bench_onnx_inference.py``; numbers in benchmarks/README.md, "ONNX
+Runtime inference cost"): in onnxruntime (CPU) the cost of a corrected layer is the number of full-size
+elementwise passes, not the node count: every Sub/Mul/BatchNormalization over the activation costs one
+(at batch 1 with 2 threads each also pays a thread-pool dispatch), a ReduceMean over the trailing axes
+about a quarter of one. The exact two-pass statistics need Sub and Mul (ReduceSumSquare(xc) instead of
+Mul + ReduceMean measured 1.3x slower: onnxruntime's generic reduction path); the affine step is one BN
+pass (Mul + Add over the activation: two). So the two-pass layer is three passes (Sub, Mul, BN), the floor
+(affine step only) one.
+
+LayerNormalization (one op, writing a normalized output nobody reads) against the two-pass statistics at
+opset >= 17, relative to the floor over 12 measured cases: with a symbolic N LayerNormalization ahead by
+3-9% in 4 of 6, level in 1, behind by 8% in 1; with a static N the flat two-pass path ahead by 1-10% in 4
+of 6, level in 1, behind by 6% in 1. Hence LayerNormalization for a symbolic N, the flat two-pass path for
+a static one. Upgrading an opset-11 graph to opset 17 (onnx's version converter) measured no faster than
+rewriting it at opset 11 (1.15-1.24 vs 1.13-1.32 of the floor, within noise), so no ``--upgrade-opset`` is
+offered. Against the previous formulation (BN over the view of x with mu_hat, per-channel coefficient
+arrays, Tile at run time even for a static N) the chosen one measured 0.88-1.01x at batch 32 and
+0.69-1.00x at batch 1.
+
+The one-pass variance E[x^2] - E[x]^2 (ReduceMean + ReduceSumSquare, no write) would be cheaper again but
+is not exact enough: in float32 it is off by 2e-4 of the variance when |mean| = 10 std, 2e-3 at 30 std and
+entirely wrong at 1000 std, where LayerNormalization's and the two-pass statistics stay within 4e-7
+(``bench_onnx_inference.py --numerics``).
 
 Graph surgery uses raw ``onnx`` protobuf and ``onnx.helper`` throughout: the rewrite is local (one node
 becomes a short run of nodes at the same position), and protobuf in, protobuf out keeps every untouched
@@ -1207,21 +1235,23 @@ def example_stats_nodes(b: Builder, p: LayerPlan, x: str, r: int) -> tuple[str, 
     if not np.any(p.beta):
         return b.reduce("ReduceMean", x, axes, 1, "mu_i"), None, False
     if b.opset >= 17:
-        spatial = p.spatial_dims(r)
-        if spatial is not None:  # a full-shape scale: onnxruntime's broadcast-scale path is ~10x slower
-            ones = b.shared_const("ones_" + "x".join(map(str, spatial)), np.ones(spatial), b.np_dtype)
-        else:
-            one = numpy_helper.from_array(np.ones(1, dtype=b.np_dtype))
-            ones = b.op("ConstantOfShape", [b.op("Shape", [x], "spatial_shape", start=2)], "ones", value=one)
-        _, mu, inv_std = b.ops("LayerNormalization", [x, ones], 3, "stats", axis=2, epsilon=0.0)
+        mu, inv_std = _layernorm_stats(b, p, x, r)
         return mu, inv_std, True
     mu = b.reduce("ReduceMean", x, axes, 1, "mu_i")
     xc = b.op("Sub", [x, mu], "x_centered")
     return mu, b.reduce("ReduceMean", b.op("Mul", [xc, xc], "x_centered_sq"), axes, 1, "var_i"), False
 
 
-def build_fast(b: Builder, p: LayerPlan) -> None:
-    """The formulation of the module docstring (rank >= 3, or rank unknown)."""
+def _coef_const(b: Builder, hint: str, v: np.ndarray, pc: Callable[[np.ndarray], np.ndarray]) -> str:
+    """A coefficient as a constant: a scalar when it is one value (broadcasts anywhere), else ``pc(v)``."""
+    v = np.asarray(v, dtype=np.float64)
+    return b.const(hint, v if v.ndim == 0 else pc(v))
+
+
+def build_fast(b: Builder, p: LayerPlan, *, stats: str | None = None) -> None:
+    """The formulation of the module docstring (rank >= 3, or rank unknown). ``stats``: "layernorm" or
+    "two-pass" to force the statistics (default: as the docstring says, by batch dimension and opset; for
+    benchmarks)."""
     x = cast_in(b, p)
     rank = p.rank
     if rank is None:  # view as (N, C, L): works for any rank >= 2 ((N, C) becomes L = 1: var_i = 0)
@@ -1229,42 +1259,125 @@ def build_fast(b: Builder, p: LayerPlan) -> None:
         r = 3
     else:
         r = rank
-    pc = lambda v: p.per_channel(v, r)  # noqa: E731
     a, be = p.alpha, p.beta
-    mu, v, is_inv_std = example_stats_nodes(b, p, x, r)
+    batch = p.batch_dim if isinstance(p.batch_dim, int) and p.batch_dim > 0 else None
+    if stats == "layernorm" and b.opset < 17:
+        raise ValueError("LayerNormalization needs opset >= 17")
+    flat_path = batch is not None and rank is not None and np.any(be) and stats != "layernorm"
+    if flat_path:  # static batch size: the (1, N*C, ...) two-pass path, at every opset (module docstring)
+        _build_flat_two_pass(b, p, x, r, batch)
+        return
+    use_ln = (b.opset >= 17) if stats is None else stats == "layernorm"
+    pc = lambda v: p.per_channel(v, r)  # noqa: E731
     flat = b.shape([-1])
-    n = b.batch_size(x, p.batch_dim)
-    if np.any(a):  # mu_hat = mu_E + alpha * (mu_i - mu_E)
-        ca = b.const("alpha", pc(a))
+    src = x
+    d: str | None = None
+    if not np.any(be):  # mu_hat only
+        mu = b.reduce("ReduceMean", x, list(range(2, r)), 1, "mu_i")
+        v_in = None
+    elif use_ln:
+        mu, inv_std = _layernorm_stats(b, p, x, r)
+        beta_var = b.op("Div", [_coef_const(b, "beta", be, pc), b.op("Mul", [inv_std, inv_std], "inv_var")])
+        v_terms = [beta_var]
+    else:  # exact two-pass; the affine then runs on the centred x (mean input (alpha - 1) d, no mu_hat)
+        mu = b.reduce("ReduceMean", x, list(range(2, r)), 1, "mu_i")
+        src = b.op("Sub", [x, mu], "x_centered")
+        var_i = b.reduce(
+            "ReduceMean", b.op("Mul", [src, src], "x_centered_sq"), list(range(2, r)), 1, "var_i"
+        )
+        v_terms = [b.op("Mul", [var_i, _coef_const(b, "beta", be, pc)], "beta_var_i")]
+    if np.any(be):
+        bb = be * (1.0 - be)
+        if np.any(bb) or src is not x:
+            d = b.op("Sub", [mu, b.const("mean", pc(p.mean))], "d")
+        if np.any(bb):
+            v_terms.append(b.op("Mul", [b.op("Mul", [d, d], "d2"), _coef_const(b, "bb", bb, pc)], "bb_d2"))
+        ce = (1.0 - be) * p.var
+        if np.any(ce):
+            v_terms.append(b.const("var_1mb", pc(ce)))
+        var_hat = b.op("Sum", v_terms, "var_hat") if len(v_terms) > 1 else v_terms[0]
+        v_in = b.op("Reshape", [var_hat, flat], "var_hat_flat")
+    n = None if batch is not None else b.batch_size(x, p.batch_dim)
+
+    def tiled(hint: str, v: np.ndarray) -> str:
+        if batch is not None:  # static batch: a constant, no run-time Tile
+            return b.const(hint + "_tiled", np.tile(v, batch))
+        return b.op("Tile", [b.const(hint, v), n], hint + "_tiled")
+
+    if src is not x:  # centred input: BN mean input mu_hat - mu_i = (alpha - 1) d
+        if np.any(a != 1.0):
+            m = b.op("Mul", [d, _coef_const(b, "alpha_m1", a - 1.0, pc)], "m")
+            m_in = b.op("Reshape", [m, flat], "m_flat")
+        else:
+            m_in = tiled("zeros", np.zeros(p.channels))
+    elif np.any(a):  # mu_hat = mu_E + alpha * (mu_i - mu_E)
+        ca = _coef_const(b, "alpha", a, pc)
         mu_hat = b.op(
             "Add", [b.op("Mul", [mu, ca], "alpha_mu"), b.const("mean_1ma", pc((1.0 - a) * p.mean))], "mu_hat"
         )
         m_in = b.op("Reshape", [mu_hat, flat], "mu_hat_flat")
     else:
-        m_in = b.op("Tile", [b.const("mean", p.mean), n], "mu_hat_flat")
-    if v is not None:  # var_hat = beta * var_i + beta (1 - beta) d^2 + (1 - beta) var_E
-        if is_inv_std:
-            beta_var = b.op("Div", [b.const("beta", pc(be)), b.op("Mul", [v, v], "inv_var")], "beta_var_i")
-        else:
-            beta_var = b.op("Mul", [v, b.const("beta", pc(be))], "beta_var_i")
-        terms = [beta_var]
-        bb = be * (1.0 - be)
-        if np.any(bb):
-            d = b.op("Sub", [mu, b.const("mean", pc(p.mean))], "d")
-            terms.append(b.op("Mul", [b.op("Mul", [d, d], "d2"), b.const("bb", pc(bb))], "bb_d2"))
-        ce = (1.0 - be) * p.var
-        if np.any(ce):
-            terms.append(b.const("var_1mb", pc(ce)))
-        var_hat = b.op("Sum", terms, "var_hat") if len(terms) > 1 else terms[0]
-        v_in = b.op("Reshape", [var_hat, flat], "var_hat_flat")
-    else:
-        v_in = b.op("Tile", [b.const("var", p.var), n], "var_hat_flat")
-    g_in = b.op("Tile", [b.const("gamma", p.gamma), n], "gamma_tiled")
-    b_in = b.op("Tile", [b.const("bias", p.bias), n], "bias_tiled")
-    xv = b.op("Reshape", [x, b.shape([1, -1] + [0] * (r - 2))], "x_view")
+        m_in = tiled("mean", p.mean)
+    if v_in is None:
+        v_in = tiled("var", p.var)
+    g_in = tiled("gamma", p.gamma)
+    b_in = tiled("bias", p.bias)
+    xv = b.op("Reshape", [src, b.shape([1, -1] + [0] * (r - 2))], "x_view")
     yv = b.op(_BN, [xv, g_in, b_in, m_in, v_in], "y_view", epsilon=float(p.eps))
     back = b.shape([-1, p.channels] + [0] * (r - 2)) if rank is not None else b.op("Shape", [p.x], "x_shape")
     finish_layer(b, p, "y", "Reshape", [yv, back])
+
+
+def _layernorm_stats(b: Builder, p: LayerPlan, x: str, r: int) -> tuple[str, str]:
+    """(mu_i, 1 / sqrt(var_i)) of shape (N, C, 1, ...) from one LayerNormalization (opset >= 17)."""
+    spatial = p.spatial_dims(r)
+    if spatial is not None:  # a full-shape scale: onnxruntime's broadcast-scale path is ~10x slower
+        ones = b.shared_const("ones_" + "x".join(map(str, spatial)), np.ones(spatial), b.np_dtype)
+    else:
+        one = numpy_helper.from_array(np.ones(1, dtype=b.np_dtype))
+        ones = b.op("ConstantOfShape", [b.op("Shape", [x], "spatial_shape", start=2)], "ones", value=one)
+    _, mu, inv_std = b.ops("LayerNormalization", [x, ones], 3, "stats", axis=2, epsilon=0.0)
+    return mu, inv_std
+
+
+def _build_flat_two_pass(b: Builder, p: LayerPlan, x: str, r: int, batch: int) -> None:
+    """Static batch size N, beta != 0 (any opset): everything on the (1, N*C, *spatial) view, the
+    per-channel terms tiled N times as constants, so no run-time shape arithmetic and no reshapes of the
+    statistics."""
+    nc = batch * p.channels
+    axes = list(range(2, r))
+
+    def per_nc(hint: str, v: np.ndarray) -> str:  # a coefficient: scalar, or (C,) tiled to (N*C,)
+        v = np.asarray(v, dtype=np.float64)
+        return b.const(hint, v if v.ndim == 0 else np.tile(v, batch))
+
+    xv = b.op("Reshape", [x, b.shape([1, nc] + [0] * (r - 2))], "x_view")
+    mu = b.reduce("ReduceMean", xv, axes, 1, "mu_i")  # (1, N*C, 1, ...)
+    xc = b.op("Sub", [xv, mu], "x_centered")
+    var_i = b.reduce("ReduceMean", b.op("Mul", [xc, xc], "x_centered_sq"), [0, *axes], 0, "var_i")  # (N*C,)
+    mu_f = b.op("Reshape", [mu, b.shape([-1])], "mu_i_flat")
+    a, be = p.alpha, p.beta
+    d = b.op("Sub", [mu_f, per_nc("mean_tiled", p.mean)], "d")
+    terms = [b.op("Mul", [var_i, per_nc("beta", be)], "beta_var_i")]
+    bb = be * (1.0 - be)
+    if np.any(bb):
+        terms.append(b.op("Mul", [b.op("Mul", [d, d], "d2"), per_nc("bb", bb)], "bb_d2"))
+    ce = (1.0 - be) * p.var
+    if np.any(ce):
+        terms.append(b.const("var_1mb_tiled", np.tile(ce, batch)))
+    var_hat = b.op("Sum", terms, "var_hat") if len(terms) > 1 else terms[0]
+    if np.any(a != 1.0):  # BN mean input mu_hat - mu_i = (alpha - 1) d
+        m = b.op("Mul", [d, per_nc("alpha_m1", a - 1.0)], "m")
+    else:
+        m = b.const("zeros_tiled", np.zeros(nc))
+    yv = b.op(
+        _BN,
+        [xc, b.const("gamma_tiled", np.tile(p.gamma, batch)), b.const("bias_tiled", np.tile(p.bias, batch)),
+         m, var_hat],
+        "y_view",
+        epsilon=float(p.eps),
+    )  # fmt: skip
+    finish_layer(b, p, "y", "Reshape", [yv, b.shape([batch, p.channels] + [0] * (r - 2))])
 
 
 def build_default(b: Builder, p: LayerPlan) -> None:
@@ -1382,9 +1495,10 @@ def rewrite_with(
     opset = _opset(model)
     report = RewriteReport(opset=opset)
     report.formulation = formulation or (
-        "LayerNormalization statistics + BatchNormalization over a (1, N*C, ...) view"
+        "LayerNormalization statistics (symbolic batch) or two-pass ReduceMean statistics (static batch) + "
+        "BatchNormalization over a (1, N*C, ...) view"
         if opset >= 17
-        else "two-pass ReduceMean statistics + BatchNormalization over a (1, N*C, ...) view"
+        else "two-pass ReduceMean statistics + BatchNormalization over a (1, N*C, ...) view of x - mu_i"
     )
     by_name = {ly.name: ly for ly in layers}
     stats = dict(running_stats or {})
