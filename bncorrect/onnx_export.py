@@ -392,8 +392,12 @@ def export_plain(
         except OnnxError as legacy:
             raise OnnxError(
                 dynamo_error.message,
-                hint=dynamo_error.hint,
-                detail=f"{dynamo_error.detail}\n\nthe TorchScript exporter failed too: {legacy.message}",
+                hint="neither of torch.onnx's exporters could write the model (torch.export, then the "
+                "TorchScript tracer; both logs are in the error's .detail): change the part of the model "
+                "the message names, or write .safetensors or .pt instead; a graph exported by other means "
+                "with BatchNorm kept is corrected by `bncorrect apply model.onnx CORRECTIONS -o OUT.onnx`",
+                detail=f"{dynamo_error.detail}\n\nthe TorchScript exporter failed too: {legacy.message}\n"
+                f"{legacy.detail or ''}",
             ) from None
         if notes is not None:
             notes.append(_traced_note(_export_cause(e), tracer_warnings))
