@@ -399,8 +399,14 @@ def export_plain(
                 detail=f"{dynamo_error.detail}\n\nthe TorchScript exporter failed too: {legacy.message}\n"
                 f"{legacy.detail or ''}",
             ) from None
+        fixed = None
+        if dynamic_batch and not _takes_other_batches(proto, model, args):
+            # a trace may bake the batch size in (torchvision's detection models split the batch into a
+            # list of images): write the graph for the example's batch size, and say so
+            proto, tracer_warnings = _trace_export(model, args, opset or LEGACY_OPSET, False, output_names)
+            fixed = int(args[0].shape[0])
         if notes is not None:
-            notes.append(_traced_note(_export_cause(e), tracer_warnings))
+            notes.append(_traced_note(_export_cause(e), tracer_warnings, fixed))
         return proto
     got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is not None and got != opset:
@@ -466,12 +472,30 @@ def _trace_export(
     return onnx.load_from_string(buf.getvalue()), tracer
 
 
-def _traced_note(cause: str, tracer_warnings: list[str]) -> str:
+def _takes_other_batches(proto: onnx.ModelProto, model: nn.Module, args: tuple[Tensor, ...]) -> bool:
+    """Whether a graph exported with a dynamic batch dimension reproduces ``model`` on a batch one larger
+    than the example's (the example with its first row repeated)."""
+    if not args or not all(isinstance(a, Tensor) and a.dim() > 0 for a in args):
+        return False
+    bigger = tuple(torch.cat([a, a[:1]]) for a in args)
+    try:
+        return _compare(proto, model, bigger)[1] <= 1e-4
+    except Exception:  # onnxruntime refusing the batch size, or outputs of other shapes
+        return False
+
+
+def _traced_note(cause: str, tracer_warnings: list[str], fixed_batch: int | None = None) -> str:
     """The warning for a graph written by the TorchScript exporter after torch.export failed."""
     note = (
         f"torch.export could not capture the model ({shorten(cause, 160)}), so the graph was written by "
         "torch.onnx's TorchScript exporter (a trace of the example input) and verified on that input"
     )
+    if fixed_batch is not None:
+        note += (
+            f"; the trace does not run other batch sizes, so the graph takes batches of exactly "
+            f"{fixed_batch}, the example's (another with --input-shape on the command line, "
+            "ExportOptions(input_shape=...) in Python)"
+        )
     if tracer_warnings:
         first = tracer_warnings[0].split(" (", 1)[0].removeprefix("TracerWarning: ")
         note += (

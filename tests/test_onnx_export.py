@@ -360,3 +360,31 @@ def test_both_exporters_failing_raise_torch_exports_error(tmp_path):
         export_plain(Eig().eval(), torch.randn(4, 3))
     assert info.value.message.startswith("torch.onnx.export failed")
     assert "the TorchScript exporter failed too" in (info.value.detail or "")
+
+
+class PerImage(Branchy):
+    """Like torchvision's detection models: the batch is split into images, so a trace fixes its size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.conv(x))
+        if h.sum() > -1e9:
+            h = torch.relu(h)
+        return torch.stack([img.mean() for img in h.unbind(0)])
+
+
+def test_a_trace_that_fixes_the_batch_size_is_written_for_that_size(tmp_path):
+    torch.manual_seed(1)
+    model = PerImage().eval()
+    x = torch.randn(3, 3, 6, 6)
+    out = tmp_path / "p.onnx"
+    outcome = api.weight(model, 0.2, out=out, export=api.ExportOptions(example_input=x))
+    (note,) = [w for w in outcome.report["warnings"] if "TorchScript exporter" in w]
+    assert "batches of exactly 3" in note
+    dims = load_onnx(out).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [3, 3, 6, 6]
+    with torch.no_grad():
+        want = outcome.model(x).numpy()
+    np.testing.assert_allclose(run_onnx(out, x)[0], want, atol=1e-5, rtol=1e-4)
+    # a graph that does take other batch sizes keeps its symbolic batch (Branchy, above)
+    api.weight(Branchy().eval(), 0.2, out=tmp_path / "b.onnx", export=api.ExportOptions(example_input=x))
+    assert load_onnx(tmp_path / "b.onnx").graph.input[0].type.tensor_type.shape.dim[0].dim_param
