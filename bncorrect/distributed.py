@@ -110,8 +110,7 @@ def shutdown() -> None:
     dist = _dist()
     if dist.is_available() and dist.is_initialized():
         with contextlib.suppress(Exception):
-            dist.barrier()
-        dist.destroy_process_group()
+            dist.destroy_process_group()
 
 
 def local_device(device: torch.device) -> torch.device:
