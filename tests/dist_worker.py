@@ -82,6 +82,10 @@ def cases(rank: int = 0, world: int = 1) -> dict[str, object]:
     }
     outcome = api.sweep_alpha(net, (x, y), alphas=[0.0, 0.1, 0.2], device="cpu")
     out["api_sweep"] = outcome.report["sweep"].as_report()
+    outcome = api.tune(net, (x, y), B, holdout=0.4, seed=3, device="cpu", max_epochs=4)
+    report = outcome.report["tune"].as_report()
+    report.pop("timings", None)  # seconds differ from rank to rank
+    out["api_tune"] = report
     if world > 1:
         # NaN in rank 1's data only: both ranks raise the same error instead of rank 0 waiting forever
         bad = [(b[0].clone(), b[1]) for b in mine]

@@ -335,6 +335,14 @@ def test_api_two_ranks_equals_one(two_ranks):
     _assert_same(r0["api_sweep"], ref["api_sweep"], rtol=1e-9, atol=1e-12)
 
 
+def test_tune_two_ranks_matches_one(two_ranks):
+    """tune: its passes (estimate, sweeps, held-out scores) run sharded and merged, the per-layer fit on
+    rank 0 on the whole fitting part; the report equals one process's (to float rounding, which the fit's
+    gradient steps may carry a little further)."""
+    (r0, _), ref = two_ranks
+    _assert_same(r0["api_tune"], ref["api_tune"], rtol=1e-4, atol=1e-6)
+
+
 def test_failure_on_one_rank_is_raised_on_both(two_ranks):
     (r0, r1), _ = two_ranks
     assert r0["nan"] is not None and r0["nan"] == r1["nan"]
