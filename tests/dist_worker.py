@@ -36,8 +36,9 @@ def batches(rank: int = 0, world: int = 1) -> list[tuple[torch.Tensor, torch.Ten
     return out[rank::world]
 
 
-def cases(rank: int = 0, world: int = 1) -> dict[str, object]:
-    """Every result the test compares, run on ``rank``'s shard (rank 0 of 1: the whole data)."""
+def cases(folder: Path, rank: int = 0, world: int = 1) -> dict[str, object]:
+    """Every result the test compares, run on ``rank``'s shard (rank 0 of 1: the whole data); files go
+    to ``folder``."""
     from bncorrect import api
     from bncorrect.diagnosis import diagnose_model
     from bncorrect.estimation import estimate_alpha_beta
@@ -86,6 +87,28 @@ def cases(rank: int = 0, world: int = 1) -> dict[str, object]:
     report = outcome.report["tune"].as_report()
     report.pop("timings", None)  # seconds differ from rank to rank
     out["api_tune"] = report
+    # an ONNX graph runs in onnxruntime: the same merges
+    import onnx
+
+    from bncorrect.onnx_export import _export_legacy
+
+    path = folder / f"model{rank}.onnx"
+    onnx.save(_export_legacy(net, (x[:2],), 17, True), str(path))
+    xs = x[:40]  # batches of 16: 16, 16, 8 (rank 0: two, rank 1: one)
+    onnx_out: dict[str, object] = {}
+    outcome = api.recalibrate(path, (xs, y[:40]), upstream="train", batch_size=B, device="cpu")
+    onnx_out["recal_train"] = {
+        n: (c.running_mean, c.running_var) for n, c in outcome.corrections.layers.items()
+    }
+    outcome = api.recalibrate(path, (x, y), device="cpu")
+    onnx_out["recal_eval"] = {
+        n: (c.running_mean, c.running_var) for n, c in outcome.corrections.layers.items()
+    }
+    outcome = api.estimate(path, (x, y), B, device="cpu", seed=0)
+    onnx_out["estimate"] = {n: (float(c.alpha), float(c.beta)) for n, c in outcome.corrections.layers.items()}
+    outcome = api.sweep_alpha(path, (x, y), alphas=[0.0, 0.1, 0.2], device="cpu")
+    onnx_out["sweep"] = outcome.report["sweep"].as_report()
+    out["onnx"] = onnx_out
     if world > 1:
         # NaN in rank 1's data only: both ranks raise the same error instead of rank 0 waiting forever
         bad = [(b[0].clone(), b[1]) for b in mine]
@@ -104,7 +127,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        torch.save(cases(rank, world), out / f"rank{rank}.pt")
+        torch.save(cases(out, rank, world), out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 

@@ -257,7 +257,7 @@ def two_ranks(tmp_path_factory):
     proc = _torchrun(["-m", "tests.dist_worker", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    return ranks, dist_worker.cases()
+    return ranks, dist_worker.cases(tmp_path_factory.mktemp("one"))
 
 
 def _assert_same(a, b, *, rtol=1e-6, atol=1e-7, path=""):
@@ -341,6 +341,18 @@ def test_tune_two_ranks_matches_one(two_ranks):
     gradient steps may carry a little further)."""
     (r0, _), ref = two_ranks
     _assert_same(r0["api_tune"], ref["api_tune"], rtol=1e-4, atol=1e-6)
+
+
+def test_onnx_two_ranks_equal_one(two_ranks):
+    """An ONNX graph (onnxruntime's passes) merges the same accumulators."""
+    (r0, _), ref = two_ranks
+    a, b = r0["onnx"], ref["onnx"]
+    _assert_same(a["recal_train"], b["recal_train"])
+    _assert_same(a["recal_eval"], b["recal_eval"])
+    _assert_same(a["sweep"], b["sweep"], rtol=1e-9, atol=1e-12)
+    for name, (alpha, beta) in b["estimate"].items():
+        assert a["estimate"][name][0] == pytest.approx(alpha, abs=1e-3)
+        assert a["estimate"][name][1] == pytest.approx(beta, abs=1e-3)
 
 
 def test_failure_on_one_rank_is_raised_on_both(two_ranks):
