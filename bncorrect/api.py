@@ -69,6 +69,12 @@ class Outcome:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+def _pin(device: Any) -> bool:
+    """Page-locked loader batches when the pass runs on a CUDA device (faster, asynchronous copies)."""
+    text = str(device or "auto")
+    return text.startswith("cuda") or (text == "auto" and torch.cuda.is_available())
+
+
 def _writes() -> bool:
     """Whether this process writes files: always, but under a process group only rank 0."""
     from .distributed import is_writer
@@ -843,7 +849,13 @@ def estimate(
     multiple = lcm(sizes)
     batch = multiple * max(1, 64 // multiple)
     loader, total, description = _loader(
-        dataset, batch, shuffle=True, seed=seed, num_workers=num_workers, max_examples=max_examples
+        dataset,
+        batch,
+        shuffle=True,
+        seed=seed,
+        num_workers=num_workers,
+        max_examples=max_examples,
+        pin_memory=_pin(device),
     )
     result = _on_runtime(
         source,
@@ -1014,6 +1026,7 @@ def _recalibrate_stats(
         seed=seed,
         num_workers=num_workers,
         max_examples=max_examples,
+        pin_memory=_pin(device),
     )
     return _on_runtime(
         source,
@@ -1175,7 +1188,13 @@ def diagnose(
     dataset = open_data(data, data_spec)
     batch = train_batch_size * max(1, 64 // train_batch_size)
     loader, total, description = _loader(
-        dataset, batch, shuffle=True, seed=seed, num_workers=num_workers, max_examples=max_examples
+        dataset,
+        batch,
+        shuffle=True,
+        seed=seed,
+        num_workers=num_workers,
+        max_examples=max_examples,
+        pin_memory=_pin(device),
     )
     result = diagnose_model(
         source.model,
@@ -1283,7 +1302,13 @@ def sweep_alpha(
     pixels = int(np.prod(getattr(dataset, "label_shape", ()) or (1,)))
     batch_size = 256 if pixels <= 1 else max(1, min(256, (1 << 22) // pixels))
     loader, total, description = _loader(
-        dataset, batch_size, shuffle=False, seed=seed, num_workers=num_workers, max_examples=max_examples
+        dataset,
+        batch_size,
+        shuffle=False,
+        seed=seed,
+        num_workers=num_workers,
+        max_examples=max_examples,
+        pin_memory=_pin(device),
     )
     result = _on_runtime(
         source,
