@@ -1314,13 +1314,13 @@ def _run(args: list[str]) -> int:
         distributed.quiet_warnings()
         if distributed.env_rank() != 0:
             out_console.quiet = err_console.quiet = True
-    made_group = False
     try:
         made_group = distributed.init_from_env(_device_arg(args))
-        return _run_app(args)
     except BncorrectError as e:  # joining the group failed
         err_console.print(Text.assemble(("error: ", "bold red"), e.render()), highlight=False)
         return e.exit_code
+    try:
+        return _run_app(args)
     finally:
         if made_group:
             distributed.shutdown()
