@@ -4,7 +4,7 @@ Run by ``scripts/gpu_check.sh`` (which bounds it in time). Two parts:
 
 1. the sample checkpoints (``sample_checkpoints/*_b2``): every command on ``--device`` and on the CPU,
    results compared (recalibrated statistics, alpha/beta, the sweep's rows and best alpha, tune's choice);
-2. a ResNet-50-sized random net (bottleneck blocks 3-4-6-3, 53 BN layers, 25.5 M parameters) on
+2. a ResNet-50-sized random net (bottleneck blocks 3-4-6-3, 53 BN layers, 23.7 M parameters with 100 classes) on
    ``--images`` synthetic images of ``--size`` pixels: images/s of estimate, recalibrate (both upstream
    modes), sweep-alpha and a plain eval pass on ``--device``, the sweep's speed ratio (its time over K
    plain eval passes, K candidates), and the same commands on the CPU on the first ``--check-images``
