@@ -4,11 +4,11 @@ Run by ``scripts/gpu_check.sh`` (which bounds it in time). Two parts:
 
 1. the sample checkpoints (``sample_checkpoints/*_b2``): every command on ``--device`` and on the CPU,
    results compared (recalibrated statistics, alpha/beta, the sweep's rows and best alpha, tune's choice);
-2. a ResNet-50-sized random net (bottleneck blocks 3-4-6-3, 53 BN layers, 23.7 M parameters with 100 classes) on
-   ``--images`` synthetic images of ``--size`` pixels: images/s of estimate, recalibrate (both upstream
-   modes), sweep-alpha and a plain eval pass on ``--device``, the sweep's speed ratio (its time over K
-   plain eval passes, K candidates), and the same commands on the CPU on the first ``--check-images``
-   images, compared with the device's results on those images.
+2. a ResNet-50-sized random net (bottleneck blocks 3-4-6-3, 53 BN layers, 23.7 M parameters with 100
+   classes) on ``--images`` synthetic images of ``--size`` pixels: images/s of estimate, recalibrate
+   (both upstream modes), sweep-alpha and a plain eval pass on ``--device``, the sweep's speed ratio (its
+   time over K plain eval passes, K candidates), and the same commands on the CPU on the first
+   ``--check-images`` images, compared with the device's results on those images.
 
 Every check prints PASS/FAIL; the exit status is the number of failures (0: all passed). ``--device cpu
 --tiny`` runs everything on the CPU with tiny sizes: the script's own smoke test (tests/test_gpu_check.py).
