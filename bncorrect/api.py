@@ -981,15 +981,21 @@ def _recalibrate_stats(
     forward_fn: Any,
     progress: Any,
     *,
-    exact: bool = False,
+    exact: bool | None = None,
     tolerance: float | None = None,
     max_passes: int | None = None,
 ) -> Any:
     """The recalibrated statistics (:class:`~bncorrect.recalibration.RecalibrateResult`) on MODEL's runtime;
     ``exact``, ``tolerance`` and ``max_passes`` choose and stop the inference-consistent scheme (defaults:
-    the iterative one, :data:`~bncorrect.recalibration.DEFAULT_TOLERANCE`,
+    :func:`~bncorrect.recalibration.choose_exact`, :data:`~bncorrect.recalibration.DEFAULT_TOLERANCE`,
     :data:`~bncorrect.recalibration.DEFAULT_MAX_PASSES`)."""
-    from .recalibration import DEFAULT_MAX_PASSES, DEFAULT_TOLERANCE, check_iteration, recalibrate_stats
+    from .recalibration import (
+        DEFAULT_MAX_PASSES,
+        DEFAULT_TOLERANCE,
+        check_iteration,
+        choose_exact,
+        recalibrate_stats,
+    )
 
     tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
     max_passes = DEFAULT_MAX_PASSES if max_passes is None else max_passes
@@ -1028,6 +1034,13 @@ def _recalibrate_stats(
         max_examples=max_examples,
         pin_memory=_pin(device),
     )
+    if upstream == "eval" and exact is None:
+        try:
+            n_batches: int | None = len(loader)  # type: ignore[arg-type]
+        except TypeError:
+            n_batches = None
+        n_layers = len(correctable_channels(source, allow_broken_stats=True))
+        exact = choose_exact(n_layers, n_batches, max_passes)
     return _on_runtime(
         source,
         recalibrate_stats,
@@ -1054,7 +1067,7 @@ def recalibrate(
     out: str | Path | None = None,
     upstream: str = "eval",
     batch_size: int | None = None,
-    exact: bool = False,
+    exact: bool | None = None,
     tolerance: float | None = None,
     max_passes: int | None = None,
     max_examples: int | None = None,
@@ -1070,10 +1083,13 @@ def recalibrate(
     """Replace every BN layer's running statistics by exact population statistics over ``data`` (an ONNX
     model runs in onnxruntime, :mod:`bncorrect.onnx_passes`).
 
-    ``upstream="eval"`` (inference-consistent) runs the iterative scheme of :mod:`bncorrect.recalibration`
-    (full passes until the largest relative change is at most ``tolerance``, default 1e-4, at most
-    ``max_passes``, default 10; a warning when it stops at the cap), or with ``exact`` one partial pass per
-    layer (about L/2 full passes for L layers)."""
+    ``upstream="eval"`` (inference-consistent) runs one of the two schemes of
+    :mod:`bncorrect.recalibration`: ``exact=False`` the iterative one (full passes until the largest
+    relative change is at most ``tolerance``, default 1e-4, at most ``max_passes``, default 10; a warning
+    when it stops at the cap), ``exact=True`` one partial pass per layer (about L/2 full passes for L
+    layers); by default (``None``) the layer-by-layer one when it costs no more than ``max_passes`` full
+    passes and the data is more than one batch, else the iterative one
+    (:func:`~bncorrect.recalibration.choose_exact`)."""
     _check_upstream(upstream)
     _check_batch_size("batch_size", batch_size)
     _check_device(device)
@@ -1142,7 +1158,7 @@ def recalibrate(
         and hasattr(dataset, "__getitem__")
     ):
         export.example_input = torch.stack([dataset[i][0] for i in range(min(2, len(dataset)))])
-    outcome = _finish(source, corrections, out, export, warnings=warnings)
+    outcome = _finish(source, corrections, out, export, warnings=warnings, data_pass=True, progress=progress)
     outcome.report["recalibrate"] = recal
     return outcome
 

@@ -726,14 +726,17 @@ def recalibrate(
         int | None, typer.Option("--batch-size", help="Normalization batch size for --upstream train.")
     ] = None,
     exact: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--exact",
-            help="--upstream eval layer by layer: one partial pass per BN layer (about L/2 passes for L "
-            "layers), the reference. Default: full passes until the statistics settle (--tolerance), exact "
-            "after at most depth + 1 passes.",
+            "--exact/--iterative",
+            help="--upstream eval scheme. --exact: layer by layer, one partial pass per BN layer (about L/2 "
+            "passes for L layers), the reference. --iterative: full passes until the statistics settle "
+            "(--tolerance, --max-passes), exact after at most depth + 1 passes and after one pass when the "
+            "data is one batch. Default: --exact when L/2 <= --max-passes and the data is several batches, "
+            "else --iterative.",
+            show_default=False,
         ),
-    ] = False,
+    ] = None,
     tolerance: Annotated[
         float | None,
         typer.Option(
@@ -763,6 +766,7 @@ def recalibrate(
     channels: ChannelsOpt = 3,
     preprocess: PreprocessOpt = None,
     skip_bad_files: SkipBadOpt = False,
+    data_config: DataConfigOpt = None,
     input_shape: InputShapeOpt = None,
     opset: OpsetOpt = None,
     no_verify: NoVerifyOpt = False,
@@ -772,11 +776,14 @@ def recalibrate(
     from . import api
 
     spec = _data_spec(resize, crop, mean, std, no_normalize, channels, preprocess, skip_bad_files)
+    load = _load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch)
+    model_or_source, spec = _model_and_spec(model, spec, data_config, load)
     dataset = api.open_data(data, spec)
     _warn_skipped(dataset)
+    _say_preprocessing(dataset, json_out)
     with _progress_bar(enabled=not json_out) as bar:
         outcome = api.recalibrate(
-            model,
+            model_or_source,
             dataset,
             out=output,
             upstream=upstream,
@@ -790,7 +797,7 @@ def recalibrate(
             seed=seed,
             progress=bar,
             export=_export_options(input_shape, opset, no_verify),
-            **_load_options(arch, arch_kwargs, trust_pickle, non_strict, trust_arch),
+            **load,
         )
     _warn_load(outcome.source)
     _warn_outcome(outcome)

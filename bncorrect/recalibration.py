@@ -330,6 +330,20 @@ def check_upstream(upstream: str, batches: Iterable[Batch]) -> None:
         )
 
 
+def choose_exact(n_layers: int, n_batches: int | None, max_passes: int) -> bool:
+    """Which inference-consistent scheme ``exact=None`` (the default of the API and CLI) runs: ``True``
+    for layer by layer, ``False`` for the iterative one.
+
+    All of the data in one batch: the iterative scheme, exact after its first pass. Otherwise layer by
+    layer when it costs no more than the iterative scheme may (its partial passes add up to about
+    ``n_layers / 2`` full passes, which is at most ``max_passes``): exact for the same price, where the
+    iterative scheme on a shallow net with small batches often needs all of its passes (docs/zoo.md).
+    Deeper nets: the iterative scheme. An unknown number of batches counts as several."""
+    if n_batches is not None and n_batches <= 1:
+        return False
+    return n_layers <= 2 * max_passes
+
+
 def check_iteration(tolerance: float, max_passes: int) -> None:
     """:class:`UsageError` unless ``tolerance`` is a positive finite number and ``max_passes`` an integer
     >= 2 (the iterative scheme's pass 1 only gives its starting point)."""

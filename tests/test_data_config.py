@@ -98,3 +98,28 @@ def test_cli_estimate_with_data_config_model(cli, images, tmp_path):
         "estimate", sd, "--arch", f"{TOYS}:conv_net", "--data", images, "-B", "2", "--data-config", "model"
     )
     assert res.code == 2 and "pretrained_cfg" in res.err and "Fix:" in res.err
+
+
+def test_cli_recalibrate_with_data_config_weights(cli, images, tmp_path):
+    """recalibrate reads images as the weights' transforms do: the first BN's new mean is its input's mean
+    over the images preprocessed by hand (resize 10 bilinear, crop 8, ImageNet mean/std)."""
+    sd = tmp_path / "sd.pt"
+    torch.save(toys.conv_net().state_dict(), sd)
+    out = tmp_path / "rec.safetensors"
+    res = cli(
+        "recalibrate", sd, "--arch", f"{TOYS}:conv_net", "--data", images,
+        "--data-config", f"{TOYS}:WEIGHTS", "-o", out,
+    )
+    assert res.code == 0, res.err
+    assert "WEIGHTS" in res.err  # the data line names where the preprocessing came from
+    files = sorted(images.rglob("*.png"))
+    x = torch.stack(
+        [_by_hand(f, 10, 8, Image.BILINEAR, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) for f in files]
+    )
+    model = toys.conv_net()
+    with torch.no_grad():
+        h = model[0](x)
+    from bncorrect import load_corrections
+
+    got = load_corrections(out).layers["1"].running_mean
+    torch.testing.assert_close(got, h.mean((0, 2, 3)), atol=2e-5, rtol=1e-4)

@@ -142,6 +142,15 @@ def test_export_failure_keeps_the_corrections(tmp_path):
     assert not out.exists()
     corr = bncorrect.load_corrections(saved)
     assert set(corr.layers) == {"net.1"} and corr.method == "evalnorm-offline"
+    saved.unlink()
+    with pytest.raises(OnnxError) as info:  # a recalibration pass is kept the same way
+        bncorrect.recalibrate(Unexportable().eval(), x, out=out)
+    assert str(saved) in str(info.value) and not out.exists()
+    corr = bncorrect.load_corrections(saved)
+    with torch.no_grad():
+        h = Unexportable().net[0](x)
+    torch.testing.assert_close(corr.layers["net.1"].running_mean, h.mean((0, 2, 3)))
+    assert corr.method == "recalibrate-eval"
 
 
 def test_two_input_model_with_dict_batches_and_forward_fn():

@@ -278,3 +278,37 @@ def test_api_and_cli_options(tmp_path, cli, deep, reference):
     assert out["max_change"] == 0.0 and out["converged"]
     res = cli("recalibrate", weights, "--data", data, "--trust-pickle", "--max-passes", "1")
     assert res.code != 0 and "--max-passes 1" in res.err and "--exact" in res.err
+
+
+def test_default_scheme_is_exact_when_it_costs_no_more():
+    """exact=None: layer by layer when its ~L/2 passes fit in max_passes and the data is several batches;
+    the iterative scheme for one batch (exact after pass 1) and for deep nets."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from bncorrect.recalibration import choose_exact
+
+    assert choose_exact(3, 4, 10) and choose_exact(20, None, 10)
+    assert not choose_exact(3, 1, 10) and not choose_exact(21, 4, 10) and not choose_exact(24, 5, 10)
+    model = toys.conv_net(seed=0)  # 3 BN layers
+    x, _ = toys.data(48, seed=3)
+    loader = DataLoader(TensorDataset(x), batch_size=16)
+    auto = api.recalibrate(model, loader, device="cpu").report["recalibrate"]
+    assert auto.scheme == "layer by layer" and auto.exact
+    exact = recalibrate_stats(model, loader, exact=True)
+    assert relative_difference(auto.stats, exact.stats) == 0.0
+    forced = api.recalibrate(model, loader, exact=False, device="cpu").report["recalibrate"]
+    assert forced.scheme == "iterative"
+    assert api.recalibrate(model, x, device="cpu").report["recalibrate"].scheme == "iterative"  # 1 batch
+
+
+def test_cli_exact_and_iterative_flags(tmp_path, cli):
+    model = toys.conv_net(seed=0)
+    weights = tmp_path / "m.pt"
+    torch.save(model, weights)
+    x, _ = toys.data(300, seed=4)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x.numpy())
+    for flag, scheme in (("--exact", "layer by layer"), ("--iterative", "iterative")):
+        res = cli("recalibrate", weights, "--data", data, "--trust-pickle", flag, "--json")
+        assert res.code == 0, res.err
+        assert json.loads(res.out)["scheme"] == scheme
