@@ -1039,6 +1039,11 @@ def _recalibrate_stats(
             n_batches: int | None = len(loader)  # type: ignore[arg-type]
         except TypeError:
             n_batches = None
+        from . import distributed
+
+        if distributed.active():  # every rank must choose the same scheme: from the batches of all ranks
+            counts = distributed.all_gather(n_batches)
+            n_batches = None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
         n_layers = len(correctable_channels(source, allow_broken_stats=True))
         exact = choose_exact(n_layers, n_batches, max_passes)
     return _on_runtime(
