@@ -733,7 +733,7 @@ def _loader(
         return (
             distributed.ShardedBatches(dataset, rank, world),
             None,
-            f"{type(dataset).__name__} (every {world}th batch)",
+            f"{type(dataset).__name__} (rank {rank} of {world}: batches {rank}, {rank} + {world}, ...)",
         )
     if isinstance(dataset, DataLoader):
         if shuffle and isinstance(dataset.sampler, SequentialSampler):
