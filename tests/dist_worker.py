@@ -83,6 +83,26 @@ def cases(folder: Path, rank: int = 0, world: int = 1) -> dict[str, object]:
     }
     outcome = api.sweep_alpha(net, (x, y), alphas=[0.0, 0.1, 0.2], device="cpu")
     out["api_sweep"] = outcome.report["sweep"].as_report()
+    # batches already made: a DataLoader is split every world-th batch; one with a DistributedSampler is
+    # this rank's shard already
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    loader = DataLoader(TensorDataset(x, y), batch_size=BATCH)
+    out["api_sweep_loader"] = (
+        api.sweep_alpha(net, loader, alphas=[0.0, 0.1], device="cpu").report["sweep"].as_report()
+    )
+    sampled = (
+        DataLoader(
+            TensorDataset(x, y),
+            batch_size=BATCH,
+            sampler=DistributedSampler(TensorDataset(x, y), world, rank, shuffle=False),
+        )
+        if world > 1
+        else loader
+    )
+    out["api_sweep_sampler"] = (
+        api.sweep_alpha(net, sampled, alphas=[0.0, 0.1], device="cpu").report["sweep"].as_report()
+    )
     outcome = api.tune(net, (x, y), B, holdout=0.4, seed=3, device="cpu", max_epochs=4)
     report = outcome.report["tune"].as_report()
     report.pop("timings", None)  # seconds differ from rank to rank

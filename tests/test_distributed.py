@@ -333,6 +333,9 @@ def test_api_two_ranks_equals_one(two_ranks):
     _assert_same(r0["api_recal_train"], ref["api_recal_train"])
     _assert_same(r0["api_recal_eval"], ref["api_recal_eval"])  # one batch: rank 1's shard is empty
     _assert_same(r0["api_sweep"], ref["api_sweep"], rtol=1e-9, atol=1e-12)
+    # a DataLoader split every second batch, and one with a DistributedSampler (its own shards)
+    _assert_same(r0["api_sweep_loader"], ref["api_sweep_loader"], rtol=1e-9, atol=1e-12)
+    _assert_same(r0["api_sweep_sampler"], ref["api_sweep_sampler"], rtol=1e-9, atol=1e-12)
 
 
 def test_tune_two_ranks_matches_one(two_ranks):
