@@ -4,10 +4,11 @@ collectives that merge the passes' accumulators.
 Launched the standard way (``torchrun --nproc_per_node K -m bncorrect estimate ...``, or the Python API
 called on every rank of an initialised process group), every pass reads its rank's shard of the seeded
 order and merges what it accumulated at the end of the pass: each accumulator has one pure merge function
-beside it (:func:`bncorrect.recalibration.merge_moments`, :func:`bncorrect.estimation.merge_reservoirs`,
-:func:`bncorrect.sweep.merge_tallies`, :func:`bncorrect.diagnosis.merge_meters`); this module only moves
-their state between ranks. Without a process group (or with one process) nothing here does anything: the
-passes run exactly as in one process.
+beside it (:func:`bncorrect.recalibration.merge_moments` and ``merge_changes``,
+:func:`bncorrect.estimation.merge_reservoirs`, :func:`bncorrect.sweep.merge_tallies` and
+``merge_segmentation_tallies``, :func:`bncorrect.tune.merge_score_sums`,
+:func:`bncorrect.diagnosis.merge_meters`); this module only moves their state between ranks. Without a
+process group (or with one process) nothing here does anything: the passes run exactly as in one process.
 
 Shards (:func:`shard_order`): the seeded order is cut into the loader's batches (each a multiple of every
 normalization batch size B, so no group of B straddles two batches) and batch ``i`` goes to rank
