@@ -69,6 +69,19 @@ class Outcome:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+def _pin(device: Any) -> bool:
+    """Page-locked loader batches when the pass runs on a CUDA device (faster, asynchronous copies)."""
+    text = str(device or "auto")
+    return text.startswith("cuda") or (text == "auto" and torch.cuda.is_available())
+
+
+def _writes() -> bool:
+    """Whether this process writes files: always, but under a process group only rank 0."""
+    from .distributed import is_writer
+
+    return is_writer()
+
+
 def _with_progress(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Let a command take ``progress=True`` (bars on stderr), ``False``/``None`` (quiet) or a callable."""
     import functools
@@ -77,6 +90,10 @@ def _with_progress(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def run(*args: Any, progress: Any = None, **kwargs: Any) -> Any:
+        from .distributed import is_writer
+
+        if not is_writer():  # under a process group only rank 0 shows progress
+            progress = None
         with progress_callback(progress) as callback:
             return fn(*args, progress=callback, **kwargs)
 
@@ -369,7 +386,12 @@ def _finish(
     progress: Any = None,
 ) -> Outcome:
     """Correct the model in memory and, with ``out``, write the result by suffix. The corrections are
-    stamped with the fingerprint of the model they are now made for."""
+    stamped with the fingerprint of the model they are now made for. Under a process group only rank 0
+    writes ``out``."""
+    from .distributed import is_writer
+
+    if out is not None and not is_writer():
+        out = None
     if out is not None:
         out = _check_out(out, source)
     _check_repaired(source, corrections)
@@ -651,18 +673,29 @@ _NEEDS_SHUFFLE = "normalization groups of B consecutive examples must be random 
 
 
 def _loader(
-    dataset: Any, batch_size: int, *, shuffle: bool, seed: int, num_workers: int, max_examples: int | None
+    dataset: Any,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    num_workers: int,
+    max_examples: int | None,
+    pin_memory: bool = False,
 ) -> tuple[Iterable[Any], int | None, str]:
     """Batches over ``dataset``: a Dataset (bncorrect's, or any map-style torch Dataset) is wrapped in a
     seeded, optionally shuffled loader; a DataLoader or other iterable of batches is used as it is (with a
     warning when ``shuffle`` is needed but the loader reads in order)."""
     import warnings
 
-    from torch.utils.data import DataLoader, SequentialSampler, Subset
+    from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler, Subset
     from torch.utils.data import Dataset as TorchDataset
 
+    from . import distributed
     from .data import Dataset, make_loader
 
+    # under a process group every rank reads its shard of the seeded order (distributed.shard_order):
+    # whole loader batches, so normalization groups of B never straddle two ranks
+    rank, world = distributed.rank(), distributed.world_size()
     if isinstance(dataset, Dataset):
         loader = make_loader(
             dataset,
@@ -671,8 +704,10 @@ def _loader(
             seed=seed,
             num_workers=num_workers,
             max_examples=max_examples,
+            shard=(rank, world),
+            pin_memory=pin_memory,
         )
-        total = len(dataset) if max_examples is None else min(len(dataset), max_examples)
+        total = len(loader.dataset)  # type: ignore[arg-type]
         return loader, total, dataset.description
     if isinstance(dataset, TorchDataset) and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
         n = len(dataset)
@@ -683,8 +718,24 @@ def _loader(
         )
         if max_examples is not None:
             order = list(order)[:max_examples]
-        loader = DataLoader(Subset(dataset, list(order)), batch_size=batch_size, num_workers=num_workers)
+        order = distributed.shard_order(list(order), batch_size, rank, world)
+        loader = DataLoader(
+            Subset(dataset, list(order)),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+        )
         return loader, len(order), f"{type(dataset).__name__} of {n} examples"
+    if world > 1 and not (
+        isinstance(dataset, DataLoader) and isinstance(dataset.sampler, DistributedSampler)
+    ):
+        # batches already made (a DataLoader, an iterable): every world-th batch; a DataLoader with a
+        # DistributedSampler is this rank's shard already
+        return (
+            distributed.ShardedBatches(dataset, rank, world),
+            None,
+            f"{type(dataset).__name__} (rank {rank} of {world}: batches {rank}, {rank} + {world}, ...)",
+        )
     if isinstance(dataset, DataLoader):
         if shuffle and isinstance(dataset.sampler, SequentialSampler):
             warnings.warn(
@@ -799,7 +850,13 @@ def estimate(
     multiple = lcm(sizes)
     batch = multiple * max(1, 64 // multiple)
     loader, total, description = _loader(
-        dataset, batch, shuffle=True, seed=seed, num_workers=num_workers, max_examples=max_examples
+        dataset,
+        batch,
+        shuffle=True,
+        seed=seed,
+        num_workers=num_workers,
+        max_examples=max_examples,
+        pin_memory=_pin(device),
     )
     result = _on_runtime(
         source,
@@ -976,12 +1033,18 @@ def _recalibrate_stats(
         seed=seed,
         num_workers=num_workers,
         max_examples=max_examples,
+        pin_memory=_pin(device),
     )
     if upstream == "eval" and exact is None:
         try:
             n_batches: int | None = len(loader)  # type: ignore[arg-type]
         except TypeError:
             n_batches = None
+        from . import distributed
+
+        if distributed.active():  # every rank must choose the same scheme: from the batches of all ranks
+            counts = distributed.all_gather(n_batches)
+            n_batches = None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
         n_layers = len(correctable_channels(source, allow_broken_stats=True))
         exact = choose_exact(n_layers, n_batches, max_passes)
     return _on_runtime(
@@ -1147,7 +1210,13 @@ def diagnose(
     dataset = open_data(data, data_spec)
     batch = train_batch_size * max(1, 64 // train_batch_size)
     loader, total, description = _loader(
-        dataset, batch, shuffle=True, seed=seed, num_workers=num_workers, max_examples=max_examples
+        dataset,
+        batch,
+        shuffle=True,
+        seed=seed,
+        num_workers=num_workers,
+        max_examples=max_examples,
+        pin_memory=_pin(device),
     )
     result = diagnose_model(
         source.model,
@@ -1161,7 +1230,7 @@ def diagnose(
         progress=progress,
         data_hint=description,
     )
-    if plot is not None:
+    if plot is not None and _writes():
         plot_diagnosis(result, str(plot))
     result.warnings = [w for w in warnings if w]
     return result
@@ -1255,7 +1324,13 @@ def sweep_alpha(
     pixels = int(np.prod(getattr(dataset, "label_shape", ()) or (1,)))
     batch_size = 256 if pixels <= 1 else max(1, min(256, (1 << 22) // pixels))
     loader, total, description = _loader(
-        dataset, batch_size, shuffle=False, seed=seed, num_workers=num_workers, max_examples=max_examples
+        dataset,
+        batch_size,
+        shuffle=False,
+        seed=seed,
+        num_workers=num_workers,
+        max_examples=max_examples,
+        pin_memory=_pin(device),
     )
     result = _on_runtime(
         source,
@@ -1291,9 +1366,9 @@ def sweep_alpha(
         export.example_input = _first_input(loader)
     outcome = _finish(source, chosen, out, export, warnings=warnings, data_pass=True, progress=progress)
     outcome.report["sweep"] = result
-    if plot is not None:
+    if plot is not None and _writes():
         outcome.report["plot"] = plot_sweep(result, plot)
-    if report is not None:
+    if report is not None and _writes():
         outcome.report["report"] = write_report(result, report)
     return outcome
 
@@ -1400,8 +1475,8 @@ def tune(
         )
     outcome = _finish(source, corrections, out, export, data_pass=True, progress=progress)
     outcome.report["tune"] = result
-    if plot is not None:
+    if plot is not None and _writes():
         outcome.report["plot"] = plot_tune(result, plot)
-    if report is not None:
+    if report is not None and _writes():
         outcome.report["report"] = write_tune_report(result, report)
     return outcome

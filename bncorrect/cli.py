@@ -1332,7 +1332,37 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
 
 
+def _device_arg(args: list[str]) -> str | None:
+    for i, a in enumerate(args):
+        if a.startswith("--device="):
+            return a.split("=", 1)[1]
+        if a == "--device" and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
 def _run(args: list[str]) -> int:
+    """Under torchrun (``WORLD_SIZE`` > 1) the command joins the process group; only rank 0 prints (and
+    writes, and shows progress): the other ranks stay quiet, also about errors, which rank 0 reports."""
+    from . import distributed
+
+    if distributed.env_world_size() > 1:
+        distributed.quiet_warnings()
+        if distributed.env_rank() != 0:
+            out_console.quiet = err_console.quiet = True
+    try:
+        made_group = distributed.init_from_env(_device_arg(args))
+    except BncorrectError as e:  # joining the group failed
+        err_console.print(Text.assemble(("error: ", "bold red"), e.render()), highlight=False)
+        return e.exit_code
+    try:
+        return _run_app(args)
+    finally:
+        if made_group:
+            distributed.shutdown()
+
+
+def _run_app(args: list[str]) -> int:
     _DEBUG["on"] = "--debug" in args
     if _DEBUG["on"]:  # accepted anywhere on the command line, not only before the command
         args = ["--debug", *[a for a in args if a != "--debug"]]

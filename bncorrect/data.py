@@ -921,8 +921,13 @@ def make_loader(
     num_workers: int = 0,
     drop_last: bool = False,
     max_examples: int | None = None,
+    shard: tuple[int, int] | None = None,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """Batches of ``(x,)`` or ``(x, y)`` (``y`` a LongTensor) over ``dataset``.
+
+    ``shard=(rank, world)``: only this rank's batches of that order (batch ``i`` to rank ``i % world``,
+    :func:`bncorrect.distributed.shard_order`). ``pin_memory``: page-locked batches, for copies to a GPU.
 
     With ``shuffle`` the order is a permutation drawn from ``torch.Generator().manual_seed(seed)`` once, so
     every pass over the loader yields the same batches (the same seed gives the same order everywhere).
@@ -946,6 +951,11 @@ def make_loader(
         data = Subset(dataset, order)
     elif max_examples is not None and max_examples < n:
         data = Subset(dataset, range(max_examples))
+    if shard is not None and shard[1] > 1:
+        from .distributed import shard_order
+
+        order = list(data.indices) if isinstance(data, Subset) else list(range(n))
+        data = Subset(dataset, shard_order(order, batch_size, *shard))
     if num_workers > 0:
         data = _Guarded(data)
     return _Loader(
@@ -955,6 +965,8 @@ def make_loader(
         num_workers=num_workers,
         drop_last=drop_last,
         collate_fn=_collate,
+        pin_memory=pin_memory,
+        persistent_workers=False,
     )
 
 

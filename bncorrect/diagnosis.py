@@ -19,17 +19,26 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from . import correction as C
+from . import distributed
 from .errors import NumericalError, UsageError
 from .health import STATS_HINT, statistics_problem
 from .layers import batch_statistics_layers, correct_model, corrected_layers
-from .passes import Batch, ForwardFn, Observer, Progress, resolve_device, training_mode_pass
+from .passes import (
+    Batch,
+    ForwardFn,
+    Observer,
+    Progress,
+    require_examples,
+    resolve_device,
+    training_mode_pass,
+)
 
 HISTOGRAM_VALUES = 200_000
 
@@ -121,6 +130,24 @@ class DiscrepancyMeter:
             outside_bound=self.outside / max(total, 1),
             per_channel_l1=per_channel.tolist(),
         )
+
+
+def merge_meters(parts: Sequence[DiscrepancyMeter]) -> DiscrepancyMeter:
+    """The :class:`DiscrepancyMeter` of the union of disjoint parts of the data (e.g. one per rank):
+    counts and L1 sums added, ranges widened, the bound of the parts that saw data (the same B and
+    spatial size everywhere). Exact to float64 rounding of the order of addition."""
+    out = DiscrepancyMeter(int(parts[0].l1_eval.numel()))
+    for part in parts:
+        out.count += part.count
+        out.l1_eval = out.l1_eval + part.l1_eval.cpu()
+        out.l1_corr = out.l1_corr + part.l1_corr.cpu()
+        out.has_corr = out.has_corr or part.has_corr
+        out.eval_min, out.eval_max = min(out.eval_min, part.eval_min), max(out.eval_max, part.eval_max)
+        out.train_min, out.train_max = min(out.train_min, part.train_min), max(out.train_max, part.train_max)
+        out.outside += part.outside
+        if part.count:
+            out.bound = part.bound
+    return out
 
 
 @dataclass
@@ -232,6 +259,9 @@ def diagnose_model(
         {name: observer(name, m) for name, m in layers.items()},
         "diagnose",
     )
+    if distributed.active():  # every rank ends with the sums of all ranks' data
+        every = distributed.all_gather(meters)
+        meters = {name: merge_meters([part[name] for part in every]) for name in meters}
     results = [meters[name].result(name) for name in layers]
     hist = None
     if histogram:
@@ -272,19 +302,24 @@ def _run(
     label: str,
 ) -> int:
     sizes = dict.fromkeys(corrected_layers(work), b)
-    examples, _ = training_mode_pass(
-        work,
-        batches,
-        sizes,
-        observers,
-        forward_fn=forward_fn,
-        device=dev,
-        label=label,
-        total_examples=total,
-        progress=progress,
-        data_hint=hint,
-        batch_stat_sizes=dict.fromkeys(batch_statistics_layers(work), b),
+    examples, dropped = distributed.guarded(
+        lambda: training_mode_pass(
+            work,
+            batches,
+            sizes,
+            observers,
+            forward_fn=forward_fn,
+            device=dev,
+            label=label,
+            total_examples=total,
+            progress=progress,
+            data_hint=hint,
+            batch_stat_sizes=dict.fromkeys(batch_statistics_layers(work), b),
+        )
     )
+    if distributed.active():
+        examples, dropped = distributed.sum_ints(examples, dropped)
+        require_examples(examples, dropped, b, hint)
     return examples
 
 
@@ -318,6 +353,9 @@ def _histogram(
         kept[0] += parts["train"][-1].numel()
 
     _run(work, batches, b, forward_fn, dev, total, progress, hint, {layer: observe}, "histogram")
+    if distributed.active():  # every rank's values, in rank order, up to the same budget per rank
+        every = distributed.all_gather(parts)
+        parts = {key: [t for part in every for t in part[key]] for key in parts}
     return Histogram(
         layer,
         channel,

@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from . import correction as C
+from . import distributed
 from .errors import DataError, NumericalError, UsageError
 from .health import STATS_HINT, statistics_problem
 from .layers import batch_statistics_layers, correct_model, corrected_layers, layer_batch_sizes
@@ -40,6 +43,8 @@ from .passes import (
     Progress,
     TrainingPass,
     check_observed,
+    lcm,
+    require_examples,
     resolve_device,
     training_mode_pass,
 )
@@ -138,6 +143,27 @@ class SampleReservoir:
         mu_i, var_i, mu_b, var_b = (t[:, :f] for t in self.stats)
         return self.values[:, :f], mu_b, var_b, mu_i, var_i
 
+    def state(self) -> ReservoirState:
+        """What :func:`merge_reservoirs` merges: examples seen and the kept rows (values, statistics,
+        example indices) of every channel."""
+        values = None if self.values is None else self.values[:, : self.filled].clone()
+        return ReservoirState(
+            self.seen, values, self.stats[:, :, : self.filled].clone(), self.example[:, : self.filled].clone()
+        )
+
+    def set_state(self, state: ReservoirState) -> None:
+        """Hold ``state`` (e.g. a merge of several reservoirs), at most ``capacity`` rows per channel."""
+        f = 0 if state.values is None else int(state.values.shape[1])
+        if f > self.capacity:
+            raise ValueError(f"{f} rows per channel do not fit a reservoir of {self.capacity}")
+        self.seen, self.filled = int(state.seen), f
+        if state.values is not None:
+            s = int(state.values.shape[2])
+            self.values = torch.zeros(self.channels, self.capacity, s, dtype=torch.float32)
+            self.values[:, :f] = state.values
+            self.stats[:, :, :f] = state.stats
+            self.example[:, :f] = state.example
+
     def distinct_examples(self) -> int:
         """How many different examples the kept rows come from."""
         return int(torch.unique(self.example[:, : self.filled]).numel())
@@ -146,6 +172,72 @@ class SampleReservoir:
         """Numbers held (values, statistics, example indices): fixed by the first batch."""
         values = 0 if self.values is None else self.values.numel()
         return values + self.stats.numel() + self.example.numel()
+
+
+class ReservoirState(NamedTuple):
+    """A :class:`SampleReservoir`'s contents as plain tensors: ``seen`` examples observed, and the R rows
+    kept of each of the C channels: ``values`` (C, R, S) float32 (None before any data), ``stats``
+    (4, C, R) float64 (mu_i, var_i, mu_b, var_b) and ``example`` (C, R) int64, each row's example."""
+
+    seen: int
+    values: Tensor | None
+    stats: Tensor
+    example: Tensor
+
+
+def merge_reservoirs(
+    parts: Sequence[ReservoirState | None], capacity: int, generator: torch.Generator
+) -> ReservoirState | None:
+    """A uniform sample of ``min(capacity, sum of seen)`` rows per channel of the union of the data the
+    ``parts`` saw (disjoint parts, e.g. one per rank), from their reservoirs; None when no part saw data.
+
+    Part k saw n_k examples and keeps f_k = min(capacity, n_k) of each channel's rows, a uniform sample of
+    its n_k. Per channel, how many rows come from each part is drawn from the multivariate hypergeometric
+    law (the counts a uniform draw of f rows from all N = sum n_k would take from each part), then that
+    many of the part's kept rows uniformly: a uniform sample of a uniform sample is one of the part's
+    rows, so the result is exactly distributed as a uniform sample without replacement of the union, as
+    one reservoir over all the data would hold (not the same rows: another draw). Each channel draws
+    independently. Example indices keep their parts' numbering (make them distinct across parts before).
+    Parts with ``seen == 0`` or None are skipped."""
+    full = [p for p in parts if p is not None and p.seen > 0 and p.values is not None]
+    if not full:
+        return None
+    if len(full) == 1 and full[0].values is not None and full[0].values.shape[1] <= capacity:
+        return full[0]
+    c = int(full[0].values.shape[0])  # type: ignore[union-attr]
+    s = min(int(p.values.shape[2]) for p in full)  # type: ignore[union-attr]
+    seen = [int(p.seen) for p in full]
+    total = sum(seen)
+    f = min(capacity, total)
+    rng = np.random.Generator(np.random.PCG64(int(torch.randint(0, 2**62, (1,), generator=generator))))
+    # counts[k, ch]: rows channel ch takes from part k (sequential conditional hypergeometric draws)
+    counts = np.zeros((len(full), c), dtype=np.int64)
+    left = np.full(c, f, dtype=np.int64)
+    rest = total
+    for k, n_k in enumerate(seen):
+        rest -= n_k
+        if k == len(full) - 1:
+            counts[k] = left
+        elif n_k > 0:
+            counts[k] = rng.hypergeometric(n_k, rest, left) if rest > 0 else left
+        left = left - counts[k]
+    values, stats, example = [], [], []
+    for k, part in enumerate(full):
+        assert part.values is not None
+        fk = int(part.values.shape[1])
+        take = torch.from_numpy(counts[k]).unsqueeze(1)  # (C, 1)
+        order = torch.rand(c, fk, generator=generator).argsort(dim=1)  # a random order of each channel's rows
+        chosen = torch.zeros(c, fk, dtype=torch.bool).scatter_(
+            1, order, torch.arange(fk).expand(c, fk) < take
+        )
+        values.append((part.values[:, :, :s], chosen))
+        stats.append(part.stats)
+        example.append(part.example)
+    mask = torch.cat([m for _, m in values], dim=1)  # (C, sum f_k): exactly f True per channel
+    out_values = torch.cat([v for v, _ in values], dim=1)[mask].view(c, f, s)
+    out_stats = torch.cat(stats, dim=2)[:, mask].view(4, c, f)
+    out_example = torch.cat(example, dim=1)[mask].view(c, f)
+    return ReservoirState(total, out_values, out_stats, out_example)
 
 
 def _gather_rows(flat: Tensor, lin: Tensor, pos: Tensor | None) -> Tensor:
@@ -276,6 +368,29 @@ class EvalNormEstimator:
             capacity = max(1, self.sample_budget // (c * s))
             self.reservoir = SampleReservoir(c, capacity, s, self.generator)
         self.reservoir.add(x, mu_i, var_i, mu_b, var_b)
+
+    def merge_ranks(self, rank: int, world: int) -> None:
+        """Collective (under a process group): rank 0's reservoir becomes :func:`merge_reservoirs` of every
+        rank's (example indices made distinct: index * world + rank); the others keep theirs."""
+        state = None if self.reservoir is None else self.reservoir.state()
+        if state is not None:
+            state = state._replace(example=state.example * world + rank)
+        parts = distributed.gather_to_writer(state)
+        if parts is None:
+            return
+        first = next((p for p in parts if p is not None and p.values is not None), None)
+        if first is None or first.values is None:
+            return
+        c, s = int(first.values.shape[0]), int(first.values.shape[2])
+        capacity = (
+            self.reservoir.capacity if self.reservoir is not None else max(1, self.sample_budget // (c * s))
+        )
+        merged = merge_reservoirs(parts, capacity, self.generator)
+        assert merged is not None
+        if self.reservoir is None:
+            self.reservoir = SampleReservoir(c, capacity, s, self.generator)
+        self.reservoir.set_state(merged)
+        self._pick = None
 
     def objective(
         self, dtype: torch.dtype = torch.float64, *, rows: int | None = None
@@ -484,7 +599,9 @@ def estimate_from_pass(
     Running statistics with NaN/Inf/negative variances, and NaN/Inf activations, raise
     :class:`NumericalError` naming the layer (and ``data_hint``, the data).
     """
-    gen = torch.Generator().manual_seed(seed)
+    # under a process group each rank samples with its own stream (rank 0 with the seed itself)
+    rank, world = distributed.rank(), distributed.world_size()
+    gen = torch.Generator().manual_seed(seed + 1_000_003 * rank)
     estimators = {
         name: EvalNormEstimator(
             name,
@@ -500,6 +617,15 @@ def estimate_from_pass(
         )
         for name, (mean, var, eps) in layers.items()
     }
-    examples, dropped = run_pass(sizes, {name: est.observe for name, est in estimators.items()})
-    results = [est.solve() for est in estimators.values()]
+    observers = {name: est.observe for name, est in estimators.items()}
+    examples, dropped = distributed.guarded(lambda: run_pass(sizes, observers))
+    if world > 1:
+        examples, dropped = distributed.sum_ints(examples, dropped)
+        require_examples(examples, dropped, lcm(sizes.values()), data_hint)
+        for est in estimators.values():
+            est.merge_ranks(rank, world)
+        # rank 0 solves on the merged samples; every rank gets its results (or its error)
+        results = distributed.on_writer(lambda: [est.solve() for est in estimators.values()])
+    else:
+        results = [est.solve() for est in estimators.values()]
     return EstimateResult(results, train_batch_size, examples, dropped, seed, sizes)

@@ -68,6 +68,7 @@ from onnx import helper, numpy_helper
 from torch import Tensor
 
 from . import correction as C
+from . import distributed
 from .corrections import Corrections
 from .errors import DataError, NoBatchNormError, NumericalError, OnnxError, UsageError, shorten
 from .estimation import (
@@ -115,6 +116,7 @@ from .recalibration import (
     check_finite,
     check_iteration,
     check_upstream,
+    merge_across_ranks,
     train_consistent_stats,
 )
 from .sweep import (
@@ -881,25 +883,31 @@ def recalibrate_onnx(
     while not done:
         state.begin_pass()
         label = f"recalibrate pass {state.passes} of ≤{cap}"
-        for batch in batches:
-            data = _input_tensor(batch)
-            state.begin_batch(data, batch_size_of(batch))
-            feed = runner.feed(data)
-            extra = {}
-            for ly in layers:
-                spec = specs[ly.name]
-                shapes = ((1, 1, 1), *((1, spec.channels, 1),) * 3)
-                for name, value, shape in zip(spec.inputs, state.coefficients(ly.name), shapes, strict=True):
-                    extra[name] = _feed(value, shape, spec.dtype)
-            values = runner.run(feed, extra)
-            for k, ly in enumerate(layers):  # graph order: the first layer at fault is named
-                mean, var, shape = values[3 * k : 3 * k + 3]
-                if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(var).all())):
-                    raise _nonfinite_input(graph, ly, {**feed, **extra}, runner, device, threads, data)
-                n = int(shape[0]) * int(shape[2])
-                state.record_moments(ly.name, mean.reshape(-1), var.reshape(-1), n)
-            if progress is not None:
-                progress(label, state.examples, total_examples)
+
+        def one_pass(label: str = label) -> None:
+            for batch in batches:
+                data = _input_tensor(batch)
+                state.begin_batch(data, batch_size_of(batch))
+                feed = runner.feed(data)
+                extra = {}
+                for ly in layers:
+                    spec = specs[ly.name]
+                    shapes = ((1, 1, 1), *((1, spec.channels, 1),) * 3)
+                    for name, value, shape in zip(
+                        spec.inputs, state.coefficients(ly.name), shapes, strict=True
+                    ):
+                        extra[name] = _feed(value, shape, spec.dtype)
+                values = runner.run(feed, extra)
+                for k, ly in enumerate(layers):  # graph order: the first layer at fault is named
+                    mean, var, shape = values[3 * k : 3 * k + 3]
+                    if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(var).all())):
+                        raise _nonfinite_input(graph, ly, {**feed, **extra}, runner, device, threads, data)
+                    n = int(shape[0]) * int(shape[2])
+                    state.record_moments(ly.name, mean.reshape(-1), var.reshape(-1), n)
+                if progress is not None:
+                    progress(label, state.examples, total_examples)
+
+        distributed.guarded(one_pass)  # a failure on any rank is raised on every rank
         done = state.end_pass()
     return state.result([ly.name for ly in layers], exact=state.passes >= bound)
 
@@ -963,14 +971,26 @@ def _layer_by_layer(
             fixed_batch=fixed,
         )
         moments = PopulationMoments(ly.channels, name=ly.name, data_hint=data_hint)
-        examples = 0
-        for batch in batches:
-            data = _input_tensor(batch)
-            (x,) = runner.run(data)
-            moments.add(x, data)
-            examples += batch_size_of(batch)
-            if progress is not None:
-                progress(label, seen + examples, total)
+
+        def layer_pass(
+            runner: GraphRunner = runner, moments: PopulationMoments = moments, seen: int = seen
+        ) -> int:
+            count = 0
+            for batch in batches:
+                data = _input_tensor(batch)
+                (x,) = runner.run(data)
+                moments.add(x, data)
+                count += batch_size_of(batch)
+                if progress is not None:
+                    progress(label, seen + count, total)
+            return count
+
+        examples = distributed.guarded(layer_pass)
+        if distributed.active():  # the moments and counts of every rank
+            merged = {ly.name: moments}
+            merge_across_ranks(merged)
+            moments = merged[ly.name]
+            (examples,) = distributed.sum_ints(examples)
         if examples == 0:
             raise DataError(
                 "the data is empty", path=data_hint or None, hint="pass a dataset with at least one example"
@@ -1210,55 +1230,60 @@ def sweep_onnx(
     tally: Tally | SegmentationTally = Tally(len(candidates))
     num_classes = top_k = 0
     out_shape: tuple[int, ...] = ()
-    for batch in batches:
-        rows = batch_size_of(batch)
-        if rows == 0:
-            continue
-        y = batch_labels(batch, rows, data_hint)
-        data = _input_tensor(batch)
-        x = runner.feed(data)
-        outs, bad = [], []
-        for k, f in enumerate(feeds):
-            values = runner.run(x, f)
-            out = select_logits(_outputs(values[: len(names)], names), output_key, rows)
-            bad.append(
-                not all(bool(torch.isfinite(v).all()) for v in values[len(names) :])
-                or not bool(torch.isfinite(out).all())
-            )
-            if k == 0:
-                if bad[0]:  # plain BN itself meets NaN/Inf: the model or the data is broken
-                    raise _explain_ema(work, layers, data, device, threads, source, data_hint, fixed)
-                if top_k == 0:
-                    out_shape = tuple(out.shape)
-                    if output_task(out_shape, y, data_hint, output_key) == "segmentation":
-                        metric = task_metric(metric, "segmentation")
-                        num_classes, top_k = int(out.shape[1]), 1
-                        tally = SegmentationTally(
-                            len(candidates), num_classes, ignore_index, data_hint, output_key
-                        )
+    failure: Exception | None = None  # under a process group: raised on every rank after the loop
+    try:
+        for batch in batches:
+            rows = batch_size_of(batch)
+            if rows == 0:
+                continue
+            y = batch_labels(batch, rows, data_hint)
+            data = _input_tensor(batch)
+            x = runner.feed(data)
+            outs, bad = [], []
+            for k, f in enumerate(feeds):
+                values = runner.run(x, f)
+                out = select_logits(_outputs(values[: len(names)], names), output_key, rows)
+                bad.append(
+                    not all(bool(torch.isfinite(v).all()) for v in values[len(names) :])
+                    or not bool(torch.isfinite(out).all())
+                )
+                if k == 0:
+                    if bad[0]:  # plain BN itself meets NaN/Inf: the model or the data is broken
+                        raise _explain_ema(work, layers, data, device, threads, source, data_hint, fixed)
+                    if top_k == 0:
+                        out_shape = tuple(out.shape)
+                        if output_task(out_shape, y, data_hint, output_key) == "segmentation":
+                            metric = task_metric(metric, "segmentation")
+                            num_classes, top_k = int(out.shape[1]), 1
+                            tally = SegmentationTally(
+                                len(candidates), num_classes, ignore_index, data_hint, output_key
+                            )
+                        else:
+                            metric = task_metric(metric, "classification")
+                            num_classes = int(out.shape[-1])
+                            top_k = min(5, num_classes)
+                    if isinstance(tally, SegmentationTally):
+                        if y.dim() != 3:
+                            output_task((rows, *out_shape[1:]), y, data_hint, output_key)  # raises
+                        check_masks(y, num_classes, ignore_index, data_hint, output_key)
                     else:
-                        metric = task_metric(metric, "classification")
-                        num_classes = int(out.shape[-1])
-                        top_k = min(5, num_classes)
-                if isinstance(tally, SegmentationTally):
-                    if y.dim() != 3:
-                        output_task((rows, *out_shape[1:]), y, data_hint, output_key)  # raises
-                    check_masks(y, num_classes, ignore_index, data_hint, output_key)
+                        if y.dim() != 1:
+                            output_task((rows, *out_shape[1:]), y, data_hint, output_key)  # raises
+                        check_labels(y, num_classes, data_hint, output_key)
+                if isinstance(tally, SegmentationTally):  # tallied at once: K maps are never held together
+                    tally.add_candidate(k, out, y)
                 else:
-                    if y.dim() != 1:
-                        output_task((rows, *out_shape[1:]), y, data_hint, output_key)  # raises
-                    check_labels(y, num_classes, data_hint, output_key)
-            if isinstance(tally, SegmentationTally):  # tallied at once: K maps are never held together
-                tally.add_candidate(k, out, y)
+                    outs.append(out)
+            if isinstance(tally, SegmentationTally):
+                tally.add_examples(y)
+                tally.nonfinite |= torch.tensor(bad)
             else:
-                outs.append(out)
-        if isinstance(tally, SegmentationTally):
-            tally.add_examples(y)
-            tally.nonfinite |= torch.tensor(bad)
-        else:
-            tally.add(torch.stack(outs), y, top_k, torch.tensor(bad))
-        if progress is not None:
-            progress("sweep-alpha", tally.n, total_examples)
+                tally.add(torch.stack(outs), y, top_k, torch.tensor(bad))
+            if progress is not None:
+                progress("sweep-alpha", tally.n, total_examples)
+    except Exception as e:  # re-raised below (on every rank under a process group)
+        failure = e
+    distributed.raise_if_failed(failure)
     return sweep_result(
         candidates,
         tally,

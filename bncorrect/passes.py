@@ -26,7 +26,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``auto`` picks CUDA, then MPS, then CPU; anything else must be available."""
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            from .distributed import local_device
+
+            return local_device(torch.device("cuda"))
         mps = getattr(torch.backends, "mps", None)
         if mps is not None and mps.is_available():
             return torch.device("mps")
@@ -34,6 +36,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available here", hint="use --device cpu or auto")
+    if dev.type == "cuda":
+        from .distributed import local_device
+
+        return local_device(dev)  # under a process group: this rank's GPU
     if dev.type == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
@@ -376,10 +382,19 @@ def run_trimmed(
             examples += batch_size_of(batch)
         if progress is not None:
             progress(label, examples + dropped, total_examples)
+    from . import distributed
+
+    if not distributed.active():  # under a process group: checked over all ranks at the end of the pass
+        require_examples(examples, dropped, multiple, data_hint)
+    return examples, dropped
+
+
+def require_examples(examples: int, dropped: int, multiple: int, data_hint: str = "") -> None:
+    """:class:`DataError` when a pass used no example (``dropped`` seen, none in a whole group of
+    ``multiple``); under a process group the counts are those of all ranks."""
     if examples == 0:
         raise DataError(
             f"no complete normalization batch of {multiple} examples in the data ({dropped} examples seen)",
             path=data_hint or None,
             hint="give more data or a smaller batch size",
         )
-    return examples, dropped

@@ -49,13 +49,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .errors import DataError, NumericalError, UsageError, spell
 from .layers import CorrectedNorm, batch_statistics_layers, correct_model, corrected_layers
 from .passes import (
@@ -67,6 +68,7 @@ from .passes import (
     batch_size_of,
     first_tensor,
     nonfinite_error,
+    require_examples,
     resolve_device,
     run_forward,
     training_mode_pass,
@@ -122,6 +124,61 @@ class PopulationMoments:
     def variance(self) -> Tensor:
         """Biased (population) variance."""
         return self.m2 / max(self.count, 1)
+
+    def state(self) -> MomentState:
+        """(count, mean, M2): what :func:`merge_moments` merges."""
+        return self.count, self.mean, self.m2
+
+    def set_state(self, state: MomentState) -> None:
+        self.count, self.mean, self.m2 = int(state[0]), state[1].to(torch.float64), state[2].to(torch.float64)
+
+
+#: A moments accumulator's state: values per channel seen, per-channel mean and sum of squared deviations.
+MomentState = tuple[int, Tensor, Tensor]
+
+
+def merge_moments(parts: Sequence[MomentState | None]) -> MomentState | None:
+    """Chan et al.'s merge of per-channel (count, mean, M2) of disjoint parts of the data, in order: the
+    (count, mean, M2) of their union, as :meth:`PopulationMoments.merge` of every batch would give it (to
+    float64 rounding). Parts that are None or saw nothing are skipped; None when every part is."""
+    out: MomentState | None = None
+    for part in parts:
+        if part is None or int(part[0]) == 0:
+            continue
+        n, mean, m2 = int(part[0]), part[1].to(torch.float64), part[2].to(torch.float64)
+        if out is None:
+            out = (n, mean.clone(), m2.clone())
+            continue
+        count, total_mean, total_m2 = out
+        total = count + n
+        delta = mean - total_mean
+        out = (
+            total,
+            total_mean + delta * (n / total),
+            total_m2 + m2 + delta.square() * (count * n / total),
+        )
+    return out
+
+
+def merge_across_ranks(moments: dict[str, PopulationMoments]) -> None:
+    """Under a process group (collective): every accumulator of ``moments`` becomes the merge of all
+    ranks' (:func:`merge_moments`, in rank order, so every rank holds the same numbers); a layer this rank
+    never saw is added from the others. Nothing happens without a process group."""
+    from . import distributed
+
+    if not distributed.active():
+        return
+    mine = {name: pm.state() for name, pm in moments.items()}
+    every = distributed.all_gather(mine)
+    names = list(dict.fromkeys(n for part in every for n in part))
+    for name in names:
+        merged = merge_moments([part.get(name) for part in every])
+        if merged is None:
+            continue
+        pm = moments.get(name)
+        if pm is None:
+            pm = moments[name] = PopulationMoments(int(merged[1].numel()))
+        pm.set_state(merged)
 
 
 @dataclass
@@ -342,12 +399,16 @@ def _inference_consistent(
     progress: Progress | None,
     hint: str,
 ) -> RecalibrateResult:
-    first = next(iter(batches), None)
-    if first is None:
-        raise DataError(
-            "the data is empty", path=hint or None, hint="pass a dataset with at least one example"
-        )
-    order = _execution_order(work, layers, first, forward_fn, dev, hint)
+    def find_order() -> list[str]:
+        first = next(iter(batches), None)
+        if first is None:
+            raise DataError(
+                "the data is empty", path=hint or None, hint="pass a dataset with at least one example"
+            )
+        return _execution_order(work, layers, first, forward_fn, dev, hint)
+
+    # under a process group rank 0 holds the first batch (an empty shard elsewhere is fine)
+    order = distributed.on_writer(find_order) if distributed.active() else find_order()
     stats: dict[str, tuple[Tensor, Tensor]] = {}
     examples = done = 0
     current: list[Tensor | None] = [None]
@@ -362,18 +423,28 @@ def _inference_consistent(
             raise _StopForward
 
         handle = module.register_forward_pre_hook(hook)
-        examples = 0
-        try:
+
+        def layer_pass(done: int = done) -> int:
+            seen = 0
             for batch in batches:
                 current[0] = first_tensor(batch)
                 with contextlib.suppress(_StopForward):
                     run_forward(work, batch, forward_fn, dev, data_hint=hint)
-                examples += batch_size_of(batch)
+                seen += batch_size_of(batch)
                 if progress is not None:
-                    progress(label, done + examples, total)
+                    progress(label, done + seen, total)
+            return seen
+
+        try:
+            examples = distributed.guarded(layer_pass)
         finally:
             handle.remove()
         done += examples
+        if distributed.active():
+            merged = {name: moments}
+            merge_across_ranks(merged)
+            moments = merged[name]
+            (examples,) = distributed.sum_ints(examples)
         mean, var = moments.mean, moments.variance()
         check_finite(name, mean, var, dtypes=(module.norm.running_var.dtype,), data_hint=hint)
         stats[name] = (mean.float(), var.float())
@@ -508,14 +579,31 @@ class OffsetNormalization:
         or at ``max_passes``, or :attr:`exact` after pass 1: the data was one batch, in which every layer
         ran once, so that each normalized with the population statistics of its input). :class:`DataError`
         for empty data."""
-        if not self._current:
+        reordered = int(self.passes > 1 and len(self._current) != len(self._keys))
+        if reordered and not distributed.active():
+            raise _order_error(self.data_hint)
+        # under a process group (collective): the population moments, the change sums and the counts of
+        # every rank (each rank keeps its own batches' moments for its per-batch offsets)
+        batches, single_calls = (
+            len(self._current),
+            int(all(len(c) == 1 for b in self._current for c in b.values())),
+        )
+        if distributed.active():
+            merge_across_ranks(self.moments)
+            self._change = merge_changes(distributed.all_gather(self._change))
+            unmatched, examples, batches, all_single, reordered = distributed.sum_ints(
+                int(self._unmatched), self.examples, batches, single_calls, reordered
+            )
+            if reordered:
+                raise _order_error(self.data_hint)
+            self._unmatched, self.examples = bool(unmatched), examples
+            single_calls = int(all_single == distributed.world_size())
+        if batches == 0:
             raise DataError(
                 "the data is empty",
                 path=self.data_hint or None,
                 hint="pass a dataset with at least one example",
             )
-        if self.passes > 1 and len(self._current) != len(self._keys):
-            raise _order_error(self.data_hint)
         stats = {}
         for name, pm in self.moments.items():
             mean, var = pm.mean, pm.variance()
@@ -525,7 +613,7 @@ class OffsetNormalization:
             stats[name] = (mean.to(device), var.to(device))
         self.stats = stats
         if self.passes == 1:
-            self.exact = len(self._current) == 1 and all(len(c) == 1 for c in self._current[0].values())
+            self.exact = batches == 1 and bool(single_calls)
         self._previous, self._current = self._current, []
         # per layer and channel: the mean over the data (weights n_b / n) of |change of the batch's input
         # moments| since the last pass, means relative to sqrt(var + eps), variances to var + eps
@@ -569,6 +657,18 @@ class OffsetNormalization:
             return None
         calls = self._previous[b].get(name, [])
         return calls[call] if call < len(calls) else None
+
+
+def merge_changes(parts: Sequence[Mapping[str, Moments]]) -> dict[str, Moments]:
+    """The iterative scheme's per-layer change sums (sum over batches of n_b |change of m_b|, of v_b) of
+    disjoint parts of the data: their sums, layer by layer (a layer missing from a part adds nothing)."""
+    out: dict[str, Moments] = {}
+    for part in parts:
+        for name, (dm, dv) in part.items():
+            dm, dv = dm.cpu(), dv.cpu()
+            prev = out.get(name)
+            out[name] = (dm, dv) if prev is None else (prev[0] + dm, prev[1] + dv)
+    return out
 
 
 def _order_error(data_hint: str) -> UsageError:
@@ -619,11 +719,15 @@ def _iterative(
         while not done:
             state.begin_pass()
             label = f"recalibrate pass {state.passes} of ≤{max_passes}"
-            for batch in batches:
-                state.begin_batch(first_tensor(batch), batch_size_of(batch))
-                run_forward(work, batch, forward_fn, dev, data_hint=hint)
-                if progress is not None:
-                    progress(label, state.examples, total_examples)
+
+            def one_pass(label: str = label) -> None:
+                for batch in batches:
+                    state.begin_batch(first_tensor(batch), batch_size_of(batch))
+                    run_forward(work, batch, forward_fn, dev, data_hint=hint)
+                    if progress is not None:
+                        progress(label, state.examples, total_examples)
+
+            distributed.guarded(one_pass)
             done = state.end_pass(dtypes)
     finally:
         for h in handles:
@@ -657,10 +761,16 @@ def train_consistent_stats(
             hint="pass the normalization batch size used in training (B >= 2), or use --upstream eval",
         )
     averages = {name: PopulationMoments(c, name=name, data_hint=data_hint) for name, c in channels.items()}
-    examples, _ = run_pass(
-        dict.fromkeys(channels, batch_size),
-        {name: (lambda x, _mi, _vi, _mb, _vb, a=avg: a.add(x)) for name, avg in averages.items()},
+    examples, dropped = distributed.guarded(
+        lambda: run_pass(
+            dict.fromkeys(channels, batch_size),
+            {name: (lambda x, _mi, _vi, _mb, _vb, a=avg: a.add(x)) for name, avg in averages.items()},
+        )
     )
+    if distributed.active():  # every rank ends with the moments of all ranks' data
+        merge_across_ranks(averages)
+        examples, dropped = distributed.sum_ints(examples, dropped)
+        require_examples(examples, dropped, batch_size, data_hint)
     stats = {}
     for name, avg in averages.items():
         if avg.count:

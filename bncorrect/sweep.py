@@ -1038,6 +1038,82 @@ class Tally:
             self.nonfinite |= nonfinite.to(self.nonfinite.device)
 
 
+#: The sums a :class:`Tally` keeps per candidate (float64, shape (K,)); ``n`` and ``nonfinite`` besides.
+TALLY_SUMS = ("nll", "nll2", "top1", "topk", "diff", "diff2", "better", "worse")
+
+
+def merge_tallies(parts: Sequence[Tally]) -> Tally:
+    """The :class:`Tally` of the union of disjoint parts of the data (e.g. one per rank): examples and
+    every per-candidate sum added, non-finite flags or-ed. Exact: each sum is a sum over examples (to
+    float64 rounding of the order of addition). Parts must evaluate the same K candidates."""
+    k = int(parts[0].nll.numel())
+    out = Tally(k)
+    for part in parts:
+        if int(part.nll.numel()) != k:
+            raise ValueError(f"tallies of {k} and {part.nll.numel()} candidates cannot be merged")
+        out.n += part.n
+        for name in TALLY_SUMS:
+            setattr(out, name, getattr(out, name) + getattr(part, name).cpu())
+        out.nonfinite |= part.nonfinite.cpu()
+    return out
+
+
+def merge_segmentation_tallies(parts: Sequence[SegmentationTally]) -> SegmentationTally:
+    """The :class:`SegmentationTally` of the union of disjoint parts of the data: examples, labelled
+    pixels, summed pixel cross-entropies and confusion matrices added (exact: integer counts), non-finite
+    flags or-ed. Parts must share K candidates, the classes and the ignore index."""
+    first = parts[0]
+    k = int(first.nll.numel())
+    out = SegmentationTally(k, first.num_classes, first.ignore_index, first.data_hint, first.output_key)
+    for part in parts:
+        if part.confusion.shape != out.confusion.shape or part.ignore_index != out.ignore_index:
+            raise ValueError("segmentation tallies of other candidates, classes or ignore index")
+        out.n += part.n
+        out.pixels += part.pixels
+        out.nll = out.nll + part.nll.cpu()
+        out.confusion = out.confusion + part.confusion.cpu()
+        out.nonfinite |= part.nonfinite.cpu()
+    return out
+
+
+def _merge_ranks(
+    tally: Tally | SegmentationTally,
+    metric: str,
+    num_classes: int,
+    top_k: int,
+    strategy: str,
+    notes: list[str],
+) -> tuple[Tally | SegmentationTally, str, int, int, str, list[str]]:
+    """Collective (under a process group): the tallies of every rank merged, with what the ranks that saw
+    data learnt of the output (task, classes, top-k; a rank with an empty shard knows none of it), rank
+    0's strategy (or the first rank with data) and every rank's notes."""
+    from . import distributed
+
+    if not distributed.active():
+        return tally, metric, num_classes, top_k, strategy, notes
+    every = distributed.all_gather((_to_cpu_tally(tally), metric, num_classes, top_k, strategy, notes))
+    seen = [e for e in every if e[0].n > 0] or every[:1]
+    kinds = {type(e[0]).__name__ for e in seen}
+    if len(kinds) > 1:
+        raise UsageError("the ranks' data gave outputs of different tasks (class labels and masks)")
+    _, metric, num_classes, top_k, strategy, _ = seen[0]
+    parts = [e[0] for e in seen]
+    merged = (
+        merge_segmentation_tallies(parts)  # type: ignore[arg-type]
+        if isinstance(parts[0], SegmentationTally)
+        else merge_tallies(parts)  # type: ignore[arg-type]
+    )
+    all_notes = list(dict.fromkeys(n for e in every for n in e[5]))
+    return merged, metric, num_classes, top_k, strategy, all_notes
+
+
+def _to_cpu_tally(tally: Tally | SegmentationTally) -> Tally | SegmentationTally:
+    for name, value in vars(tally).items():
+        if isinstance(value, Tensor):
+            setattr(tally, name, value.cpu())
+    return tally
+
+
 class SegmentationTally:
     """Running sums per candidate for per-pixel logits, over the labelled pixels (mask value not
     ``ignore_index``): the summed pixel cross-entropy (log-softmax in float64) and a confusion matrix
@@ -1634,45 +1710,54 @@ def sweep_alpha(
             raise evaluator.explain_ema(piece)
         return logits, bad
 
-    for batch in batches:
-        rows = batch_size_of(batch)
-        if rows == 0:
-            continue
-        y = batch_labels(batch, rows, data_hint)
-        batch = map_batch(batch, lambda t: t.to(dev, non_blocking=True))
-        if first:
-            reference = evaluator.choose_mode(batch, rows, stack, share_prefix)
-            out_shape = tuple(reference.shape[1:])
-            task = output_task(out_shape, y, data_hint, output_key)
-            metric = task_metric(metric, task)
-            if task == "segmentation":
-                num_classes = int(reference.shape[2])
-                top_k = 1
-                per_example = len(candidates) * reference[0, 0].numel() * reference.element_size()
-                piece_rows = max(1, DENSE_PIECE_BYTES // per_example)
-                tally = SegmentationTally(len(candidates), num_classes, ignore_index, data_hint, output_key)
+    failure: Exception | None = None  # under a process group: raised on every rank after the loop
+    try:
+        for batch in batches:
+            rows = batch_size_of(batch)
+            if rows == 0:
+                continue
+            y = batch_labels(batch, rows, data_hint)
+            batch = map_batch(batch, lambda t: t.to(dev, non_blocking=True))
+            if first:
+                reference = evaluator.choose_mode(batch, rows, stack, share_prefix)
+                out_shape = tuple(reference.shape[1:])
+                task = output_task(out_shape, y, data_hint, output_key)
+                metric = task_metric(metric, task)
+                if task == "segmentation":
+                    num_classes = int(reference.shape[2])
+                    top_k = 1
+                    per_example = len(candidates) * reference[0, 0].numel() * reference.element_size()
+                    piece_rows = max(1, DENSE_PIECE_BYTES // per_example)
+                    tally = SegmentationTally(
+                        len(candidates), num_classes, ignore_index, data_hint, output_key
+                    )
+                else:
+                    num_classes = int(reference.shape[-1])
+                    top_k = min(5, num_classes)
+                first = False
+            if isinstance(tally, SegmentationTally):
+                if y.dim() != 3:
+                    output_task((rows, *out_shape[1:]), y, data_hint, output_key)  # raises: not masks
+                check_masks(y, num_classes, ignore_index, data_hint, output_key)
+                masks = y.to(dev, non_blocking=True)
+                for start in range(0, rows, piece_rows):
+                    stop = min(rows, start + piece_rows)
+                    whole = (start, stop) == (0, rows)
+                    logits, bad = run(batch if whole else _slice(batch, rows, start, stop), stop - start)
+                    tally.add(logits, masks[start:stop], bad)
             else:
-                num_classes = int(reference.shape[-1])
-                top_k = min(5, num_classes)
-            first = False
-        if isinstance(tally, SegmentationTally):
-            if y.dim() != 3:
-                output_task((rows, *out_shape[1:]), y, data_hint, output_key)  # raises: not masks
-            check_masks(y, num_classes, ignore_index, data_hint, output_key)
-            masks = y.to(dev, non_blocking=True)
-            for start in range(0, rows, piece_rows):
-                stop = min(rows, start + piece_rows)
-                whole = (start, stop) == (0, rows)
-                logits, bad = run(batch if whole else _slice(batch, rows, start, stop), stop - start)
-                tally.add(logits, masks[start:stop], bad)
-        else:
-            if y.dim() != 1:
-                output_task((rows, *out_shape[1:]), y, data_hint, output_key)  # raises: masks
-            check_labels(y, num_classes, data_hint, output_key)
-            logits, bad = run(batch, rows)
-            tally.add(logits, y, top_k, bad)
-        if progress is not None:
-            progress("sweep-alpha", tally.n, total_examples)
+                if y.dim() != 1:
+                    output_task((rows, *out_shape[1:]), y, data_hint, output_key)  # raises: masks
+                check_labels(y, num_classes, data_hint, output_key)
+                logits, bad = run(batch, rows)
+                tally.add(logits, y, top_k, bad)
+            if progress is not None:
+                progress("sweep-alpha", tally.n, total_examples)
+    except Exception as e:  # re-raised below (on every rank under a process group)
+        failure = e
+    from .distributed import raise_if_failed
+
+    raise_if_failed(failure)
     strategy = evaluator.mode
     if evaluator.auto:  # too few batches to finish timing both modes: both were used
         strategy = " / ".join(evaluator.timing)
@@ -1719,6 +1804,9 @@ def sweep_result(
     :class:`SegmentationTally` makes a segmentation result), ``notes`` plus notes on non-finite outputs and
     on a best alpha at the grid's upper edge. :class:`DataError` when the data held no examples (or, for
     segmentation, no labelled pixel)."""
+    tally, metric, num_classes, top_k, strategy, notes = _merge_ranks(
+        tally, metric, num_classes, top_k, strategy, notes
+    )
     if tally.n == 0:
         raise DataError("the data holds no examples", path=data_hint or None, hint="give labelled examples")
     if isinstance(tally, SegmentationTally):

@@ -334,12 +334,15 @@ class _Part(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
 
 def _part_loader(
-    part: _Part, batch_size: int, *, shuffle: bool, seed: int, num_workers: int
+    part: _Part, batch_size: int, *, shuffle: bool, seed: int, num_workers: int, shard: bool = True
 ) -> Iterable[Batch]:
-    """Batches ``(x, y)`` over ``part``: bncorrect's loader (seeded shuffle, clean errors from workers)."""
+    """Batches ``(x, y)`` over ``part``: bncorrect's loader (seeded shuffle, clean errors from workers);
+    under a process group this rank's shard of them (``shard``; the passes merge across ranks)."""
+    from . import distributed
     from .data import make_loader
 
-    return make_loader(part, batch_size, shuffle=shuffle, seed=seed, num_workers=num_workers)  # type: ignore[arg-type]
+    where = (distributed.rank(), distributed.world_size()) if shard else None
+    return make_loader(part, batch_size, shuffle=shuffle, seed=seed, num_workers=num_workers, shard=where)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------- the layer
@@ -1254,24 +1257,41 @@ def _evaluate_candidate(
     top_k: int,
 ) -> dict[str, float]:
     """nll, top1, top5 of one per-layer candidate on ``batches`` (a corrected copy, one forward a batch)."""
+    from . import distributed
     from .sweep import select_logits
 
     work = correct_model(copy.deepcopy(model), alpha, beta).to(device).eval()
     fwd = forward_fn or default_forward
-    nll = top1 = topk = 0.0
-    n = 0
-    with torch.no_grad():
-        for batch in batches:
-            batch = map_batch(batch, lambda t: t.to(device))
-            m = batch_size_of(batch)
-            y = _labels(batch, m).to(device)
-            logits = select_logits(fwd(work, batch), output_key, m)
-            logp = torch.log_softmax(logits.double(), -1)
-            nll -= float(logp.gather(-1, y[:, None]).sum())
-            top1 += float((logits.argmax(-1) == y).sum())
-            topk += float((logits.topk(min(top_k, logits.shape[-1]), -1).indices == y[:, None]).any(-1).sum())
-            n += m
+
+    def score() -> Tensor:
+        sums = torch.zeros(4, dtype=torch.float64)  # summed nll, top-1 hits, top-k hits, examples
+        with torch.no_grad():
+            for batch in batches:
+                batch = map_batch(batch, lambda t: t.to(device))
+                m = batch_size_of(batch)
+                y = _labels(batch, m).to(device)
+                logits = select_logits(fwd(work, batch), output_key, m)
+                logp = torch.log_softmax(logits.double(), -1)
+                k = min(top_k, logits.shape[-1])
+                sums += torch.tensor([
+                    -float(logp.gather(-1, y[:, None]).sum()),
+                    float((logits.argmax(-1) == y).sum()),
+                    float((logits.topk(k, -1).indices == y[:, None]).any(-1).sum()),
+                    m,
+                ], dtype=torch.float64)  # fmt: skip
+        return sums
+
+    nll, top1, topk, n = merge_score_sums(distributed.all_gather(distributed.guarded(score))).tolist()
     return {"nll": nll / max(1, n), "top1": top1 / max(1, n), "top5": topk / max(1, n)}
+
+
+def merge_score_sums(parts: Sequence[Tensor]) -> Tensor:
+    """The score sums (summed nll, top-1 hits, top-k hits, examples: float64 (4,)) of one candidate on the
+    union of disjoint parts of the data (e.g. one per rank): their sum (exact for the counts)."""
+    out = torch.zeros(4, dtype=torch.float64)
+    for part in parts:
+        out += part.to(torch.float64).cpu()
+    return out
 
 
 def _fit_numbers(row: SweepRow) -> dict[str, float]:
@@ -1450,25 +1470,32 @@ def tune_model(
     evalnorm_fit = next(r for r in fit_sweep.rows if r.kind == "evalnorm")
     lap("sweep")
 
-    # the per-layer fit
-    fit = fit_per_layer(
-        model,
-        _part_loader(inner_part, fit_batch_size, shuffle=True, seed=seed, num_workers=num_workers),
-        _part_loader(mon_part, 256, shuffle=False, seed=seed, num_workers=num_workers),
-        init_alpha=a_star,
-        init_beta=b_star,
-        strengths=strengths,
-        nll_scale=ema_fit.nll,
-        per_channel=per_channel,
-        lr=lr,
-        max_epochs=max_epochs,
-        patience=patience,
-        seed=seed,
-        device=device,
-        forward_fn=forward_fn,
-        output_key=output_key,
-        cache_bytes=cache_bytes,
-        progress=progress,
+    # the per-layer fit: gradient steps on the cached fitting examples, not data-parallel: under a process
+    # group rank 0 fits on the whole fitting part and every rank gets its result
+    from . import distributed
+
+    fit = distributed.on_writer(
+        lambda: fit_per_layer(
+            model,
+            _part_loader(
+                inner_part, fit_batch_size, shuffle=True, seed=seed, num_workers=num_workers, shard=False
+            ),
+            _part_loader(mon_part, 256, shuffle=False, seed=seed, num_workers=num_workers, shard=False),
+            init_alpha=a_star,
+            init_beta=b_star,
+            strengths=strengths,
+            nll_scale=ema_fit.nll,
+            per_channel=per_channel,
+            lr=lr,
+            max_epochs=max_epochs,
+            patience=patience,
+            seed=seed,
+            device=device,
+            forward_fn=forward_fn,
+            output_key=output_key,
+            cache_bytes=cache_bytes,
+            progress=progress,
+        )
     )
     best_fit = fit.best
     tuned = Candidate(
