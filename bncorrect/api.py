@@ -442,6 +442,112 @@ def _finish(
     return outcome
 
 
+def _check_budget_options(
+    budget: float | None, budget_plot: str | Path | None, out: str | Path | None, metric: str
+) -> None:
+    from .latency import check_budget
+
+    if budget is None and budget_plot is not None:
+        raise UsageError(
+            f"{spell('budget_plot', 'PNG')} plots the {spell('latency_budget', 'R')} curve, and no budget "
+            "is given",
+            hint="add --latency-budget R (e.g. 1.2)",
+        )
+    check_budget(budget, out, metric)
+
+
+def _budget_outputs(outcome: Outcome, plan: Any, budget_plot: str | Path | None) -> None:
+    if plan is None:
+        return
+    outcome.report["latency_budget"] = plan
+    if budget_plot is not None and _writes():
+        from .latency import plot_budget
+
+        outcome.report["budget_plot"] = plot_budget(plan, budget_plot)
+
+
+def _labelled_batches(
+    dataset: Any, indices: Sequence[int], data_hint: str, batch_size: int = 256
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The examples ``indices`` of a map-style labelled dataset, as (inputs, labels) batches."""
+    try:
+        items = [dataset[int(i)] for i in indices]
+    except TypeError:
+        raise UsageError(
+            "--latency-budget scores layers on indexable data, and this data cannot be indexed",
+            path=getattr(dataset, "path", None),
+            hint=f"give a file or folder of examples ({data_hint})",
+        ) from None
+    xs = [torch.as_tensor(it[0]) for it in items]
+    ys = [torch.as_tensor(it[1]).long().reshape(()) for it in items]
+    inputs = [torch.stack(xs[i : i + batch_size]).float() for i in range(0, len(xs), batch_size)]
+    labels = [torch.stack(ys[i : i + batch_size]) for i in range(0, len(ys), batch_size)]
+    return inputs, labels
+
+
+def _latency_budget(
+    source: Source,
+    corrections: Corrections,
+    budget: float,
+    inputs: Sequence[Tensor],
+    labels: Sequence[Tensor],
+    metric: str,
+    *,
+    latency: Any = None,
+    progress: Any = None,
+) -> tuple[Corrections, Any]:
+    """``--latency-budget``: the corrections with the layers not worth their latency reset to plain BN
+    (alpha = beta = 0, new statistics kept), and the :class:`~bncorrect.latency.BudgetReport`."""
+    from .latency import plan_budget
+    from .onnx_rewrite import match_layers
+
+    if not inputs:
+        raise UsageError("--latency-budget needs held-out examples to score the layers, and there are none")
+    example = inputs[0][:64]
+    if isinstance(source, OnnxModel):
+        plain = source.proto
+    else:
+        from .layers import as_batchnorm, strip_corrections
+        from .onnx_export import export_plain
+
+        module = as_batchnorm(strip_corrections(copy.deepcopy(source.model))).cpu().eval()
+        plain = export_plain(module, example)
+    mapping = match_layers(plain, list(corrections.layers))
+    alpha: dict[str, Tensor] = {}
+    beta: dict[str, Tensor] = {}
+    stats: dict[str, tuple[Tensor, Tensor]] = {}
+    for name, lc in corrections.layers.items():
+        node = mapping[name]
+        alpha[node], beta[node] = lc.alpha, lc.beta
+        if lc.running_mean is not None and lc.running_var is not None:
+            stats[node] = (lc.running_mean, lc.running_var)
+    to_name = {node: name for name, node in mapping.items()}
+    plan = plan_budget(
+        plain,
+        alpha,
+        beta,
+        inputs,
+        labels,
+        metric,
+        budget,
+        running_stats=stats,
+        latency=latency,
+        example=example,
+        labels_of={node: name for node, name in to_name.items() if node != name},
+        progress=progress,
+    )
+    keep = {to_name[n] for n in plan.selected}
+    layers = {
+        name: lc
+        if name in keep
+        else dataclasses.replace(lc, alpha=torch.zeros_like(lc.alpha), beta=torch.zeros_like(lc.beta))
+        for name, lc in corrections.layers.items()
+    }
+    chosen = dataclasses.replace(corrections, layers=layers)
+    chosen.metrics = {**(corrections.metrics or {}), "latency_budget": plan.summary()}
+    return chosen, plan
+
+
 def _check_repaired(source: Source, corrections: Corrections) -> None:
     """A layer whose stored statistics are broken (NaN, Inf, negative variance) may only be written when
     the corrections replace them (a recalibration); anything else would write a model that outputs NaN."""
@@ -1261,6 +1367,9 @@ def sweep_alpha(
     progress: Any = None,
     export: ExportOptions | None = None,
     force: bool = False,
+    latency_budget: float | None = None,
+    budget_plot: str | Path | None = None,
+    latency_fn: Any = None,
     **load_options: Any,
 ) -> Outcome:
     """Inference example weighing: evaluate a grid of global alphas (plus EMA, the rule 1/B^2 and an
@@ -1275,7 +1384,12 @@ def sweep_alpha(
     (``"nll"`` means pixel-nll; see :mod:`bncorrect.sweep`). Detection models cannot be swept.
 
     ``prior_strengths`` (N values) is another spelling of the grid: alpha = 1/(N+1) each, instead of
-    ``alphas``."""
+    ``alphas``.
+
+    ``latency_budget`` R (OUT ``.onnx``): correct only the layers chosen greedily by gain per latency cost,
+    measured on the data in onnxruntime, so that the written graph's latency ratio stays <= R
+    (:mod:`bncorrect.latency`; ``outcome.report["latency_budget"]``, ``budget_plot`` PNG; ``latency_fn``
+    replaces the latency measurement, e.g. with a cost model)."""
     from .sweep import Candidate, plot_sweep, write_report
     from .sweep import sweep_alpha as run_sweep
 
@@ -1291,7 +1405,10 @@ def sweep_alpha(
 
     _check_batch_size("train_batch_size", train_batch_size)
     _check_device(device)
-    _check_files(model, data=data, corrections=corrections, out=out, plot=plot, report=report)
+    _check_files(
+        model, data=data, corrections=corrections, out=out, plot=plot, report=report, budget_plot=budget_plot
+    )
+    _check_budget_options(latency_budget, budget_plot, out, metric)
     source = open_model(model, **load_options)
     is_onnx = _onnx_options(source, "sweep-alpha", forward_fn)
     if out is not None:
@@ -1364,8 +1481,16 @@ def sweep_alpha(
     export = export or ExportOptions()
     if not is_onnx and export.example_input is None and export.input_shape is None:
         export.example_input = _first_input(loader)
+    plan = None
+    if latency_budget is not None:
+        n = len(dataset) if max_examples is None else min(len(dataset), max_examples)
+        inputs, labels = _labelled_batches(dataset, range(n), description)
+        chosen, plan = _latency_budget(
+            source, chosen, latency_budget, inputs, labels, metric, latency=latency_fn, progress=progress
+        )
     outcome = _finish(source, chosen, out, export, warnings=warnings, data_pass=True, progress=progress)
     outcome.report["sweep"] = result
+    _budget_outputs(outcome, plan, budget_plot)
     if plot is not None and _writes():
         outcome.report["plot"] = plot_sweep(result, plot)
     if report is not None and _writes():
@@ -1399,6 +1524,9 @@ def tune(
     output_key: str | int | None = None,
     progress: Any = None,
     export: ExportOptions | None = None,
+    latency_budget: float | None = None,
+    budget_plot: str | Path | None = None,
+    latency_fn: Any = None,
     **load_options: Any,
 ) -> Outcome:
     """The best safe correction, fitted to the metric, with a held-out check (:mod:`bncorrect.tune`).
@@ -1410,14 +1538,20 @@ def tune(
     candidate is scored on the held-out part and the best by ``metric`` (nll, top1, top5) is written to
     ``out``, never one worse than EMA there. ``outcome.report["tune"]`` is the
     :class:`~bncorrect.tune.TuneResult`; ``report`` (JSON) and ``plot`` (PNG) are written on request.
-    PyTorch models only (an ONNX graph: tune its PyTorch original and ``apply`` the corrections)."""
+    PyTorch models only (an ONNX graph: tune its PyTorch original and ``apply`` the corrections).
+
+    ``latency_budget`` R (OUT ``.onnx``): of the chosen correction, keep only the layers chosen greedily by
+    held-out gain per latency cost (onnxruntime, held-out shapes) so that the written graph's latency ratio
+    stays <= R (:mod:`bncorrect.latency`; ``outcome.report["latency_budget"]``, ``budget_plot`` PNG;
+    ``latency_fn`` replaces the latency measurement)."""
     from .tune import DEFAULT_MAX_EPOCHS, DEFAULT_STRENGTHS, plot_tune, tune_model, write_tune_report
 
     _check_batch_size("train_batch_size", train_batch_size)
     if recalibrate:
         _check_upstream(upstream)
     _check_device(device)
-    _check_files(model, data=data, out=out, plot=plot, report=report)
+    _check_files(model, data=data, out=out, plot=plot, report=report, budget_plot=budget_plot)
+    _check_budget_options(latency_budget, budget_plot, out, metric)
     source = _require_torch(open_model(model, **load_options), "tune")
     if out is not None:
         _check_out(out, source)
@@ -1473,8 +1607,15 @@ def tune(
         export.example_input = torch.stack(
             [torch.as_tensor(dataset[i][0]) for i in range(min(2, len(dataset)))]
         )
+    plan = None
+    if latency_budget is not None:
+        inputs, labels = _labelled_batches(dataset, result.heldout_indices, description)
+        corrections, plan = _latency_budget(
+            source, corrections, latency_budget, inputs, labels, metric, latency=latency_fn, progress=progress
+        )
     outcome = _finish(source, corrections, out, export, data_pass=True, progress=progress)
     outcome.report["tune"] = result
+    _budget_outputs(outcome, plan, budget_plot)
     if plot is not None and _writes():
         outcome.report["plot"] = plot_tune(result, plot)
     if report is not None and _writes():
