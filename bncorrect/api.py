@@ -533,10 +533,9 @@ def _latency_budget(
         running_stats=stats,
         latency=latency,
         example=example,
-        labels_of={node: name for node, name in to_name.items() if node != name},
         progress=progress,
-    )
-    keep = {to_name[n] for n in plan.selected}
+    ).renamed(to_name)
+    keep = set(plan.selected)
     layers = {
         name: lc
         if name in keep

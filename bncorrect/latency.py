@@ -20,6 +20,7 @@ never asserts on times.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -171,6 +172,25 @@ class BudgetReport:
     full_metric: float
     full_ratio: float
     labels: dict[str, str] = field(default_factory=dict)
+
+    def renamed(self, names: Mapping[str, str]) -> BudgetReport:
+        """The same report with layers renamed by ``names`` (BN node name -> the command's layer name)."""
+
+        def r(n: str) -> str:
+            return names.get(n, n)
+
+        def point(p: BudgetPoint) -> BudgetPoint:
+            return BudgetPoint(tuple(r(n) for n in p.layers), p.gain, p.ratio)
+
+        return dataclasses.replace(
+            self,
+            layers=[r(n) for n in self.layers],
+            gains={r(n): v for n, v in self.gains.items()},
+            costs={r(n): v for n, v in self.costs.items()},
+            curve=[point(p) for p in self.curve],
+            chosen=point(self.chosen),
+            labels={r(n): v for n, v in self.labels.items()},
+        )
 
     @property
     def selected(self) -> list[str]:
