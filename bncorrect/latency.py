@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .budget import BudgetPoint, LayerOption, budget_curve, select_within_budget
-from .errors import UsageError
+from .errors import UsageError, spell
 
 __all__ = [
     "BUDGET_METRICS",
@@ -59,20 +59,20 @@ def check_budget(budget: float | None, out: str | Path | None, metric: str) -> f
         return None
     if not (budget == budget and budget >= 1.0 and budget != float("inf")):
         raise UsageError(
-            f"--latency-budget {budget:g} is not a latency ratio >= 1",
+            f"{spell('latency_budget', f'{budget:g}')} is not a latency ratio >= 1",
             hint="give the largest acceptable latency of the written graph over the uncorrected one, e.g. "
             "--latency-budget 1.2 (1: keep every BN plain)",
         )
     if out is None or Path(out).suffix.lower() != ".onnx":
         raise UsageError(
-            "--latency-budget is about the written ONNX graph's latency in onnxruntime, and OUT is "
-            + ("not given" if out is None else f"{Path(out).name}"),
+            f"{spell('latency_budget', 'R')} is about the written ONNX graph's latency in onnxruntime, and "
+            + ("OUT is not given" if out is None else f"OUT is {Path(out).name}"),
             path=None if out is None else Path(out),
             hint="write a graph: -o corrected.onnx",
         )
     if metric not in BUDGET_METRICS:
         raise UsageError(
-            f"--latency-budget measures held-out gains in nll, top1 or top5, not {metric!r}",
+            f"{spell('latency_budget', 'R')} measures held-out gains in nll, top1 or top5, not {metric!r}",
             hint="choose --metric nll, top1 or top5 (classification logits as the graph's first output)",
         )
     return float(budget)

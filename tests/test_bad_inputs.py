@@ -394,6 +394,27 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("onnx-garbage", ["inspect", "{w}/garbage.onnx"], ["garbage.onnx"]),
     ("onnx-folded", ["rule", "{w}/folded.onnx", "-B", "2"], ["folded.onnx", "BatchNorm"]),
     ("onnx-missing", ["inspect", "{w}/nope.onnx"], ["nope.onnx", "not found"]),
+    (
+        "budget-below-one",
+        ["sweep-alpha", *SD, *D, "-o", "{w}/o.onnx", "--latency-budget", "0.5"],
+        ["0.5", ">= 1"],
+    ),
+    (
+        "budget-not-onnx",
+        ["tune", *SD, *D, "-B", "2", "-o", "{w}/o.safetensors", "--latency-budget", "1.2"],
+        ["o.safetensors", "--latency-budget", "onnx"],
+    ),
+    ("budget-no-out", ["sweep-alpha", *SD, *D, "--latency-budget", "1.2"], ["--latency-budget", "-o"]),
+    (
+        "budget-plot-alone",
+        ["sweep-alpha", *SD, *D, "--budget-plot", "{w}/c.png"],
+        ["--budget-plot", "--latency-budget"],
+    ),
+    (
+        "budget-metric",
+        ["sweep-alpha", *SD, *D, "-o", "{w}/o.onnx", "--latency-budget", "2", "--metric", "miou"],
+        ["miou"],
+    ),
     ("onnx-apply-other", ["apply", "{w}/model.onnx", "{w}/corr.safetensors"], ["model.onnx"]),
 ]
 
