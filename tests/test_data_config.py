@@ -107,16 +107,8 @@ def test_cli_recalibrate_with_data_config_weights(cli, images, tmp_path):
     torch.save(toys.conv_net().state_dict(), sd)
     out = tmp_path / "rec.safetensors"
     res = cli(
-        "recalibrate",
-        sd,
-        "--arch",
-        f"{TOYS}:conv_net",
-        "--data",
-        images,
-        "--data-config",
-        f"{TOYS}:WEIGHTS",
-        "-o",
-        out,
+        "recalibrate", sd, "--arch", f"{TOYS}:conv_net", "--data", images,
+        "--data-config", f"{TOYS}:WEIGHTS", "-o", out,
     )
     assert res.code == 0, res.err
     assert "WEIGHTS" in res.err  # the data line names where the preprocessing came from

@@ -439,17 +439,10 @@ def test_detection_outputs_are_refused_before_any_pass(tmp_path):
     calls: list[tuple] = []
     out = tmp_path / "det.safetensors"
     with pytest.raises(UsageError, match="object detections"):
-        api.tune(
-            toys.TinyDetector(seed=0).eval(),
-            (x, y),
-            2,
-            device="cpu",
-            out=out,
-            progress=lambda *a: calls.append(a),
-        )
+        api.tune(toys.TinyDetector(seed=0).eval(), (x, y), 2, device="cpu", out=out,
+                 progress=lambda *a: calls.append(a))
     assert calls == [] and not out.exists()
     with pytest.raises(UsageError, match=r"output.key"):  # a wrong key, also before any pass
-        api.tune(
-            toys.conv_net(), (x, y), 2, device="cpu", output_key="logits", progress=lambda *a: calls.append(a)
-        )
+        api.tune(toys.conv_net(), (x, y), 2, device="cpu", output_key="logits",
+                 progress=lambda *a: calls.append(a))
     assert calls == []
