@@ -495,6 +495,7 @@ def _latency_budget(
     *,
     latency: Any = None,
     progress: Any = None,
+    scored_on: str = "held-out",
 ) -> tuple[Corrections, Any]:
     """``--latency-budget``: the corrections with the layers not worth their latency reset to plain BN
     (alpha = beta = 0, new statistics kept), and the :class:`~bncorrect.latency.BudgetReport`."""
@@ -535,6 +536,7 @@ def _latency_budget(
         example=example,
         progress=progress,
     ).renamed(to_name)
+    plan.scored_on = scored_on
     keep = set(plan.selected)
     layers = {
         name: lc
@@ -1485,7 +1487,15 @@ def sweep_alpha(
         n = len(dataset) if max_examples is None else min(len(dataset), max_examples)
         inputs, labels = _labelled_batches(dataset, range(n), description)
         chosen, plan = _latency_budget(
-            source, chosen, latency_budget, inputs, labels, metric, latency=latency_fn, progress=progress
+            source,
+            chosen,
+            latency_budget,
+            inputs,
+            labels,
+            metric,
+            latency=latency_fn,
+            progress=progress,
+            scored_on="data",
         )
     outcome = _finish(source, chosen, out, export, warnings=warnings, data_pass=True, progress=progress)
     outcome.report["sweep"] = result

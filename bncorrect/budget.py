@@ -10,8 +10,8 @@ that can measure a whole subset (one onnxruntime session on the written graph, o
 pass ``measure_ratio`` / ``measure_gain`` and each point then carries the measured values, the selection
 uses the measured ratio, and a prefix that measures over budget ends the selection.
 
-This module is pure (no timing, no torch, no onnxruntime); the commands own the measurements. Not wired to
-``tune``/``sweep-alpha`` yet.
+This module is pure (no timing, no torch, no onnxruntime); the commands own the measurements
+(:mod:`bncorrect.latency`, ``--latency-budget`` on ``tune`` and ``sweep-alpha``).
 """
 
 from __future__ import annotations

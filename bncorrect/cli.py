@@ -116,8 +116,8 @@ LatencyBudgetOpt = Annotated[
     typer.Option(
         help="Writing .onnx: correct only the layers worth their latency, chosen greedily by held-out gain "
         "per measured onnxruntime cost, so the written graph's latency ratio over the plain graph stays <= "
-        "R (1: every BN plain). Costs about 3 passes of the held-out data per BN layer plus timing runs; "
-        "prints the curve held-out metric vs latency ratio.",
+        "R (1: every BN plain). Costs about 2 passes of the held-out data (sweep-alpha: the data) per BN "
+        "layer plus timing runs; prints the curve metric vs latency ratio.",
     ),
 ]
 BudgetPlotOpt = Annotated[
@@ -293,7 +293,8 @@ def _budget_table(outcome: Any, budget_plot: Path | None) -> None:
     c = plan.curve.index(plan.chosen)
     out_console.print(
         f"--latency-budget {plan.budget:g}: {len(plan.selected)} of {len(plan.layers)} corrected layers kept "
-        f"({', '.join(plan.summary()['selected']) or 'none'}); held-out {plan.metric} {plan.metrics[c]:.4f} "
+        f"({', '.join(plan.summary()['selected']) or 'none'}); {plan.metric} ({plan.scored_on}) "
+        f"{plan.metrics[c]:.4f} "
         f"at latency ratio {plan.chosen.ratio:.3f} (full correction: {plan.full_metric:.4f} at "
         f"{plan.full_ratio:.3f}, plain: {plan.metrics[0]:.4f})."
     )

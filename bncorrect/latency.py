@@ -172,6 +172,8 @@ class BudgetReport:
     full_metric: float
     full_ratio: float
     labels: dict[str, str] = field(default_factory=dict)
+    #: what the metric was measured on: "held-out" (tune) or "data" (sweep-alpha: the data it chose on)
+    scored_on: str = "held-out"
 
     def renamed(self, names: Mapping[str, str]) -> BudgetReport:
         """The same report with layers renamed by ``names`` (BN node name -> the command's layer name)."""
@@ -202,6 +204,7 @@ class BudgetReport:
         return {
             "budget": self.budget,
             "metric": self.metric,
+            "scored_on": self.scored_on,
             "gain_definition": "held-out metric of the full correction minus that with the layer plain",
             "layers": [
                 {"name": name(n, n), "gain": self.gains[n], "cost": self.costs[n]} for n in self.layers
@@ -223,7 +226,8 @@ class BudgetReport:
         """A rich table of the curve: layers added in greedy order, held-out metric, latency ratio."""
         from rich.table import Table
 
-        table = Table(title=f"latency budget {self.budget:g}: held-out {self.metric} vs latency ratio")
+        title = f"latency budget {self.budget:g}: {self.metric} ({self.scored_on}) vs latency ratio"
+        table = Table(title=title)
         table.add_column("#", justify="right")
         table.add_column("layer added")
         table.add_column(self.metric, justify="right")
@@ -353,7 +357,7 @@ def plot_budget(report: BudgetReport, path: str | Path, *, dpi: int = 100) -> Pa
     ax.plot([report.chosen.ratio], [report.metrics[c]], "*", color="C3", ms=14, label="chosen")
     ax.axvline(report.budget, color="C3", ls="--", lw=1, label=f"budget {report.budget:g}")
     ax.set_xlabel("latency ratio (onnxruntime, measured)")
-    ax.set_ylabel(f"held-out {report.metric}")
+    ax.set_ylabel(f"{report.metric} ({report.scored_on})")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
