@@ -1355,7 +1355,7 @@ def demo(
             assert s.tune is not None
             plain = (
                 f" (the per-layer fit leaves {s.tune.zero_layers} of {s.tune.n_layers} layers plain BN)"
-                if s.tune.zero_layers
+                if s.tune.zero_layers and s.tune.chosen == "tuned"
                 else ""
             )
             out_console.print(f"{s.name}: tune wrote {s.tune.chosen_label}{plain}")

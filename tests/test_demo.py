@@ -115,6 +115,9 @@ def test_demo_table_in_text_mode(tmp_path, cli):
     assert "digits_b2" in res.out and "digits_b32" not in res.out and "corrected.onnx" in res.err
     assert "held-out half" in res.out and "tuned per layer" in res.out and "◀" in res.out
     assert "tune wrote" in res.out and (tmp_path / "d" / "digits_b2" / "tuned.safetensors").is_file()
+    wrote = next(line for line in res.out.splitlines() if "tune wrote" in line)
+    # the count of plain layers is about the per-layer fit: said only when that is what was written
+    assert ("per-layer fit leaves" in wrote) <= ("tuned per layer" in wrote)
 
 
 def test_demo_without_samples_says_where_to_get_them(tmp_path, cli):
