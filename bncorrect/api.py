@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .correction import rule_of_thumb
 from .corrections import Corrections, LayerCorrection, load_corrections, save_corrections
 from .errors import ModelLoadError, NoBatchNormError, NumericalError, OnnxError, UsageError, spell
-from .layers import correct_model, corrected_layers, find_norm_layers
+from .layers import correct_model, corrected_layers, find_norm_layers, set_running_stats
 from .models import LoadedModel, load_model, save_checkpoint
 
 OUTPUT_SUFFIXES = (".safetensors", ".pt", ".pth", ".onnx")
@@ -952,7 +952,7 @@ def estimate(
             progress,
         )
         if not is_onnx:
-            _apply_stats(source.model, recal.stats)
+            set_running_stats(source.model, recal.stats)
     sizes = [*(layer_batch_size or {}).values(), train_batch_size]
     multiple = lcm(sizes)
     batch = multiple * max(1, 64 // multiple)
@@ -1066,15 +1066,6 @@ def _first_input(batches: Iterable[Any]) -> Tensor | None:
         t = first_tensor(batch)
         return None if t is None else t[:2].detach().cpu().clone()
     return None
-
-
-def _apply_stats(model: nn.Module, stats: Mapping[str, tuple[Tensor, Tensor]]) -> None:
-    layers = {ly.name: ly.module for ly in find_norm_layers(model)}
-    with torch.no_grad():
-        for name, (mean, var) in stats.items():
-            inner = getattr(layers[name], "norm", layers[name])
-            inner.running_mean.copy_(mean.to(inner.running_mean))
-            inner.running_var.copy_(var.to(inner.running_var))
 
 
 def _recalibrate_stats(

@@ -523,3 +523,15 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def set_running_stats(model: nn.Module, stats: Mapping[str, tuple[Tensor, Tensor]]) -> None:
+    """Copy new running statistics (layer name -> (mean, var)) into ``model``'s BN layers in place, in the
+    buffers' dtype and device (the inner BN of a corrected layer)."""
+    layers = {ly.name: ly.module for ly in find_norm_layers(model)}
+    with torch.no_grad():
+        for name, (mean, var) in stats.items():
+            inner = getattr(layers[name], "norm", layers[name])
+            inner.running_mean.copy_(mean.to(inner.running_mean))
+            inner.running_var.copy_(var.to(inner.running_var))
+

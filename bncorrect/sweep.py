@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import operator
 import re
@@ -1979,12 +1978,9 @@ def _add_notes(result: SweepResult) -> None:
 # ---------------------------------------------------------------------------------------------- files
 def write_report(result: SweepResult, path: str | Path) -> Path:
     """Write :meth:`SweepResult.as_report` as JSON to ``path``, atomically (nothing half-written)."""
-    from .atomic import atomic_path, check_output
+    from .atomic import write_json
 
-    path = check_output(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(result.as_report(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    return path
+    return write_json(result.as_report(), path)
 
 
 def plot_sweep(

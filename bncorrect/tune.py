@@ -85,7 +85,6 @@ and :func:`write_tune_report` a JSON file (both atomically).
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -98,7 +97,14 @@ from torch import Tensor, nn
 
 from . import correction as C
 from .errors import DataError, UsageError, spell
-from .layers import CorrectedNorm, correct_model, corrected_layers, is_batchnorm_like, uses_batch_statistics
+from .layers import (
+    CorrectedNorm,
+    correct_model,
+    corrected_layers,
+    is_batchnorm_like,
+    set_running_stats,
+    uses_batch_statistics,
+)
 from .passes import Batch, ForwardFn, Progress, batch_size_of, default_forward, map_batch, resolve_device
 
 if TYPE_CHECKING:
@@ -1170,12 +1176,9 @@ class TuneResult:
 
 def write_tune_report(result: TuneResult, path: str | Path) -> Path:
     """Write :meth:`TuneResult.as_report` as JSON to ``path``, atomically."""
-    from .atomic import atomic_path, check_output
+    from .atomic import write_json
 
-    path = check_output(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(result.as_report(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    return path
+    return write_json(result.as_report(), path)
 
 
 def plot_tune(
@@ -1421,7 +1424,7 @@ def tune_model(
             data_hint=fit_part.description,
         )
         est_model = copy.deepcopy(model)
-        _apply_stats(est_model, recal.stats)
+        set_running_stats(est_model, recal.stats)
         lap("recalibrate")
     est = estimate_alpha_beta(
         est_model,
@@ -1615,14 +1618,3 @@ def tune_model(
         fit_sweep=fit_sweep,
         heldout_sweep=held_sweep,
     )
-
-
-def _apply_stats(model: nn.Module, stats: Mapping[str, tuple[Tensor, Tensor]]) -> None:
-    from .layers import find_norm_layers
-
-    layers = {ly.name: ly.module for ly in find_norm_layers(model)}
-    with torch.no_grad():
-        for name, (mean, var) in stats.items():
-            inner = getattr(layers[name], "norm", layers[name])
-            inner.running_mean.copy_(mean.to(inner.running_mean))
-            inner.running_var.copy_(var.to(inner.running_var))
