@@ -257,12 +257,12 @@ def _export_detail(e: BaseException, log: str) -> str:
 
 
 def _export_hint() -> str:
+    """The hint when neither of torch.onnx's exporters can write the model."""
     return (
-        "check that the model runs on the example input; torch.export cannot trace data-dependent Python "
-        "control flow (`if tensor.sum() > 0:`; see https://pytorch.org/docs/stable/generated/exportdb/). "
-        "Or export the model yourself, with BatchNorm kept: torch.onnx.export(model, args, 'model.onnx', "
-        "dynamo=True, optimize=False) (or dynamo=False, training=torch.onnx.TrainingMode.PRESERVE), then "
-        "`bncorrect apply model.onnx CORRECTIONS -o OUT.onnx`. " + _log_where()
+        "neither of torch.onnx's exporters could write the model (torch.export, then the TorchScript "
+        "tracer): change the part of the model the message names, or write .safetensors or .pt instead; a "
+        "graph exported by other means with BatchNorm kept is corrected by `bncorrect apply model.onnx "
+        f"CORRECTIONS -o OUT.onnx`. {_log_where()} (both exporters')"
     )
 
 
@@ -378,11 +378,7 @@ def export_plain(
     except OnnxError:
         raise
     except Exception as e:
-        dynamo_error = OnnxError(
-            f"torch.onnx.export failed: {_export_cause(e)}",
-            hint=_export_hint(),
-            detail=_export_detail(e, cap.text() if cap is not None else ""),
-        )
+        detail = _export_detail(e, cap.text() if cap is not None else "")
         # torch.export could not capture the model (data-dependent control flow, list outputs of
         # detection models): the TorchScript tracer often can, for the example input's path through it
         try:
@@ -391,12 +387,9 @@ def export_plain(
             )
         except OnnxError as legacy:
             raise OnnxError(
-                dynamo_error.message,
-                hint="neither of torch.onnx's exporters could write the model (torch.export, then the "
-                "TorchScript tracer; both logs are in the error's .detail): change the part of the model "
-                "the message names, or write .safetensors or .pt instead; a graph exported by other means "
-                "with BatchNorm kept is corrected by `bncorrect apply model.onnx CORRECTIONS -o OUT.onnx`",
-                detail=f"{dynamo_error.detail}\n\nthe TorchScript exporter failed too: {legacy.message}\n"
+                f"torch.onnx.export failed: {_export_cause(e)}",
+                hint=_export_hint(),
+                detail=f"{detail}\n\nthe TorchScript exporter failed too: {legacy.message}\n"
                 f"{legacy.detail or ''}",
             ) from None
         fixed = None
