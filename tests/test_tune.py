@@ -415,7 +415,8 @@ def test_cli_tune_end_to_end_on_the_sample(cli, tmp_path):
                 "n_zero_layers", "notes", "global_alpha", "fit"):  # fmt: skip
         assert key in saved and key in data
     assert saved["n_examples"] == 240 and saved["n_fit"] + saved["n_heldout"] == 240
-    assert [r["kind"] for r in saved["rows"]] == ["ema", "rule", "global", "evalnorm", "evalnorm-recal", "tuned"]
+    kinds = ["ema", "rule", "global", "evalnorm", "evalnorm-recal", "tuned"]
+    assert [r["kind"] for r in saved["rows"]] == kinds
     for r in saved["rows"]:
         assert {"nll", "top1", "top5"} <= set(r["fit"]) and {"nll", "top1", "top5"} <= set(r["heldout"])
     assert [ly["name"] for ly in saved["layers"]] == [f"features.{i}.1" for i in range(4)]
@@ -559,7 +560,8 @@ def test_both_evalnorm_candidates_rescored_and_the_recalibrated_one_written(tmp_
         torch.testing.assert_close(inner.running_mean, mean, rtol=0, atol=0)
         torch.testing.assert_close(inner.running_var, var, rtol=0, atol=0)
     with torch.no_grad():
-        assert float(F.cross_entropy(loaded(x[held]).double(), y[held])) == pytest.approx(want_recal, abs=1e-5)
+        got = float(F.cross_entropy(loaded(x[held]).double(), y[held]))
+    assert got == pytest.approx(want_recal, abs=1e-5)
 
     out_onnx, out_st = tmp_path / "tuned.onnx", tmp_path / "tuned.safetensors"
     api.tune(weights, (x, y), b, arch=arch, holdout=0.4, seed=seed, device="cpu", max_epochs=4, out=out_onnx)
@@ -588,7 +590,8 @@ def test_recalibrated_candidate_eval_upstream_and_leaving_it_out():
     result = api.tune(model, (x, y), 2, upstream="eval", **kw).report["tune"]
     fit = torch.tensor(result.fit_indices)
     direct = recalibrate_stats(model, [(x[fit],)], upstream="eval", exact=True).stats
-    assert result.recalibrated == "eval" and result.row("evalnorm-recal").label.endswith("(recalibrated, eval)")
+    assert result.recalibrated == "eval"
+    assert result.row("evalnorm-recal").label.endswith("(recalibrated, eval)")
     for name, (mean, var) in direct.items():
         got_mean, got_var = result.running_stats("evalnorm-recal")[name]
         torch.testing.assert_close(got_mean, mean, rtol=1e-5, atol=1e-6)
