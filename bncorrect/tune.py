@@ -6,23 +6,29 @@ what a held-out part of the data confirms.
 
 What it does (:func:`tune_model`):
 
-1. **Split** the labelled validation data, seeded and stratified by label (:func:`stratified_split`): a
+1. **Split** the labelled validation data, seeded and stratified by label (:func:`stratified_split`; for
+   segmentation masks one seeded draw per image, :func:`random_split`, since a mask holds many classes): a
    *fitting part* and a *held-out part* (``holdout``, default 0.3). The fitting part is split once more,
    the same way, into the examples the per-layer fit learns from and a *monitor* slice (``monitor``,
    default 0.25 of the fitting part) that stops it early and chooses the L1 strength.
 2. **Candidates, on the fitting part**: EMA (alpha = beta = 0, plain BN); the rule 1/B^2; the best global
    alpha (:func:`bncorrect.sweep.sweep_alpha` over its grid, beta = alpha); EvalNorm offline
-   (:func:`bncorrect.estimation.estimate_alpha_beta`, after :func:`bncorrect.recalibration.recalibrate_stats`
-   with ``recalibrate``; its grid search on ``solve_rows`` = :data:`DEFAULT_SOLVE_ROWS` = 1024 (example,
-   channel) rows per layer instead of estimate's 4096: the solve cost 1.4-1.8 sweeps at 4096 rows, and on
-   the four samples x seeds 0-2 the candidate tune chooses was the same at 4096, 1024 and 512 rows, the
-   EvalNorm row's held-out NLL moving by at most 0.0013 at 1024 rows); and **per-layer alpha/beta fitted
-   to the NLL** (:func:`fit_per_layer`).
+   (:func:`bncorrect.estimation.estimate_alpha_beta`) on the running statistics (kind ``evalnorm``) and,
+   with ``recalibrate`` (the default), a second time on population statistics recalibrated on the fitting
+   part first (:func:`bncorrect.recalibration.recalibrate_stats`, ``upstream`` :data:`DEFAULT_UPSTREAM` =
+   ``train`` over shuffled groups of B, or ``eval`` with recalibrate's default choice of scheme; kind
+   ``evalnorm-recal``, whose statistics replace the running ones wherever it is written); both solve their
+   grid search on ``solve_rows`` = :data:`DEFAULT_SOLVE_ROWS` = 1024 (example, channel) rows per layer
+   instead of estimate's 4096 (the solve cost 1.4-1.8 sweeps at 4096 rows, and on the four samples x seeds
+   0-2 the candidate tune chooses was the same at 4096, 1024 and 512 rows, the EvalNorm row's held-out NLL
+   moving by at most 0.0013 at 1024 rows); and **per-layer alpha/beta fitted to the NLL**
+   (:func:`fit_per_layer`, always from the best global alpha on the running statistics).
 3. **Score every candidate on the held-out part** (NLL, top-1, top-5, with the sweep's paired differences
-   from EMA) and choose the best by ``metric``. EMA is a candidate and wins ties, so the written correction
-   is **never worse than EMA on the held-out part**; when EMA wins, EMA is written and the notes say so
-   (and, when the per-layer fit beat EMA on the fitting part but not on the held-out part, that it
-   overfitted).
+   from EMA; segmentation: pixel-nll, mIoU and pixel accuracy over the labelled pixels, the sweep's
+   :class:`~bncorrect.sweep.SegmentationTally`) and choose the best by ``metric``. EMA is a candidate and
+   wins ties, so the written correction is **never worse than EMA on the held-out part** (by ``metric``:
+   for miou and the accuracies higher is better); when EMA wins, EMA is written and the notes say so (and,
+   when the per-layer fit beat EMA on the fitting part but not on the held-out part, that it overfitted).
 
 The per-layer fit (:func:`fit_per_layer`). The corrected layer (DESIGN §2) is differentiable in alpha and
 beta. On a deep copy of the model (eval mode, every network parameter frozen) each correctable BN layer's
@@ -43,6 +49,15 @@ every epoch each set is scored on the monitor slice and the best snapshot kept (
 ``patience`` epochs without improvement; a set that stops leaves the stack, so the sets still running
 cost less per epoch, and its kept snapshot is final); the strength with the lowest monitor NLL is the tuned
 candidate. ``per_channel`` fits vectors of length C instead of one scalar per layer.
+
+Segmentation (masks y (N, H, W), per-pixel logits (N, K, H, W), ``output_key`` for a dict output): the
+metrics are the sweep's (:data:`bncorrect.sweep.SEGMENTATION_METRICS`; ``"nll"`` means pixel-nll), pixels
+whose mask value is ``ignore_index`` count nowhere, every mask is checked (values 0..K-1 or the ignore
+index) before any pass, and the per-layer fit minimises the mean pixel cross-entropy over the labelled
+pixels of each mini-batch (:class:`PixelLoss`, passed to :func:`fit_per_layer` as its ``loss_fn``). Memory
+stays bounded: the fit's mini-batches hold at most about :data:`DENSE_FIT_BYTES` of per-pixel logits for
+all strengths, its monitor and the candidates' scoring are evaluated in pieces of at most
+:data:`bncorrect.sweep.DENSE_PIECE_BYTES`, and the cache keeps its byte budget.
 
 Where the held-out part is used, and what its numbers mean: the held-out part is touched once, after
 everything is fitted, to score the candidates and choose among them (and for the guard). The L1 strength
