@@ -128,7 +128,10 @@ def main() -> None:
             print(f"| {name} | missing ({model}) | | | |")
             continue
         b = int(name.rsplit("_b", 1)[1])
-        source = api.open_model(model)
+        # every job opens the checkpoint itself: the API corrects a Source object it is given in place, so a
+        # Source shared across jobs would carry one job's written correction (e.g. recalibrated
+        # statistics) into the next
+        source = model
         dataset = api.open_data(data)
         last: dict[str, api.Outcome] = {}
 
