@@ -1130,7 +1130,8 @@ def tune(
     json_out: JsonOpt = False,
 ) -> None:
     """The best safe correction: per-layer alpha/beta fitted to the metric beside EMA, the rule, the best
-    global alpha and EvalNorm, all scored on a held-out part; never worse than EMA there."""
+    global alpha and EvalNorm (without and with recalibration), all scored on a held-out part; never worse
+    than EMA there. Classifiers (labels y (N,)) and segmentation nets (masks y (N, H, W))."""
     from . import api
     from .sweep import parse_alphas
     from .tune import parse_strengths
