@@ -117,7 +117,6 @@ from .layers import (
     correct_model,
     corrected_layers,
     is_batchnorm_like,
-    set_running_stats,
     uses_batch_statistics,
 )
 from .passes import Batch, ForwardFn, Progress, batch_size_of, default_forward, map_batch, resolve_device
@@ -144,6 +143,7 @@ __all__ = [
     "alphas_from_prior_strengths",
     "classification_loss",
     "dataset_labels",
+    "estimate_pair",
     "fit_per_layer",
     "parse_prior_strengths",
     "parse_strengths",
@@ -1639,6 +1639,80 @@ def _recalibrated(
     )
 
 
+def estimate_pair(
+    model: nn.Module,
+    stats: Mapping[str, tuple[Tensor, Tensor]],
+    batches: Iterable[Batch],
+    train_batch_size: int,
+    *,
+    seed: int = 0,
+    solve_rows: int = DEFAULT_SOLVE_ROWS,
+    forward_fn: ForwardFn | None = None,
+    device: str | torch.device | None = "cpu",
+    total_examples: int | None = None,
+    progress: Progress | None = None,
+    data_hint: str = "",
+) -> tuple[EstimateResult, EstimateResult]:
+    """EvalNorm offline twice from one data pass: against the model's running statistics and against
+    ``stats`` (name -> (mean, var), e.g. recalibrated ones). The same as
+    :func:`bncorrect.estimation.estimate_alpha_beta` on ``model`` and on ``model`` with ``stats`` in its
+    buffers, for the same ``batches`` and ``seed`` (a test checks equality), at the cost of one pass: the
+    training-mode pass normalizes every layer with its batch statistics, so its activations do not depend
+    on the running statistics, and both sets of estimators (each with its own seeded sampler) observe
+    them; only the solves differ."""
+    from .estimation import check_batch_sizes, estimate_from_pass
+    from .layers import batch_statistics_layers, layer_batch_sizes
+    from .passes import training_mode_pass
+
+    check_batch_sizes(train_batch_size, None)
+    dev = resolve_device(device)
+    work = copy.deepcopy(model)
+    correct_model(work, 0.0)
+    work.to(dev)
+    layers = corrected_layers(work)
+    sizes = layer_batch_sizes(list(layers), train_batch_size, None)
+    untracked = layer_batch_sizes(list(batch_statistics_layers(work)), train_batch_size, None)
+    plain = {name: (m.norm.running_mean, m.norm.running_var, float(m.norm.eps)) for name, m in layers.items()}
+    other = {name: (stats[name][0], stats[name][1], eps) for name, (_, _, eps) in plain.items()}
+    kept: dict[str, Any] = {}
+
+    def outer(group_sizes: Mapping[str, int], other_observers: Mapping[str, Any]) -> tuple[int, int]:
+        def inner(_: Mapping[str, int], plain_observers: Mapping[str, Any]) -> tuple[int, int]:
+            def both(name: str) -> Any:
+                first, second = plain_observers[name], other_observers[name]
+
+                def observe(x: Tensor, mu_i: Tensor, var_i: Tensor, mu_b: Tensor, var_b: Tensor) -> None:
+                    first(x, mu_i, var_i, mu_b, var_b)
+                    second(x, mu_i, var_i, mu_b, var_b)
+
+                return observe
+
+            kept["counts"] = training_mode_pass(
+                work,
+                batches,
+                group_sizes,
+                {name: both(name) for name in plain_observers},
+                forward_fn=forward_fn,
+                device=dev,
+                label="estimate",
+                total_examples=total_examples,
+                progress=progress,
+                data_hint=data_hint,
+                batch_stat_sizes=untracked,
+            )
+            return kept["counts"]
+
+        kept["plain"] = estimate_from_pass(
+            plain, sizes, inner, train_batch_size, seed=seed, solve_rows=solve_rows, data_hint=data_hint
+        )
+        return kept["counts"]  # this rank's counts, as a pass returns them (merged across ranks later)
+
+    second = estimate_from_pass(
+        other, sizes, outer, train_batch_size, seed=seed, solve_rows=solve_rows, data_hint=data_hint
+    )
+    return kept["plain"], second
+
+
 def tune_model(
     model: nn.Module,
     dataset: Any,
@@ -1803,27 +1877,34 @@ def tune_model(
         )
 
     # EvalNorm offline on the fitting part, on the running statistics and (recalibrate) on population
-    # statistics recalibrated there first
-    est = estimate(model)
-    evalnorm = evalnorm_candidate(est, "EvalNorm offline", None, "evalnorm")
-    lap("estimate")
+    # statistics recalibrated there first: both estimates from one training-mode pass
     recal = est_recal = None
-    evalnorms = [evalnorm]
     if recalibrate:
         recal = _recalibrated(
             model, fit_part, b, upstream, seed=seed, num_workers=num_workers, forward_fn=forward_fn,
             device=device, progress=progress,
         )  # fmt: skip
         lap("recalibrate")
-        recal_model = copy.deepcopy(model)
-        set_running_stats(recal_model, recal.stats)
-        est_recal = estimate(recal_model)
-        evalnorms.append(
-            evalnorm_candidate(
-                est_recal, f"EvalNorm offline (recalibrated, {upstream})", dict(recal.stats), "evalnorm-recal"
-            )
+        est, est_recal = estimate_pair(
+            model,
+            recal.stats,
+            _part_loader(fit_part, b * max(1, 64 // b), shuffle=True, seed=seed, num_workers=num_workers),
+            b,
+            seed=seed,
+            solve_rows=solve_rows,
+            forward_fn=forward_fn,
+            device=device,
+            total_examples=len(fit_part),
+            progress=progress,
+            data_hint=fit_part.description,
         )
-        lap("estimate")
+    else:
+        est = estimate(model)
+    evalnorms = [evalnorm_candidate(est, "EvalNorm offline", None, "evalnorm")]
+    if recal is not None and est_recal is not None:
+        label = f"EvalNorm offline (recalibrated, {upstream})"
+        evalnorms.append(evalnorm_candidate(est_recal, label, dict(recal.stats), "evalnorm-recal"))
+    lap("estimate")
 
     # the global sweep on the fitting part (the EvalNorm candidates beside it, for their fitting-part numbers)
     fit_sweep = sweep_alpha(

@@ -626,3 +626,24 @@ def test_cli_recalibrate_options(cli, toy_files):
     assert any("--recalibrate is the default now" in n and "--upstream eval" in n for n in data["notes"])
     res = cli(*base, "--upstream", "sideways")
     assert res.code != 0 and "--upstream sideways" in res.err and "Traceback" not in res.err
+
+
+def test_estimate_pair_equals_two_separate_estimates():
+    """Both EvalNorm estimates from one training-mode pass give exactly what two estimate_alpha_beta calls
+    give: on the model, and on the model with the other statistics in its buffers (same batches, seed)."""
+    from bncorrect.estimation import estimate_alpha_beta
+    from bncorrect.recalibration import recalibrate_stats
+    from bncorrect.tune import estimate_pair
+
+    model = toys.conv_net(seed=2)
+    x, _ = toys.data(96, seed=3)
+    order = torch.randperm(96, generator=torch.Generator().manual_seed(4))
+    batches = [(x[order[i : i + 32]],) for i in range(0, 96, 32)]
+    stats = recalibrate_stats(model, batches, upstream="train", batch_size=4).stats
+    plain, other = estimate_pair(model, stats, batches, 4, seed=5, solve_rows=512)
+    alone = estimate_alpha_beta(model, batches, 4, seed=5, solve_rows=512)
+    moved = estimate_alpha_beta(_set_stats(copy.deepcopy(model), stats), batches, 4, seed=5, solve_rows=512)
+    for got, want in ((plain, alone), (other, moved)):
+        assert (got.examples, got.dropped) == (want.examples, want.dropped) == (96, 0)
+        assert [ly.as_dict() for ly in got.layers] == [ly.as_dict() for ly in want.layers]
+    assert plain.alpha() != other.alpha()  # the statistics matter to the solve
