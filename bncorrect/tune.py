@@ -17,7 +17,8 @@ What it does (:func:`tune_model`):
    with ``recalibrate`` (the default), a second time on population statistics recalibrated on the fitting
    part first (:func:`bncorrect.recalibration.recalibrate_stats`, ``upstream`` :data:`DEFAULT_UPSTREAM` =
    ``train`` over shuffled groups of B, or ``eval`` with recalibrate's default choice of scheme; kind
-   ``evalnorm-recal``, whose statistics replace the running ones wherever it is written); both solve their
+   ``evalnorm-recal``, whose statistics replace the running ones wherever it is written; both estimates
+   come from one estimation pass, :func:`estimate_pair`); both solve their
    grid search on ``solve_rows`` = :data:`DEFAULT_SOLVE_ROWS` = 1024 (example, channel) rows per layer
    instead of estimate's 4096 (the solve cost 1.4-1.8 sweeps at 4096 rows, and on the four samples x seeds
    0-2 the candidate tune chooses was the same at 4096, 1024 and 512 rows, the EvalNorm row's held-out NLL
