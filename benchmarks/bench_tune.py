@@ -2,11 +2,12 @@
 and what tune chooses, on the sample checkpoints.
 
 Both run through the Python API the CLI calls (``bncorrect.api.tune`` and ``bncorrect.api.sweep_alpha``,
-same model, same validation file, same B, CPU), side by side in one process: the two jobs alternate,
+same model, same validation file, same B, CPU), side by side in one process: the three jobs (sweep-alpha,
+tune, tune with ``recalibrate=False``, i.e. without the candidate EvalNorm after recalibration) alternate,
 ``--repeats`` rounds after one warm-up round, and the median of each is reported with the median of the
-per-round ratios. tune's own stages (split, estimate, sweep, fit, held-out) are printed from its timings
-of the last round, and the held-out NLL of every candidate (EMA, rule, best global alpha, EvalNorm offline,
-tuned per layer) with the one tune chose.
+per-round ratios. tune's own stages (split, estimate, recalibrate, sweep, fit, held-out) are printed from
+its timings of the last round, and the held-out NLL of every candidate (EMA, rule, best global alpha,
+EvalNorm offline without and with recalibration, tuned per layer) with the one tune chose.
 
 ``--memory``: instead, peak memory against the data size. For each case the validation set is tiled 1x,
 4x and 16x (each copy with small noise, labels kept), and tune runs on it in a fresh process per size, once
@@ -117,8 +118,8 @@ def main() -> None:
         memory(args)
         return
     print(f"repeats {args.repeats} (after 1 warm-up round), jobs alternating; CPU\n")
-    print("| case | sweep-alpha s | tune s | tune / sweep | tune stages (s) |")
-    print("|---|---|---|---|---|")
+    print("| case | sweep-alpha s | tune s | tune / sweep | tune --no-recalibrate / sweep | tune stages s |")
+    print("|---|---|---|---|---|---|")
     summaries = []
     for name in [c.strip() for c in args.cases.split(",") if c.strip()]:
         folder = args.samples / name
@@ -127,7 +128,10 @@ def main() -> None:
             print(f"| {name} | missing ({model}) | | | |")
             continue
         b = int(name.rsplit("_b", 1)[1])
-        source = api.open_model(model)
+        # every job opens the checkpoint itself: the API corrects a Source object it is given in place, so a
+        # Source shared across jobs would carry one job's written correction (e.g. recalibrated
+        # statistics) into the next
+        source = model
         dataset = api.open_data(data)
         last: dict[str, api.Outcome] = {}
 
@@ -139,26 +143,37 @@ def main() -> None:
         ) -> None:
             last["outcome"] = api.tune(source, dataset, b, holdout=args.holdout, seed=args.seed, device="cpu")
 
-        times: dict[str, list[float]] = {"sweep": [], "tune": []}
+        def run_plain(source: object = source, dataset: object = dataset, b: int = b) -> None:
+            kw = {"holdout": args.holdout, "seed": args.seed, "device": "cpu", "recalibrate": False}
+            api.tune(source, dataset, b, **kw)
+
+        times: dict[str, list[float]] = {"sweep": [], "tune": [], "plain": []}
         for round_ in range(args.repeats + 1):
-            for job, fn in (("sweep", run_sweep), ("tune", run_tune)):
+            for job, fn in (("sweep", run_sweep), ("tune", run_tune), ("plain", run_plain)):
                 t = time.perf_counter()
                 fn()
                 if round_:
                     times[job].append(time.perf_counter() - t)
         ratios = [t / s for t, s in zip(times["tune"], times["sweep"], strict=True)]
+        plain = [t / s for t, s in zip(times["plain"], times["sweep"], strict=True)]
         sweep_s, tune_s = statistics.median(times["sweep"]), statistics.median(times["tune"])
         result = last["outcome"].report["tune"]
         stages = ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items())
-        print(f"| {name} | {sweep_s:.2f} | {tune_s:.2f} | **{statistics.median(ratios):.2f}** | {stages} |")
+        print(
+            f"| {name} | {sweep_s:.2f} | {tune_s:.2f} | **{statistics.median(ratios):.2f}** | "
+            f"{statistics.median(plain):.2f} | {stages} |"
+        )
         summaries.append((name, result))
     print(
         "\nHeld-out NLL (top-1 %) of every candidate; ◀ chosen. Fitting part / held-out part sizes, the tuned"
     )
     print("fit's L1 strength, epochs and the layers it leaves at alpha = beta = 0.\n")
-    head = ("case", "EMA", "rule 1/B^2", "best global alpha", "EvalNorm offline", "tuned per layer")
-    print("| " + " | ".join(head) + " | tuned: L1, epochs, plain |")
-    print("|---|---|---|---|---|---|---|")
+    labels = {"ema": "EMA", "rule": "rule 1/B^2", "global": "best global alpha",
+              "evalnorm": "EvalNorm offline", "evalnorm-recal": "EvalNorm + recal. (train)",
+              "tuned": "tuned per layer"}  # fmt: skip
+    kinds = [row.kind for row in summaries[0][1].rows] if summaries else list(labels)
+    print("| case | " + " | ".join(labels[k] for k in kinds) + " | tuned: L1, epochs, plain |")
+    print("|" + "---|" * (len(kinds) + 2))
     for name, result in summaries:
         cells = []
         for row in result.rows:

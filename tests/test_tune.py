@@ -256,8 +256,9 @@ def test_dataset_labels_and_refusals(tmp_path):
     with pytest.raises(DataError, match="needs labels"):
         dataset_labels(api.open_data(x))
     masks = torch.zeros(20, 8, 8, dtype=torch.long)
-    with pytest.raises(UsageError, match="segmentation"):
-        dataset_labels(api.open_data((x, masks)))
+    assert torch.equal(dataset_labels(api.open_data((x, masks))), masks)  # segmentation: the masks
+    with pytest.raises(DataError, match=r"\(N, H, W\)"):
+        dataset_labels(api.open_data((x, torch.zeros(20, 8, dtype=torch.long))))
     with pytest.raises(UsageError, match="cannot index"):
         dataset_labels(iter([(x, y)]))
 
@@ -299,9 +300,11 @@ def test_heldout_numbers_are_the_candidates_on_the_heldout_examples():
         coeffs = result.coefficients(row.kind)
         alpha = {n: a for n, (a, _) in coeffs.items()}
         beta = {n: b for n, (_, b) in coeffs.items()}
-        assert row.heldout.nll == pytest.approx(reference_nll(model, alpha, beta, x[held], y[held]), abs=1e-5)
-        assert row.fit["nll"] == pytest.approx(reference_nll(model, alpha, beta, x[fit], y[fit]), abs=1e-5)
-        m = correct_model(copy.deepcopy(model), alpha, beta).eval()
+        stats = result.running_stats(row.kind)  # EvalNorm after recalibration: its own statistics
+        base = model if stats is None else _set_stats(copy.deepcopy(model), stats)
+        assert row.heldout.nll == pytest.approx(reference_nll(base, alpha, beta, x[held], y[held]), abs=1e-5)
+        assert row.fit["nll"] == pytest.approx(reference_nll(base, alpha, beta, x[fit], y[fit]), abs=1e-5)
+        m = correct_model(copy.deepcopy(base), alpha, beta).eval()
         with torch.no_grad():
             top1 = float((m(x[held]).argmax(1) == y[held]).double().mean())
         assert row.heldout.top1 == pytest.approx(top1, abs=1e-12)
@@ -412,7 +415,8 @@ def test_cli_tune_end_to_end_on_the_sample(cli, tmp_path):
                 "n_zero_layers", "notes", "global_alpha", "fit"):  # fmt: skip
         assert key in saved and key in data
     assert saved["n_examples"] == 240 and saved["n_fit"] + saved["n_heldout"] == 240
-    assert [r["kind"] for r in saved["rows"]] == ["ema", "rule", "global", "evalnorm", "tuned"]
+    kinds = ["ema", "rule", "global", "evalnorm", "evalnorm-recal", "tuned"]
+    assert [r["kind"] for r in saved["rows"]] == kinds
     for r in saved["rows"]:
         assert {"nll", "top1", "top5"} <= set(r["fit"]) and {"nll", "top1", "top5"} <= set(r["heldout"])
     assert [ly["name"] for ly in saved["layers"]] == [f"features.{i}.1" for i in range(4)]
@@ -446,3 +450,200 @@ def test_detection_outputs_are_refused_before_any_pass(tmp_path):
         api.tune(toys.conv_net(), (x, y), 2, device="cpu", output_key="logits",
                  progress=lambda *a: calls.append(a))
     assert calls == []
+
+
+# ------------------------------------------------------------------------------------------- EvalNorm x 2
+TOYS = Path(__file__).resolve().parent / "toys.py"
+
+
+def _set_stats(model: nn.Module, stats) -> nn.Module:
+    """Running statistics replaced by hand (plain torch buffers)."""
+    with torch.no_grad():
+        for name, (mean, var) in stats.items():
+            bn = model.get_submodule(name)
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+    return model
+
+
+def stale_stats_case(tmp_path: Path):
+    """conv_net whose running statistics are stale (variances x3, means + 0.5) while the labels come from
+    the same network with its exact population statistics: recalibration is what helps. Saved as a state
+    dict for ``--arch tests/toys.py:conv_net``."""
+    from bncorrect.recalibration import recalibrate_stats
+
+    true = toys.conv_net(seed=4)
+    x, _ = toys.data(200, seed=5)
+    _set_stats(true, recalibrate_stats(true, [(x,)], upstream="eval", exact=True).stats)
+    with torch.no_grad():
+        true[10].weight.mul_(3.0)  # sharper labels (the last BN's gamma: the statistics do not change)
+    y = sampled_labels(true, x, seed=6)
+    stale = copy.deepcopy(true)
+    with torch.no_grad():
+        for m in stale.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_var.mul_(3.0)
+                m.running_mean.add_(0.5)
+    weights = tmp_path / "stale.pt"
+    torch.save(stale.state_dict(), weights)
+    return stale, weights, x, y
+
+
+def train_consistent_reference(model: nn.Module, x: torch.Tensor, b: int, seed: int, batch: int):
+    """recalibrate_stats(upstream='train') over the fitting examples in the order tune's loader reads them:
+    a permutation seeded with ``seed``, cut into batches of ``batch``."""
+    from bncorrect.recalibration import recalibrate_stats
+
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    xs = x[order]
+    batches = [(xs[i : i + batch],) for i in range(0, len(xs), batch)]
+    return recalibrate_stats(model, batches, upstream="train", batch_size=b).stats
+
+
+def test_both_evalnorm_candidates_rescored_and_the_recalibrated_one_written(tmp_path):
+    """EvalNorm offline with and without recalibration are both rows; each one's held-out NLL equals a
+    direct evaluation of the coefficients in the written report (the recalibrated one on statistics from a
+    direct recalibrate_stats call, which equal the candidate's); it is chosen here, and the written .pt and
+    .onnx reproduce its held-out NLL with those statistics in place of the running ones."""
+    import onnxruntime as ort
+
+    import bncorrect
+
+    stale, weights, x, y = stale_stats_case(tmp_path)
+    arch = f"{TOYS}:conv_net"
+    b, seed = 8, 0
+    out_pt, report = tmp_path / "tuned.pt", tmp_path / "tune.json"
+    result = api.tune(
+        weights, (x, y), b, arch=arch, holdout=0.4, seed=seed, device="cpu", max_epochs=4, out=out_pt,
+        report=report,
+    ).report["tune"]  # fmt: skip
+    saved = json.loads(report.read_text())
+    kinds = [r["kind"] for r in saved["rows"]]
+    assert kinds == ["ema", "rule", "global", "evalnorm", "evalnorm-recal", "tuned"]
+    assert saved["recalibrated"] == "train" and saved["rows"][4]["recalibrated"] is True
+    assert not any(r["recalibrated"] for i, r in enumerate(saved["rows"]) if i != 4)
+    fit, held = torch.tensor(result.fit_indices), torch.tensor(result.heldout_indices)
+
+    # the recalibrated statistics: a direct call on the fitting part (tune's loader batch: 8 * 8 = 64)
+    direct = train_consistent_reference(stale, x[fit], b, seed, 64)
+    cand = result.running_stats("evalnorm-recal")
+    assert cand is not None and set(cand) == set(direct) == {"1", "5", "10"}
+    for name, (mean, var) in direct.items():
+        torch.testing.assert_close(cand[name][0], mean, rtol=0, atol=0)
+        torch.testing.assert_close(cand[name][1], var, rtol=0, atol=0)
+    assert result.running_stats("evalnorm") is None
+
+    # both EvalNorm rows re-scored from the report's per-layer coefficients
+    layers = {ly["name"]: ly for ly in saved["layers"]}
+    plain_a = {n: ly["evalnorm_alpha"] for n, ly in layers.items()}
+    plain_b = {n: ly["evalnorm_beta"] for n, ly in layers.items()}
+    recal_a = {n: ly["evalnorm_recal_alpha"] for n, ly in layers.items()}
+    recal_b = {n: ly["evalnorm_recal_beta"] for n, ly in layers.items()}
+    assert plain_a != recal_a  # two estimates, on two sets of statistics
+    by_kind = {r["kind"]: r for r in saved["rows"]}
+    recal_model = _set_stats(copy.deepcopy(stale), direct)
+    want_plain = reference_nll(stale, plain_a, plain_b, x[held], y[held])
+    want_recal = reference_nll(recal_model, recal_a, recal_b, x[held], y[held])
+    assert by_kind["evalnorm"]["heldout"]["nll"] == pytest.approx(want_plain, abs=1e-5)
+    assert by_kind["evalnorm-recal"]["heldout"]["nll"] == pytest.approx(want_recal, abs=1e-5)
+    assert by_kind["evalnorm-recal"]["fit"]["nll"] == pytest.approx(
+        reference_nll(recal_model, recal_a, recal_b, x[fit], y[fit]), abs=1e-5
+    )
+
+    # chosen (stale statistics: recalibration is what helps), and written with its statistics
+    assert result.chosen.kind == "evalnorm-recal" and saved["chosen"]["kind"] == "evalnorm-recal"
+    assert want_recal < min(r["heldout"]["nll"] for r in saved["rows"] if r["kind"] != "evalnorm-recal")
+    loaded = bncorrect.load(out_pt, arch=arch).eval()
+    for name, (mean, var) in direct.items():
+        bn = loaded.get_submodule(name)
+        inner = getattr(bn, "norm", bn)
+        torch.testing.assert_close(inner.running_mean, mean, rtol=0, atol=0)
+        torch.testing.assert_close(inner.running_var, var, rtol=0, atol=0)
+    with torch.no_grad():
+        got = float(F.cross_entropy(loaded(x[held]).double(), y[held]))
+    assert got == pytest.approx(want_recal, abs=1e-5)
+
+    out_onnx, out_st = tmp_path / "tuned.onnx", tmp_path / "tuned.safetensors"
+    api.tune(weights, (x, y), b, arch=arch, holdout=0.4, seed=seed, device="cpu", max_epochs=4, out=out_onnx)
+    sess = ort.InferenceSession(str(out_onnx), providers=["CPUExecutionProvider"])
+    logits = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x[held].numpy()})[0])
+    assert float(F.cross_entropy(logits.double(), y[held])) == pytest.approx(want_recal, abs=1e-4)
+    api.tune(weights, (x, y), b, arch=arch, holdout=0.4, seed=seed, device="cpu", max_epochs=4, out=out_st)
+    corr = load_corrections(out_st)
+    assert corr.method.startswith("tune (evalnorm-recal")
+    for name, (mean, var) in direct.items():
+        torch.testing.assert_close(corr.layers[name].running_mean, mean, rtol=0, atol=0)
+        torch.testing.assert_close(corr.layers[name].running_var, var, rtol=0, atol=0)
+        assert float(corr.layers[name].alpha) == pytest.approx(recal_a[name])
+
+
+def test_recalibrated_candidate_eval_upstream_and_leaving_it_out():
+    """upstream='eval': the candidate's statistics are the exact inference-consistent population statistics
+    of the fitting part (a direct recalibrate_stats call, exact scheme); recalibrate=False leaves the
+    candidate out; recalibrate=True as the old opt-in still runs, with a note of what it means now."""
+    from bncorrect.recalibration import recalibrate_stats
+
+    model = toys.conv_net(seed=7)
+    x, _ = toys.data(160, seed=8)
+    y = sampled_labels(model, x, seed=9, alpha=0.3)
+    kw = dict(holdout=0.4, seed=3, device="cpu", max_epochs=2)
+    result = api.tune(model, (x, y), 2, upstream="eval", **kw).report["tune"]
+    fit = torch.tensor(result.fit_indices)
+    direct = recalibrate_stats(model, [(x[fit],)], upstream="eval", exact=True).stats
+    assert result.recalibrated == "eval"
+    assert result.row("evalnorm-recal").label.endswith("(recalibrated, eval)")
+    for name, (mean, var) in direct.items():
+        got_mean, got_var = result.running_stats("evalnorm-recal")[name]
+        torch.testing.assert_close(got_mean, mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_var, var, rtol=1e-5, atol=1e-6)
+    assert not any("default now" in n for n in result.notes)
+
+    without = api.tune(model, (x, y), 2, recalibrate=False, **kw).report["tune"]
+    assert [r.kind for r in without.rows] == ["ema", "rule", "global", "evalnorm", "tuned"]
+    assert without.recalibrated is None and not without.has("evalnorm-recal")
+    assert "evalnorm_recal_alpha" not in without.as_report()["layers"][0]
+    # the rows both runs share are the same candidates, scored the same
+    for kind in ("ema", "rule", "global", "evalnorm"):
+        assert without.row(kind).heldout.nll == pytest.approx(result.row(kind).heldout.nll, abs=1e-9)
+
+    legacy = api.tune(model, (x, y), 2, recalibrate=True, **kw).report["tune"]
+    assert legacy.has("evalnorm") and legacy.has("evalnorm-recal") and legacy.recalibrated == "train"
+    assert any("recalibrate=True is the default now" in n and "upstream='eval'" in n for n in legacy.notes)
+
+
+def test_cli_recalibrate_options(cli, toy_files):
+    """--no-recalibrate leaves the candidate out; the old --recalibrate is accepted and says what it
+    means now; --upstream must be eval or train."""
+    base = ["tune", toy_files["state_dict"], "--arch", toy_files["arch"], "--data", toy_files["data"], "-B",
+            2, "--max-epochs", 2, "--device", "cpu", "--json"]  # fmt: skip
+    res = cli(*base, "--no-recalibrate")
+    assert res.code == 0, res.err
+    assert [r["kind"] for r in json.loads(res.out)["rows"]] == ["ema", "rule", "global", "evalnorm", "tuned"]
+    res = cli(*base, "--recalibrate")
+    assert res.code == 0, res.err
+    data = json.loads(res.out)
+    assert "evalnorm-recal" in [r["kind"] for r in data["rows"]] and data["recalibrated"] == "train"
+    assert any("--recalibrate is the default now" in n and "--upstream eval" in n for n in data["notes"])
+    res = cli(*base, "--upstream", "sideways")
+    assert res.code != 0 and "--upstream sideways" in res.err and "Traceback" not in res.err
+
+
+def test_estimate_pair_equals_two_separate_estimates():
+    """Both EvalNorm estimates from one training-mode pass give exactly what two estimate_alpha_beta calls
+    give: on the model, and on the model with the other statistics in its buffers (same batches, seed)."""
+    from bncorrect.estimation import estimate_alpha_beta
+    from bncorrect.recalibration import recalibrate_stats
+    from bncorrect.tune import estimate_pair
+
+    model = toys.conv_net(seed=2)
+    x, _ = toys.data(96, seed=3)
+    order = torch.randperm(96, generator=torch.Generator().manual_seed(4))
+    batches = [(x[order[i : i + 32]],) for i in range(0, 96, 32)]
+    stats = recalibrate_stats(model, batches, upstream="train", batch_size=4).stats
+    plain, other = estimate_pair(model, stats, batches, 4, seed=5, solve_rows=512)
+    alone = estimate_alpha_beta(model, batches, 4, seed=5, solve_rows=512)
+    moved = estimate_alpha_beta(_set_stats(copy.deepcopy(model), stats), batches, 4, seed=5, solve_rows=512)
+    for got, want in ((plain, alone), (other, moved)):
+        assert (got.examples, got.dropped) == (want.examples, want.dropped) == (96, 0)
+        assert [ly.as_dict() for ly in got.layers] == [ly.as_dict() for ly in want.layers]
+    assert plain.alpha() != other.alpha()  # the statistics matter to the solve
