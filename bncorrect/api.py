@@ -104,7 +104,9 @@ def open_model(model: ModelLike, **load_options: Any) -> Source:
     """Load MODEL (path or object) into a :class:`LoadedModel` or :class:`OnnxModel`.
 
     An ``nn.Module`` is deep-copied (as ``torch.ao.quantization.prepare`` does by default), so that the
-    commands never modify the caller's module: the corrected copy is ``Outcome.model``.
+    commands never modify the caller's module: the corrected copy is ``Outcome.model``. A
+    :class:`LoadedModel` (what this returns) passed to a command is copied the same way, so one opened model
+    can serve several commands, each starting from the model as loaded.
     """
     source = _open(model, **load_options)
     if not source.fingerprint:
@@ -122,19 +124,24 @@ def model_fingerprint(source: Source) -> str:
     return torch_fingerprint(source.model)
 
 
+def _copy_module(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:  # e.g. hooks holding locks or open files
+        raise UsageError(
+            f"cannot copy the model ({type(exc).__name__}: {exc})",
+            hint="bncorrect works on a copy of a module passed in; remove what cannot be deep-copied "
+            "(hooks, open handles), or save the model and pass its path",
+        ) from exc
+
+
 def _open(model: ModelLike, **load_options: Any) -> Source:
-    if isinstance(model, LoadedModel | OnnxModel):
+    if isinstance(model, OnnxModel):  # never modified: the rewrite works on a copy of the graph
         return model
+    if isinstance(model, LoadedModel):  # opened once, used by several commands: each gets its own copy
+        return dataclasses.replace(model, model=_copy_module(model.model))
     if isinstance(model, nn.Module):
-        try:
-            work = copy.deepcopy(model)
-        except Exception as exc:  # e.g. hooks holding locks or open files
-            raise UsageError(
-                f"cannot copy the model ({type(exc).__name__}: {exc})",
-                hint="bncorrect works on a copy of a module passed in; remove what cannot be deep-copied "
-                "(hooks, open handles), or save the model and pass its path",
-            ) from exc
-        return LoadedModel(work, Path("<in-memory>"), "pickled-module", "")
+        return LoadedModel(_copy_module(model), Path("<in-memory>"), "pickled-module", "")
     path = Path(model)
     if path.suffix.lower() == ".onnx":
         from .models import file_sha256
