@@ -385,7 +385,7 @@ class _FitNorm(nn.Module):
         c = self.channels
         if x.dim() < 2 or x.shape[1] != c:
             raise _StackMismatch(f"input of shape {tuple(x.shape)} for a BN layer of {c} channels")
-        mu_i, var_i = C.example_stats(x)
+        mu_i, var_i = C.example_stats_grad(x)  # analytic backward: one pass over x
         dt = mu_i.dtype
         rm, rv, eps = norm.running_mean.to(dt), norm.running_var.to(dt), float(norm.eps)
         weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
@@ -393,8 +393,7 @@ class _FitNorm(nn.Module):
             a, b = self.alpha[self.current].to(dt), self.beta[self.current].to(dt)
             if self.strategy == "direct":
                 s, t = C.corrected_scale_shift(mu_i, var_i, rm, rv, a, b, eps, weight, bias)
-                xs = x if x.dtype == s.dtype else x.to(s.dtype)
-                return torch.addcmul(C.expand_to(t, x), xs, C.expand_to(s, x)).to(x.dtype)
+                return C.affine(x, s, t)
             mean, var = C.corrected_stats(mu_i, var_i, rm, rv, a, b)
             return self._through_forward(x, mean, var)
         k, m, expand = self.stack
@@ -411,12 +410,12 @@ class _FitNorm(nn.Module):
             alpha, beta = alpha.index_select(0, self.active), beta.index_select(0, self.active)
         a, b = alpha.to(dt)[:, None, :], beta.to(dt)[:, None, :]
         if self.strategy == "direct":
-            s, t = C.corrected_scale_shift(mu3, var3, rm, rv, a, b, eps, weight, bias)
-            view = (k, m, c) + (1,) * (x.dim() - 2)
-            xs = x.reshape(blocks, m, *x.shape[1:])
-            xs = xs if xs.dtype == s.dtype else xs.to(s.dtype)
-            out = torch.addcmul(t.expand(k, m, c).reshape(view), xs, s.expand(k, m, c).reshape(view))
-            return out.reshape(k * m, *x.shape[1:]).to(x.dtype)
+            s, t = C.corrected_scale_shift(mu3, var3, rm, rv, a, b, eps, weight, bias)  # (k, m, c)
+            if blocks == 1 and k > 1:  # the fan-out: block j of the output is the base rows under set j
+                x = x.expand(k, *x.shape).reshape(k * m, *x.shape[1:])
+            # x * s + t per (row, channel): as one eval-mode batch norm of the (1, rows * c, L) view where
+            # that is faster, whose backward gives grad_x, sum(g * x) and sum(g) in one pass
+            return C.affine(x, s.expand(k, m, c).reshape(k * m, c), t.expand(k, m, c).reshape(k * m, c))
         mean, var = C.corrected_stats(mu3, var3, rm, rv, a, b)
         mean, var = mean.expand(k, m, c).reshape(k * m, c), var.expand(k, m, c).reshape(k * m, c)
         if blocks == 1:
@@ -482,7 +481,8 @@ class _Runner:
     def use(self, sets: Sequence[int] | None) -> None:
         """Run only the coefficient sets ``sets`` (None: all K)."""
         self.sets = list(range(self.k)) if sets is None else [int(i) for i in sets]
-        index = None if sets is None else torch.tensor(self.sets, dtype=torch.long)
+        every = self.sets == list(range(self.k))  # all K in order: the layers take their sets as they are
+        index = None if every else torch.tensor(self.sets, dtype=torch.long)
         for layer in self.layers.values():
             layer.active = None if index is None else index.to(layer.alpha.device)
 
@@ -804,7 +804,7 @@ def fit_per_layer(
         runner.use(sets)
         j = len(runner.sets)
         total = torch.zeros(j, dtype=torch.float64, device=dev)
-        with torch.no_grad():
+        with torch.inference_mode():
             for batch in mon_src:
                 m = batch_size_of(batch)
                 logits = runner(batch)
@@ -816,7 +816,8 @@ def fit_per_layer(
     def snapshot() -> dict[str, tuple[Tensor, Tensor]]:
         return {n: (ly.alpha.detach().clone(), ly.beta.detach().clone()) for n, ly in layers.items()}
 
-    start = monitor()
+    # every set starts from the same coefficients: one set's monitor NLL is every set's
+    start = monitor([0]).expand(k).clone()
     best_nll = start.clone()
     best_epoch = [0] * k
     best = [{n: (a[i].clone(), b[i].clone()) for n, (a, b) in snapshot().items()} for i in range(k)]
@@ -835,7 +836,11 @@ def fit_per_layer(
             runner.use(active)
             j = len(active)
             index = torch.tensor(active, dtype=torch.long, device=dev)
-            lam_active = lam.index_select(0, index)
+            # the L1 term's gradient, added to autograd's of the NLL: d/d alpha_ip of lambda_i * mean_p
+            # alpha_ip is lambda_i / P for the sets still running (and 0 for the others), a constant
+            pull = torch.zeros(k, 1, dtype=torch.float64, device=dev)
+            pull[index] = lam.index_select(0, index)[:, None]
+            pulls = [(pull / t.shape[1]).to(t.dtype) for t in params]
             epochs = epoch
             if fit_src.cached is not None:
                 order = torch.randperm(len(fit_src.cached), generator=order_gen).tolist()
@@ -848,15 +853,12 @@ def fit_per_layer(
                 logits = runner(batch)
                 logp = torch.log_softmax(logits.float(), dim=-1)
                 nll = -logp.gather(-1, y.reshape(1, -1, 1).expand(j, -1, 1)).squeeze(-1).mean(1)
-                reg = sum(
-                    ly.alpha.index_select(0, index).mean(1) + ly.beta.index_select(0, index).mean(1)
-                    for ly in layers.values()
-                )
-                loss = (nll.double() + lam_active * reg).sum()
+                loss = nll.sum()  # + sum_i lambda_i * s * sum_layers mean (alpha_i + beta_i): see `pulls`
                 if not bool(torch.isfinite(loss)):
                     skipped += 1
                     continue
-                grads = torch.autograd.grad(loss, params)
+                grads = list(torch.autograd.grad(loss, params))
+                torch._foreach_add_(grads, pulls)
                 rate = float(lr) * 0.5 * (1.0 + math.cos(math.pi * min(steps, total_steps) / total_steps))
                 opt.step(grads, rate)  # then the projection onto [0, 1]
                 steps += 1
@@ -874,14 +876,23 @@ def fit_per_layer(
         progress("tune: per-layer fit", epochs * n_fit, epochs * n_fit)
     if skipped:
         notes.append(f"{skipped} optimisation steps skipped: the loss was NaN/Inf")
-    # the kept snapshots, snapped, into the layers; the monitor NLL of what is returned
+    # the kept snapshots, snapped, into the layers; the monitor NLL of what is returned: the kept one
+    # (measured on exactly these coefficients), measured again only for the sets the snapping changed
+    snapped = set()
     with torch.no_grad():
         for name, ly in layers.items():
             for i in range(k):
                 a, b = best[i][name]
-                ly.alpha[i] = torch.where(a < ZERO_SNAP, torch.zeros_like(a), a)
-                ly.beta[i] = torch.where(b < ZERO_SNAP, torch.zeros_like(b), b)
-    final = monitor()
+                a2 = torch.where(a < ZERO_SNAP, torch.zeros_like(a), a)
+                b2 = torch.where(b < ZERO_SNAP, torch.zeros_like(b), b)
+                if not (torch.equal(a2, a) and torch.equal(b2, b)):
+                    snapped.add(i)
+                ly.alpha[i] = a2
+                ly.beta[i] = b2
+    final = best_nll.clone()
+    if snapped:
+        again = sorted(snapped)
+        final[again] = monitor(again)
     fits = []
     for i, s in enumerate(strengths):
         alpha = {n: _shape(ly.alpha[i], per_channel) for n, ly in layers.items()}
@@ -906,15 +917,23 @@ class _Adam:
         self.t = 0
 
     def step(self, grads: Sequence[Tensor], lr: float) -> None:
+        """One step on every tensor, as ``torch._foreach_*`` calls over the list (the same arithmetic, per
+        element, as one tensor at a time; a few dispatches per step instead of nine per tensor)."""
         self.t += 1
         c1 = 1.0 - self.b1**self.t
         c2 = 1.0 - self.b2**self.t
+        grads = list(grads)
         with torch.no_grad():
-            for p, g, m, v in zip(self.params, grads, self.m, self.v, strict=True):
-                m.mul_(self.b1).add_(g, alpha=1.0 - self.b1)
-                v.mul_(self.b2).addcmul_(g, g, value=1.0 - self.b2)
-                p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-lr / c1)
-                p.clamp_(0.0, 1.0)
+            torch._foreach_mul_(self.m, self.b1)
+            torch._foreach_add_(self.m, grads, alpha=1.0 - self.b1)
+            torch._foreach_mul_(self.v, self.b2)
+            torch._foreach_addcmul_(self.v, grads, grads, value=1.0 - self.b2)
+            denom = torch._foreach_div(self.v, c2)
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, self.eps)
+            torch._foreach_addcdiv_(self.params, self.m, denom, value=-lr / c1)
+            torch._foreach_clamp_min_(self.params, 0.0)
+            torch._foreach_clamp_max_(self.params, 1.0)
 
 
 def _shape(t: Tensor, per_channel: bool) -> Tensor:
