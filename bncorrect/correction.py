@@ -56,6 +56,7 @@ __all__ = [
     "batch_stats",
     "corrected_batch_norm",
     "corrected_scale_shift",
+    "corrected_scale_shift_backward",
     "corrected_stats",
     "example_stats",
     "example_stats_grad",
@@ -270,6 +271,45 @@ def corrected_scale_shift(
     if bias is None:
         return s, (mu_hat.mul_(s).neg_() if inplace else -(mu_hat * s))
     return s, torch.addcmul(bias.to(s.dtype), mu_hat, s, value=-1.0)
+
+
+def corrected_scale_shift_backward(
+    g_s: Tensor,
+    g_t: Tensor,
+    mu_i: Tensor,
+    var_i: Tensor,
+    mu_e: Tensor,
+    var_e: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+    eps: float,
+    weight: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of :func:`corrected_scale_shift`'s ``(s, t)`` with respect to ``mu_i``, ``var_i``,
+    ``alpha`` and ``beta``, given ``g_s``, ``g_t`` (the gradients of the loss with respect to s and t),
+    each in the broadcast shape of s (the caller sums them to its operands' shapes). With
+    ``v = beta var_i + (1 - beta) var_E + eps + beta (1 - beta) d^2``, ``s = gamma v^-1/2`` and
+    ``t = b - mu_hat s``::
+
+        g_mu_hat = -g_t s                    g_v     = -(g_s - g_t mu_hat) s / (2 v)
+        g_alpha  = g_mu_hat d                g_beta  = g_v (var_i - var_E + (1 - 2 beta) d^2)
+        g_var_i  = g_v beta                  g_mu_i  = g_mu_hat alpha + 2 g_v beta (1 - beta) d
+
+    (the bias and gamma are constants here: their gradients are not formed)."""
+    d = mu_i - mu_e
+    c1 = beta * (1 - beta)
+    v = torch.addcmul((1 - beta) * var_e + eps, var_i, beta).addcmul_(d * c1, d)
+    s = v.rsqrt()
+    if weight is not None:
+        s = s * weight.to(s.dtype)
+    mu_hat = torch.addcmul(mu_e, d, alpha)
+    g_mu_hat = -g_t * s
+    g_v = (g_s - g_t * mu_hat).mul_(s).div_(v).mul_(-0.5)
+    g_alpha = g_mu_hat * d
+    g_beta = g_v * torch.addcmul(var_i - var_e, d * d, 1 - 2 * beta)
+    g_var = g_v * beta
+    g_mu = torch.addcmul(g_mu_hat * alpha, g_v, d * (2 * c1))
+    return g_mu, g_var, g_alpha, g_beta
 
 
 #: x * s + t with a per-(N, C) scale runs as BatchNorm's inference kernel over a (1, N*C, L) view when
