@@ -639,6 +639,8 @@ class FitResult:
     examples: int
     monitor_examples: int
     notes: list[str] = field(default_factory=list)
+    #: the monitor NLL of every set: at the start, then after each epoch (None once the set had stopped)
+    history: list[list[float | None]] = field(default_factory=list)
 
     @property
     def best(self) -> StrengthFit:
@@ -908,6 +910,7 @@ def fit_per_layer(
     best_epoch = [0] * k
     best = [{n: (a[i].clone(), b[i].clone()) for n, (a, b) in snapshot().items()} for i in range(k)]
     since = [0] * k
+    history: list[list[float | None]] = [[float(v) for v in start]]
     steps = epochs = 0
     total_steps = max(1, max_epochs * (batches_per_epoch or 1))
     order_gen = torch.Generator().manual_seed(int(seed) + 11)
@@ -950,6 +953,7 @@ def fit_per_layer(
                 steps += 1
             scores = torch.full((k,), math.inf, dtype=torch.float64)
             scores[index.cpu()] = monitor(active)
+            history.append([float(scores[i]) if i in active else None for i in range(k)])
             for i in active:
                 if bool(scores[i] < best_nll[i] - 1e-9):
                     best_nll[i], best_epoch[i], since[i] = scores[i], epoch, 0
@@ -987,7 +991,7 @@ def fit_per_layer(
         fits.append(StrengthFit(s, alpha, beta, float(final[i]), float(start[i]), best_epoch[i], zero))
     # lowest monitor NLL; exact ties go to the stronger pull (the sparser fit)
     chosen = min(range(k), key=lambda i: (fits[i].monitor_nll, -strengths[i]))
-    return FitResult(fits, chosen, describe, cache_text, epochs, steps, n_fit, n_mon, notes)
+    return FitResult(fits, chosen, describe, cache_text, epochs, steps, n_fit, n_mon, notes, history)
 
 
 class _Adam:
