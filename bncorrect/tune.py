@@ -415,17 +415,17 @@ class _StackedNormFn(torch.autograd.Function):
         g_beta = g_b.sum(1) if b.shape[-1] == c else g_b.sum((1, 2))[:, None]
         g_x = None
         if ctx.needs_input_grad[0]:
-            through_s = g4 * s[..., None]  # (k, m, c, L): the x * s term
-            if blocks == 1:
-                through_s = through_s.sum(0, keepdim=True)
+            if blocks == 1:  # the fan-out: the k blocks' gradients add up
+                through_s = (g4 * s[..., None]).sum(0, keepdim=True)  # the x * s term
                 g_mu, g_var = g_mu.sum(0, keepdim=True), g_var.sum(0, keepdim=True)
             if x.dim() == 2:  # mean = x, var = 0 (a constant)
-                g_x = (through_s.squeeze(-1) + g_mu).reshape(x.shape)
-            else:  # + g_mu / L + g_var * 2 (x - mu) / L
+                g_x = (g4 * s[..., None] if blocks > 1 else through_s).squeeze(-1) + g_mu
+            else:  # g s + g_mu / L + g_var * 2 (x - mu) / L, in one temporary of the size of x
                 scale = g_var * (2.0 / values)
                 shift = g_mu / values - scale * mu3
-                g_x = through_s.add_(x4 * scale[..., None]).add_(shift[..., None]).reshape(x.shape)
-            g_x = g_x.to(x.dtype)
+                g_x = torch.addcmul(shift[..., None], x4, scale[..., None])
+                g_x = g_x.add_(through_s) if blocks == 1 else g_x.addcmul_(g4, s[..., None])
+            g_x = g_x.reshape(x.shape).to(x.dtype)
         k_all, coef_dtype = ctx.coef
         g_alpha, g_beta = g_alpha.to(coef_dtype), g_beta.to(coef_dtype)
         if active is not None:  # the sets left out get no gradient
