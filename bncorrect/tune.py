@@ -390,10 +390,14 @@ class _StackedNormFn(torch.autograd.Function):
         a, b = alpha.to(dt)[:, None, :], beta.to(dt)[:, None, :]
         mu3, var3 = mu_i.reshape(blocks, m, c), var_i.reshape(blocks, m, c)
         s, t = C.corrected_scale_shift(mu3, var3, rm, rv, a, b, eps, weight, bias)  # (k, m, c)
-        xs = x.expand(k, *x.shape).reshape(k * m, *x.shape[1:]) if blocks == 1 and k > 1 else x
         ctx.save_for_backward(x, mu3, var3, a, b, s.expand(k, m, c))
         ctx.meta = (k, m, blocks, norm, active)
-        return C.affine(xs, s.expand(k, m, c).reshape(k * m, c), t.expand(k, m, c).reshape(k * m, c))
+        if blocks == 1 and k > 1:  # the fan-out: one broadcast x * s + t, no copy of x per block
+            x4 = x.reshape(1, m, c, -1)
+            x4 = x4 if x4.dtype == s.dtype else x4.to(s.dtype)
+            out = torch.addcmul(t[..., None], x4, s[..., None])
+            return out.reshape(k * m, *x.shape[1:]).to(x.dtype)
+        return C.affine(x, s.expand(k, m, c).reshape(k * m, c), t.expand(k, m, c).reshape(k * m, c))
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
