@@ -42,7 +42,11 @@ block k with set k (as the sweep stacks candidates), so one forward and one back
 every epoch each set is scored on the monitor slice and the best snapshot kept (early stopping,
 ``patience`` epochs without improvement; a set that stops leaves the stack, so the sets still running
 cost less per epoch, and its kept snapshot is final); the strength with the lowest monitor NLL is the tuned
-candidate. ``per_channel`` fits vectors of length C instead of one scalar per layer.
+candidate. ``per_channel`` fits vectors of length C instead of one scalar per layer. Each stacked BN layer
+is one autograd node whose derivative is written out
+(:func:`bncorrect.correction.corrected_scale_shift_backward` and the statistics' own), checked against
+autograd op by op and finite differences in the tests; the L1 term's gradient, a constant, is added to the
+NLL's rather than taken through autograd.
 
 Where the held-out part is used, and what its numbers mean: the held-out part is touched once, after
 everything is fitted, to score the candidates and choose among them (and for the guard). The L1 strength
@@ -972,7 +976,7 @@ def fit_per_layer(
         notes.append(f"{skipped} optimisation steps skipped: the loss was NaN/Inf")
     # the kept snapshots, snapped, into the layers; the monitor NLL of what is returned: the kept one
     # (measured on exactly these coefficients), measured again only for the sets the snapping changed
-    snapped = set()
+    snapped: set[int] = set()
     with torch.no_grad():
         for name, ly in layers.items():
             for i in range(k):
