@@ -344,7 +344,29 @@ def test_fit_equals_a_written_out_reference_fit():
         assert got.epoch == epoch, (strength, got.epoch, epoch)
         assert float((coef - want).abs().max()) <= 1e-4, (strength, coef, want)
         assert got.monitor_nll == pytest.approx(reference_nll(net, *_coef_maps(coef), *mon_b), abs=1e-5)
+        assert got.start_monitor_nll == pytest.approx(reference_nll(net, 0.1, 0.1, *mon_b), abs=1e-5)
     assert [f.epoch for f in fit.fits] != [0, 0, 0] and fit.fits[2].epoch != fit.fits[0].epoch
+
+
+def test_monitor_nll_of_what_the_snap_changed_is_measured_again(monkeypatch):
+    """The returned monitor NLL of a set is the one kept with its snapshot unless the snap to 0 changed the
+    set; then it is measured again: with a snap threshold of 0.12 some coefficients change, and every set's
+    returned NLL is that of its returned coefficients, computed directly."""
+    from bncorrect import tune
+
+    net = two_bn_net(seed=4)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(160, 2, 8, generator=g) * 1.3 + 0.4
+    y = sampled_labels(net, x, seed=6, alpha=0.35)
+    monkeypatch.setattr(tune, "ZERO_SNAP", 0.12)
+    fit = fit_per_layer(
+        net, [(x[:112], y[:112])], [(x[112:], y[112:])], init_alpha=0.1, strengths=(0.0, 0.02, 2.0),
+        nll_scale=0.5, lr=0.05, max_epochs=8, patience=2, device="cpu",
+    )  # fmt: skip
+    zeroed = [f for f in fit.fits if any(float(v) == 0.0 for v in (*f.alpha.values(), *f.beta.values()))]
+    assert zeroed  # the snap changed at least one set
+    for f in fit.fits:
+        assert f.monitor_nll == pytest.approx(reference_nll(net, f.alpha, f.beta, x[112:], y[112:]), abs=1e-5)
 
 
 def _coef_maps(coef):
