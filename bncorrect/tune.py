@@ -49,7 +49,11 @@ block k with set k (as the sweep stacks candidates), so one forward and one back
 every epoch each set is scored on the monitor slice and the best snapshot kept (early stopping,
 ``patience`` epochs without improvement; a set that stops leaves the stack, so the sets still running
 cost less per epoch, and its kept snapshot is final); the strength with the lowest monitor NLL is the tuned
-candidate. ``per_channel`` fits vectors of length C instead of one scalar per layer.
+candidate. ``per_channel`` fits vectors of length C instead of one scalar per layer. Each stacked BN layer
+is one autograd node whose derivative is written out
+(:func:`bncorrect.correction.corrected_scale_shift_backward` and the statistics' own), checked against
+autograd op by op and finite differences in the tests; the L1 term's gradient, a constant, is added to the
+NLL's rather than taken through autograd.
 
 Segmentation (masks y (N, H, W), per-pixel logits (N, K, H, W), ``output_key`` for a dict output): the
 metrics are the sweep's (:data:`bncorrect.sweep.SEGMENTATION_METRICS`; ``"nll"`` means pixel-nll), pixels
@@ -393,12 +397,99 @@ class _StackMismatch(Exception):
     """A stacked forward met a tensor that is neither the base batch nor K blocks of it."""
 
 
+class _StackedNormFn(torch.autograd.Function):
+    """The stacked corrected layer of :class:`_FitNorm` (``direct`` strategy) as one autograd node: the
+    input ``x`` of ``blocks`` x m rows (``blocks`` = k, or 1 for the fan-out), the leaf coefficients
+    ``alpha``, ``beta`` (K, P) of which the sets ``active`` (None: all K, k = K) are used, output row block j
+    normalized with set j. Forward: :func:`~bncorrect.correction.example_stats`,
+    :func:`~bncorrect.correction.corrected_scale_shift`, :func:`~bncorrect.correction.affine`. Backward:
+    from ``g_s = sum(g x)`` and ``g_t = sum(g)`` per (row, channel),
+    :func:`~bncorrect.correction.corrected_scale_shift_backward` for the small (row, channel) terms, and
+    ``grad_x = sum_blocks g s + g_mu / L + g_var 2 (x - mu) / L``: the same derivatives autograd takes
+    through those functions, without one autograd node per small operation (about twenty per layer)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        alpha: Tensor,
+        beta: Tensor,
+        active: Tensor | None,
+        k: int,
+        m: int,
+        norm: nn.Module,
+    ) -> Tensor:
+        c = x.shape[1]
+        blocks = x.shape[0] // m
+        mu_i, var_i = C.example_stats(x)
+        dt = mu_i.dtype
+        rm, rv, eps = norm.running_mean.to(dt), norm.running_var.to(dt), float(norm.eps)
+        weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+        ctx.coef = (alpha.shape[0], alpha.dtype)
+        if active is not None:
+            alpha, beta = alpha.index_select(0, active), beta.index_select(0, active)
+        a, b = alpha.to(dt)[:, None, :], beta.to(dt)[:, None, :]
+        mu3, var3 = mu_i.reshape(blocks, m, c), var_i.reshape(blocks, m, c)
+        s, t = C.corrected_scale_shift(mu3, var3, rm, rv, a, b, eps, weight, bias)  # (k, m, c)
+        ctx.save_for_backward(x, mu3, var3, a, b, s.expand(k, m, c))
+        ctx.meta = (k, m, blocks, norm, active)
+        if blocks == 1 and k > 1:  # the fan-out: one broadcast x * s + t, no copy of x per block
+            x4 = x.reshape(1, m, c, -1)
+            x4 = x4 if x4.dtype == s.dtype else x4.to(s.dtype)
+            out = torch.addcmul(t[..., None], x4, s[..., None])
+            return out.reshape(k * m, *x.shape[1:]).to(x.dtype)
+        return C.affine(x, s.expand(k, m, c).reshape(k * m, c), t.expand(k, m, c).reshape(k * m, c))
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, mu3, var3, a, b, s = ctx.saved_tensors
+        k, m, blocks, norm, active = ctx.meta
+        dt = mu3.dtype
+        c = x.shape[1]
+        values = math.prod(x.shape[2:])
+        g4 = g.to(dt).reshape(k, m, c, values)
+        x4 = x.to(dt).reshape(blocks, m, c, values)
+        g_t = g4.sum(-1)
+        g_s = (g4 * x4).sum(-1)
+        rm, rv = norm.running_mean.to(dt), norm.running_var.to(dt)
+        weight = getattr(norm, "weight", None)
+        g_mu, g_var, g_a, g_b = C.corrected_scale_shift_backward(
+            g_s, g_t, mu3, var3, rm, rv, a, b, float(norm.eps), weight
+        )
+        g_alpha = g_a.sum(1) if a.shape[-1] == c else g_a.sum((1, 2))[:, None]  # (k, P)
+        g_beta = g_b.sum(1) if b.shape[-1] == c else g_b.sum((1, 2))[:, None]
+        g_x = None
+        if ctx.needs_input_grad[0]:
+            if blocks == 1:  # the fan-out: the k blocks' gradients add up
+                through_s = (g4 * s[..., None]).sum(0, keepdim=True)  # the x * s term
+                g_mu, g_var = g_mu.sum(0, keepdim=True), g_var.sum(0, keepdim=True)
+            if x.dim() == 2:  # mean = x, var = 0 (a constant)
+                g_x = (g4 * s[..., None] if blocks > 1 else through_s).squeeze(-1) + g_mu
+            else:  # g s + g_mu / L + g_var * 2 (x - mu) / L, in one temporary of the size of x
+                scale = g_var * (2.0 / values)
+                shift = g_mu / values - scale * mu3
+                g_x = torch.addcmul(shift[..., None], x4, scale[..., None])
+                g_x = g_x.add_(through_s) if blocks == 1 else g_x.addcmul_(g4, s[..., None])
+            g_x = g_x.reshape(x.shape).to(x.dtype)
+        k_all, coef_dtype = ctx.coef
+        g_alpha, g_beta = g_alpha.to(coef_dtype), g_beta.to(coef_dtype)
+        if active is not None:  # the sets left out get no gradient
+            zeros = torch.zeros(k_all, g_alpha.shape[1], dtype=coef_dtype, device=g_alpha.device)
+            g_alpha, g_beta = zeros.index_add(0, active, g_alpha), zeros.index_add(0, active, g_beta)
+        return g_x, g_alpha, g_beta, None, None, None, None
+
+
 class _FitNorm(nn.Module):
     """One BN layer with K differentiable coefficient sets (leaf tensors ``alpha``, ``beta`` of shape
     (K, P), P = 1 or C). With ``stack = (K, m, expand)`` it normalizes a stacked batch, row block k with
     set k (``expand``: an input of the base m rows is fanned out to the K blocks); without, the whole input
     with set ``current``. The arithmetic is :func:`bncorrect.correction.corrected_scale_shift` (direct) or
-    the input map (layers corrected through their own forward), as in :class:`CorrectedNorm`."""
+    the input map (layers corrected through their own forward), as in :class:`CorrectedNorm`. A stacked pass
+    of a ``direct`` layer runs as one autograd node (:class:`_StackedNormFn`, while ``fused``; else through
+    autograd op by op, the reference the tests compare it with)."""
+
+    #: stacked direct passes through :class:`_StackedNormFn`
+    fused: bool = True
 
     def __init__(self, norm: nn.Module, strategy: str, k: int, width: int, alpha0: float, beta0: float):
         super().__init__()
@@ -422,7 +513,18 @@ class _FitNorm(nn.Module):
         c = self.channels
         if x.dim() < 2 or x.shape[1] != c:
             raise _StackMismatch(f"input of shape {tuple(x.shape)} for a BN layer of {c} channels")
-        mu_i, var_i = C.example_stats(x)
+        if self.stack is not None:
+            k, m, expand = self.stack
+            n = x.shape[0]
+            if n == k * m:
+                blocks = k
+            elif expand and n == m:
+                blocks = 1
+            else:
+                raise _StackMismatch(f"a BN layer received {n} rows in a stacked pass of {k} x {m}")
+            if self.strategy == "direct" and self.fused:
+                return _StackedNormFn.apply(x, self.alpha, self.beta, self.active, k, m, norm)
+        mu_i, var_i = C.example_stats_grad(x)  # analytic backward: one pass over x
         dt = mu_i.dtype
         rm, rv, eps = norm.running_mean.to(dt), norm.running_var.to(dt), float(norm.eps)
         weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
@@ -430,30 +532,21 @@ class _FitNorm(nn.Module):
             a, b = self.alpha[self.current].to(dt), self.beta[self.current].to(dt)
             if self.strategy == "direct":
                 s, t = C.corrected_scale_shift(mu_i, var_i, rm, rv, a, b, eps, weight, bias)
-                xs = x if x.dtype == s.dtype else x.to(s.dtype)
-                return torch.addcmul(C.expand_to(t, x), xs, C.expand_to(s, x)).to(x.dtype)
+                return C.affine(x, s, t)
             mean, var = C.corrected_stats(mu_i, var_i, rm, rv, a, b)
             return self._through_forward(x, mean, var)
-        k, m, expand = self.stack
-        n = x.shape[0]
-        if n == k * m:
-            blocks = k
-        elif expand and n == m:
-            blocks = 1
-        else:
-            raise _StackMismatch(f"a BN layer received {n} rows in a stacked pass of {k} x {m}")
         mu3, var3 = mu_i.reshape(blocks, m, c), var_i.reshape(blocks, m, c)
         alpha, beta = self.alpha, self.beta
         if self.active is not None:
             alpha, beta = alpha.index_select(0, self.active), beta.index_select(0, self.active)
         a, b = alpha.to(dt)[:, None, :], beta.to(dt)[:, None, :]
         if self.strategy == "direct":
-            s, t = C.corrected_scale_shift(mu3, var3, rm, rv, a, b, eps, weight, bias)
-            view = (k, m, c) + (1,) * (x.dim() - 2)
-            xs = x.reshape(blocks, m, *x.shape[1:])
-            xs = xs if xs.dtype == s.dtype else xs.to(s.dtype)
-            out = torch.addcmul(t.expand(k, m, c).reshape(view), xs, s.expand(k, m, c).reshape(view))
-            return out.reshape(k * m, *x.shape[1:]).to(x.dtype)
+            s, t = C.corrected_scale_shift(mu3, var3, rm, rv, a, b, eps, weight, bias)  # (k, m, c)
+            if blocks == 1 and k > 1:  # the fan-out: block j of the output is the base rows under set j
+                x = x.expand(k, *x.shape).reshape(k * m, *x.shape[1:])
+            # x * s + t per (row, channel): as one eval-mode batch norm of the (1, rows * c, L) view where
+            # that is faster, whose backward gives grad_x, sum(g * x) and sum(g) in one pass
+            return C.affine(x, s.expand(k, m, c).reshape(k * m, c), t.expand(k, m, c).reshape(k * m, c))
         mean, var = C.corrected_stats(mu3, var3, rm, rv, a, b)
         mean, var = mean.expand(k, m, c).reshape(k * m, c), var.expand(k, m, c).reshape(k * m, c)
         if blocks == 1:
@@ -519,7 +612,8 @@ class _Runner:
     def use(self, sets: Sequence[int] | None) -> None:
         """Run only the coefficient sets ``sets`` (None: all K)."""
         self.sets = list(range(self.k)) if sets is None else [int(i) for i in sets]
-        index = None if sets is None else torch.tensor(self.sets, dtype=torch.long)
+        every = self.sets == list(range(self.k))  # all K in order: the layers take their sets as they are
+        index = None if every else torch.tensor(self.sets, dtype=torch.long)
         for layer in self.layers.values():
             layer.active = None if index is None else index.to(layer.alpha.device)
 
@@ -590,6 +684,8 @@ class FitResult:
     examples: int
     monitor_examples: int
     notes: list[str] = field(default_factory=list)
+    #: the monitor NLL of every set: at the start, then after each epoch (None once the set had stopped)
+    history: list[list[float | None]] = field(default_factory=list)
 
     @property
     def best(self) -> StrengthFit:
@@ -877,7 +973,7 @@ def fit_per_layer(
         j = len(runner.sets)
         total = torch.zeros(j, dtype=torch.float64, device=dev)
         terms = 0
-        with torch.no_grad():
+        with torch.inference_mode():
             for batch in mon_src:
                 m = batch_size_of(batch)
                 sums, count = loss_fn(runner(batch).double(), _labels(batch, m).to(dev))
@@ -888,11 +984,13 @@ def fit_per_layer(
     def snapshot() -> dict[str, tuple[Tensor, Tensor]]:
         return {n: (ly.alpha.detach().clone(), ly.beta.detach().clone()) for n, ly in layers.items()}
 
-    start = monitor()
+    # every set starts from the same coefficients: one set's monitor NLL is every set's
+    start = monitor([0]).expand(k).clone()
     best_nll = start.clone()
     best_epoch = [0] * k
     best = [{n: (a[i].clone(), b[i].clone()) for n, (a, b) in snapshot().items()} for i in range(k)]
     since = [0] * k
+    history: list[list[float | None]] = [[float(v) for v in start]]
     steps = epochs = 0
     total_steps = max(1, max_epochs * (batches_per_epoch or 1))
     order_gen = torch.Generator().manual_seed(int(seed) + 11)
@@ -906,7 +1004,11 @@ def fit_per_layer(
                 break
             runner.use(active)
             index = torch.tensor(active, dtype=torch.long, device=dev)
-            lam_active = lam.index_select(0, index)
+            # the L1 term's gradient, added to autograd's of the NLL: d/d alpha_ip of lambda_i * mean_p
+            # alpha_ip is lambda_i / P for the sets still running (and 0 for the others), a constant
+            pull = torch.zeros(k, 1, dtype=torch.float64, device=dev)
+            pull[index] = lam.index_select(0, index)[:, None]
+            pulls = [(pull / t.shape[1]).to(t.dtype) for t in params]
             epochs = epoch
             if fit_src.cached is not None:
                 order = torch.randperm(len(fit_src.cached), generator=order_gen).tolist()
@@ -918,20 +1020,18 @@ def fit_per_layer(
                 y = _labels(batch, m).to(dev)
                 sums, count = loss_fn(runner(batch).float(), y)
                 nll = sums / count.clamp(min=1)
-                reg = sum(
-                    ly.alpha.index_select(0, index).mean(1) + ly.beta.index_select(0, index).mean(1)
-                    for ly in layers.values()
-                )
-                loss = (nll.double() + lam_active * reg).sum()
+                loss = nll.sum()  # + sum_i lambda_i * s * sum_layers mean (alpha_i + beta_i): see `pulls`
                 if not bool(torch.isfinite(loss)):
                     skipped += 1
                     continue
-                grads = torch.autograd.grad(loss, params)
+                grads = list(torch.autograd.grad(loss, params))
+                torch._foreach_add_(grads, pulls)
                 rate = float(lr) * 0.5 * (1.0 + math.cos(math.pi * min(steps, total_steps) / total_steps))
                 opt.step(grads, rate)  # then the projection onto [0, 1]
                 steps += 1
             scores = torch.full((k,), math.inf, dtype=torch.float64)
             scores[index.cpu()] = monitor(active)
+            history.append([float(scores[i]) if i in active else None for i in range(k)])
             for i in active:
                 if bool(scores[i] < best_nll[i] - 1e-9):
                     best_nll[i], best_epoch[i], since[i] = scores[i], epoch, 0
@@ -944,14 +1044,23 @@ def fit_per_layer(
         progress("tune: per-layer fit", epochs * n_fit, epochs * n_fit)
     if skipped:
         notes.append(f"{skipped} optimisation steps skipped: the loss was NaN/Inf")
-    # the kept snapshots, snapped, into the layers; the monitor NLL of what is returned
+    # the kept snapshots, snapped, into the layers; the monitor NLL of what is returned: the kept one
+    # (measured on exactly these coefficients), measured again only for the sets the snapping changed
+    snapped: set[int] = set()
     with torch.no_grad():
         for name, ly in layers.items():
             for i in range(k):
                 a, b = best[i][name]
-                ly.alpha[i] = torch.where(a < ZERO_SNAP, torch.zeros_like(a), a)
-                ly.beta[i] = torch.where(b < ZERO_SNAP, torch.zeros_like(b), b)
-    final = monitor()
+                a2 = torch.where(a < ZERO_SNAP, torch.zeros_like(a), a)
+                b2 = torch.where(b < ZERO_SNAP, torch.zeros_like(b), b)
+                if not (torch.equal(a2, a) and torch.equal(b2, b)):
+                    snapped.add(i)
+                ly.alpha[i] = a2
+                ly.beta[i] = b2
+    final = best_nll.clone()
+    if snapped:
+        again = sorted(snapped)
+        final[again] = monitor(again)
     fits = []
     for i, s in enumerate(strengths):
         alpha = {n: _shape(ly.alpha[i], per_channel) for n, ly in layers.items()}
@@ -960,7 +1069,7 @@ def fit_per_layer(
         fits.append(StrengthFit(s, alpha, beta, float(final[i]), float(start[i]), best_epoch[i], zero))
     # lowest monitor NLL; exact ties go to the stronger pull (the sparser fit)
     chosen = min(range(k), key=lambda i: (fits[i].monitor_nll, -strengths[i]))
-    return FitResult(fits, chosen, describe, cache_text, epochs, steps, n_fit, n_mon, notes)
+    return FitResult(fits, chosen, describe, cache_text, epochs, steps, n_fit, n_mon, notes, history)
 
 
 class _Adam:
@@ -976,15 +1085,23 @@ class _Adam:
         self.t = 0
 
     def step(self, grads: Sequence[Tensor], lr: float) -> None:
+        """One step on every tensor, as ``torch._foreach_*`` calls over the list (the same arithmetic, per
+        element, as one tensor at a time; a few dispatches per step instead of nine per tensor)."""
         self.t += 1
         c1 = 1.0 - self.b1**self.t
         c2 = 1.0 - self.b2**self.t
+        grads = list(grads)
         with torch.no_grad():
-            for p, g, m, v in zip(self.params, grads, self.m, self.v, strict=True):
-                m.mul_(self.b1).add_(g, alpha=1.0 - self.b1)
-                v.mul_(self.b2).addcmul_(g, g, value=1.0 - self.b2)
-                p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-lr / c1)
-                p.clamp_(0.0, 1.0)
+            torch._foreach_mul_(self.m, self.b1)
+            torch._foreach_add_(self.m, grads, alpha=1.0 - self.b1)
+            torch._foreach_mul_(self.v, self.b2)
+            torch._foreach_addcmul_(self.v, grads, grads, value=1.0 - self.b2)
+            denom = torch._foreach_div(self.v, c2)
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, self.eps)
+            torch._foreach_addcdiv_(self.params, self.m, denom, value=-lr / c1)
+            torch._foreach_clamp_min_(self.params, 0.0)
+            torch._foreach_clamp_max_(self.params, 1.0)
 
 
 def _shape(t: Tensor, per_channel: bool) -> Tensor:

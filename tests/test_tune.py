@@ -233,6 +233,146 @@ def test_strong_l1_pull_leaves_plain_bn_and_per_channel_vectors():
     )
 
 
+@pytest.mark.parametrize("spatial", [(3, 2), (5,), ()])
+@pytest.mark.parametrize("fan_out", [False, True])
+@pytest.mark.parametrize("sets", [None, (0, 2)])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fused_stacked_layer_equals_the_op_by_op_layer(spatial, fan_out, sets, per_channel, monkeypatch):
+    """The stacked layer as one autograd node (_StackedNormFn) against the same layer through autograd op by
+    op (``_FitNorm.fused = False``): outputs and the gradients for x, alpha and beta, in float64, for
+    (N, C, H, W), (N, C, L) and (N, C) inputs, the fan-out of the first BN layer, a subset of the sets and
+    per-channel coefficients; and against finite differences."""
+    from bncorrect.tune import _FitNorm, _StackedNormFn
+
+    g = torch.Generator().manual_seed(len(spatial) + 2 * fan_out + 4 * per_channel)
+    c, m, k_all = 3, 2, 3
+    bn = (nn.BatchNorm2d, nn.BatchNorm1d, nn.BatchNorm1d)[2 - len(spatial)](c).double().eval()
+    with torch.no_grad():
+        for t in (bn.running_mean, bn.weight, bn.bias):
+            t.copy_(torch.randn(c, generator=g, dtype=torch.float64))
+        bn.running_var.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
+    bn.requires_grad_(False)
+    layer = _FitNorm(bn, "direct", k_all, c if per_channel else 1, 0.2, 0.3)
+    with torch.no_grad():
+        layer.alpha.copy_(torch.rand(layer.alpha.shape, generator=g, dtype=torch.float64))
+        layer.beta.copy_(torch.rand(layer.beta.shape, generator=g, dtype=torch.float64))
+    active = None if sets is None else torch.tensor(sets)
+    k = k_all if sets is None else len(sets)
+    layer.active, layer.stack = active, (k, m, fan_out)
+    x = torch.randn((m if fan_out else k * m), c, *spatial, generator=g, dtype=torch.float64) * 2 + 0.5
+    x.requires_grad_(True)
+    w = torch.randn(k * m, c, *spatial, generator=g, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(_FitNorm, "fused", fused)
+        y = layer(x)
+        results.append((y.detach(), *torch.autograd.grad((y * w).sum(), (x, layer.alpha, layer.beta))))
+    for got, want in zip(*results, strict=True):
+        assert float((got - want).abs().max()) <= 1e-10
+    if sets is not None:  # the sets left out get no gradient
+        left_out = [i for i in range(k_all) if i not in sets]
+        assert not results[0][2][left_out].any() and not results[0][3][left_out].any()
+    assert torch.autograd.gradcheck(
+        lambda x, a, b: _StackedNormFn.apply(x, a, b, active, k, m, bn), (x, layer.alpha, layer.beta)
+    )
+
+
+def _reference_fit(net, x, y, xm, ym, strength, start, lr, epochs, patience):
+    """fit_per_layer for two_bn_net written out for one strength on one batch per epoch: the corrected
+    layers from DESIGN §2 (_blend), Adam (b1 0.9, b2 0.999, eps 1e-8) with a cosine-decayed rate, the
+    projection onto [0, 1], loss = cross-entropy + strength * (a1 + b1 + a2 + b2), early stopping on the
+    monitor batch, coefficients below 1e-4 set to 0."""
+    conv1, bn1, conv2, bn2, lin = net[0], net[1], net[3], net[4], net[7]
+
+    def logits(inp, coef):
+        a1, b1, a2, b2 = coef
+        h = conv1(inp)
+        m1, v1 = _blend(h.mean(2), h.var(2, unbiased=False), bn1.running_mean, bn1.running_var, a1, b1)
+        h = torch.relu(bn1.weight[:, None] * (h - m1[..., None]) / torch.sqrt(v1[..., None] + bn1.eps)
+                       + bn1.bias[:, None])  # fmt: skip
+        h = conv2(h)
+        m2, v2 = _blend(h.mean(2), h.var(2, unbiased=False), bn2.running_mean, bn2.running_var, a2, b2)
+        h = (
+            bn2.weight[:, None] * (h - m2[..., None]) / torch.sqrt(v2[..., None] + bn2.eps)
+            + bn2.bias[:, None]
+        )
+        return lin(h.mean(2))
+
+    coef = torch.full((4,), float(start), requires_grad=True)
+    m_, v_ = torch.zeros(4), torch.zeros(4)
+    with torch.no_grad():
+        best, best_nll, best_epoch = coef.detach().clone(), float(F.cross_entropy(logits(xm, coef), ym)), 0
+    since = 0
+    for epoch in range(1, epochs + 1):
+        loss = F.cross_entropy(logits(x, coef), y) + strength * coef.sum()
+        (grad,) = torch.autograd.grad(loss, coef)
+        t = epoch  # one step per epoch
+        rate = lr * 0.5 * (1 + math.cos(math.pi * (t - 1) / epochs))
+        with torch.no_grad():
+            m_ = 0.9 * m_ + 0.1 * grad
+            v_ = 0.999 * v_ + 0.001 * grad * grad
+            coef -= rate / (1 - 0.9**t) * m_ / (torch.sqrt(v_ / (1 - 0.999**t)) + 1e-8)
+            coef.clamp_(0.0, 1.0)
+            nll = float(F.cross_entropy(logits(xm, coef), ym))
+        if nll < best_nll - 1e-9:
+            best, best_nll, best_epoch, since = coef.detach().clone(), nll, epoch, 0
+        else:
+            since += 1
+            if since >= patience:
+                break
+    best = torch.where(best < 1e-4, torch.zeros_like(best), best)
+    return best, best_epoch
+
+
+def test_fit_equals_a_written_out_reference_fit():
+    """fit_per_layer (stacked strengths, prefix cache, the fused layer, the L1 gradient added as its constant,
+    the kept monitor scores) against the fit written out for each strength alone."""
+    net = two_bn_net(seed=4)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(160, 2, 8, generator=g) * 1.3 + 0.4
+    y = sampled_labels(net, x, seed=6, alpha=0.35)
+    fit_b, mon_b = (x[:112], y[:112]), (x[112:], y[112:])
+    strengths, scale = (0.0, 0.02, 2.0), 0.5
+    fit = fit_per_layer(
+        net, [fit_b], [mon_b], init_alpha=0.1, strengths=strengths, nll_scale=scale, lr=0.05, max_epochs=8,
+        patience=2, device="cpu",
+    )  # fmt: skip
+    assert fit.mode.startswith("stacked, prefix")
+    for strength, got in zip(strengths, fit.fits, strict=True):
+        want, epoch = _reference_fit(net, *fit_b, *mon_b, strength * scale, 0.1, 0.05, 8, 2)
+        coef = torch.stack([got.alpha["1"], got.beta["1"], got.alpha["4"], got.beta["4"]])
+        assert got.epoch == epoch, (strength, got.epoch, epoch)
+        assert float((coef - want).abs().max()) <= 1e-4, (strength, coef, want)
+        assert got.monitor_nll == pytest.approx(reference_nll(net, *_coef_maps(coef), *mon_b), abs=1e-5)
+        assert got.start_monitor_nll == pytest.approx(reference_nll(net, 0.1, 0.1, *mon_b), abs=1e-5)
+    assert [f.epoch for f in fit.fits] != [0, 0, 0] and fit.fits[2].epoch != fit.fits[0].epoch
+
+
+def test_monitor_nll_of_what_the_snap_changed_is_measured_again(monkeypatch):
+    """The returned monitor NLL of a set is the one kept with its snapshot unless the snap to 0 changed the
+    set; then it is measured again: with a snap threshold of 0.12 some coefficients change, and every set's
+    returned NLL is that of its returned coefficients, computed directly."""
+    from bncorrect import tune
+
+    net = two_bn_net(seed=4)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(160, 2, 8, generator=g) * 1.3 + 0.4
+    y = sampled_labels(net, x, seed=6, alpha=0.35)
+    monkeypatch.setattr(tune, "ZERO_SNAP", 0.12)
+    fit = fit_per_layer(
+        net, [(x[:112], y[:112])], [(x[112:], y[112:])], init_alpha=0.1, strengths=(0.0, 0.02, 2.0),
+        nll_scale=0.5, lr=0.05, max_epochs=8, patience=2, device="cpu",
+    )  # fmt: skip
+    zeroed = [f for f in fit.fits if any(float(v) == 0.0 for v in (*f.alpha.values(), *f.beta.values()))]
+    assert zeroed  # the snap changed at least one set
+    for f in fit.fits:
+        assert f.monitor_nll == pytest.approx(reference_nll(net, f.alpha, f.beta, x[112:], y[112:]), abs=1e-5)
+
+
+def _coef_maps(coef):
+    return {"1": coef[0], "4": coef[2]}, {"1": coef[1], "4": coef[3]}
+
+
 # ------------------------------------------------------------------------------------------- the split
 def test_stratified_split_is_seeded_and_stratified():
     y = torch.tensor([0] * 50 + [1] * 31 + [2] * 7 + [3] * 1 + [4] * 11)[torch.randperm(100)]
