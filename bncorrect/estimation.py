@@ -403,6 +403,12 @@ class EvalNormEstimator:
         unbiased estimate of L_aux. The same rows are used on every call. Every evaluation reads only those
         rows' sorted values.
         """
+        return self._objective(self._sorted_sample(rows), dtype)
+
+    def _sorted_sample(self, rows: int | None) -> tuple[Tensor, ...]:
+        """The rows :meth:`objective` uses: (values (n, S) float32 sorted ascending within each row; mu_b,
+        var_b, mu_i, var_i (n,) float64; channel (n,) int64). Sorted once in float32: the conversion to
+        float64 is exact and order-preserving, so the float64 objective reads the same sorted values."""
         if self.reservoir is None:
             raise DataError(f"layer {self.name} saw no data (is it used in the forward pass?)")
         values, mu_b, var_b, mu_i, var_i = self.reservoir.arrays()
@@ -418,8 +424,12 @@ class EvalNormEstimator:
             pick = self._pick[:limit]
             flat = [t[pick] for t in flat]
             channel = channel[pick]
-        values, mu_b, var_b, mu_i, var_i = (t.unsqueeze(0).to(dtype) for t in flat)
-        values = values.sort(dim=-1).values
+        return (flat[0].sort(dim=-1).values, *flat[1:], channel)
+
+    def _objective(self, sample: tuple[Tensor, ...], dtype: torch.dtype) -> Callable[[Tensor, Tensor], Tensor]:
+        """:meth:`objective` on a :meth:`_sorted_sample`, evaluated in ``dtype``."""
+        sorted32, *stats, channel = sample
+        values, mu_b, var_b, mu_i, var_i = (t.unsqueeze(0).to(dtype) for t in (sorted32, *stats))
         prefix = torch.cat([torch.zeros(*values.shape[:2], 1, dtype=dtype), values.cumsum(-1)], dim=-1)
         rm = self.running_mean[channel].to(dtype)
         rv = self.running_var[channel].to(dtype)
@@ -450,9 +460,9 @@ class EvalNormEstimator:
     def solve(self) -> LayerEstimate:
         """Grid-search (alpha, beta) in float32 on at most ``solve_rows`` rows of the sample, then report
         L_aux at the result and at EMA in float64 on the same rows."""
-        fast = self.objective(torch.float32)
-        alpha, beta, _ = minimise_on_grid(fast)
-        exact = self.objective(torch.float64)
+        sample = self._sorted_sample(None)
+        alpha, beta, _ = minimise_on_grid(self._objective(sample, torch.float32))
+        exact = self._objective(sample, torch.float64)
         values = exact(
             torch.tensor([alpha, 0.0], dtype=torch.float64), torch.tensor([beta, 0.0], dtype=torch.float64)
         )
