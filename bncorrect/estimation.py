@@ -116,18 +116,25 @@ class SampleReservoir:
         if late:
             upper = (t[n - late :] + 1).to(torch.float64).unsqueeze(1)
             draw = torch.rand(late, c, generator=self.generator, dtype=torch.float64).mul_(upper).long()
-        slots = draw if late == n else torch.cat([t[: n - late].unsqueeze(1).expand(-1, c), draw])
-        lin = (slots < k).view(-1).nonzero().squeeze(1)  # (example, channel) rows that take a slot, in order
-        if lin.numel() == 0:
-            return
-        key = (lin % c) * k + slots.view(-1)[lin]
-        winner = torch.full((c * k,), -1, dtype=torch.long).scatter_reduce_(0, key, lin, reduce="amax")
-        won = (winner[key] == lin).nonzero().squeeze(1)
-        lin, key = lin[won], key[won]
+        if late == 0:  # still filling: example t takes slot t of every channel, no two rows collide
+            lin = torch.arange(n * c)
+            key = (lin % c) * k + (lin // c + base)
+        else:
+            slots = draw if late == n else torch.cat([t[: n - late].unsqueeze(1).expand(-1, c), draw])
+            lin = (slots < k).view(-1).nonzero().squeeze(1)  # (example, channel) rows taking a slot, in order
+            if lin.numel() == 0:
+                return
+            key = (lin % c) * k + slots.view(-1)[lin]
+            winner = torch.full((c * k,), -1, dtype=torch.long).scatter_reduce_(0, key, lin, reduce="amax")
+            won = (winner[key] == lin).nonzero().squeeze(1)
+            lin, key = lin[won], key[won]
         lin_dev = lin.to(flat.device)
         # only the kept rows (and S of their positions) are gathered: once the reservoir is full most
-        # batches cost almost nothing
-        pos = torch.randperm(size, generator=self.generator)[:s].to(flat.device) if s < size else None
+        # batches cost almost nothing. The positions are read in increasing order (the values of a row are
+        # a set: the solve sorts them), which is kinder to the cache than a random order.
+        pos = None
+        if s < size:
+            pos = torch.randperm(size, generator=self.generator)[:s].sort().values.to(flat.device)
         picked = _gather_rows(flat, lin_dev, pos)
         self.values.view(c * k, s)[key] = picked.float().cpu()
         stats = torch.stack([v.detach().reshape(n * c) for v in (mu_i, var_i, mu_b, var_b)])
@@ -426,7 +433,9 @@ class EvalNormEstimator:
             channel = channel[pick]
         return (flat[0].sort(dim=-1).values, *flat[1:], channel)
 
-    def _objective(self, sample: tuple[Tensor, ...], dtype: torch.dtype) -> Callable[[Tensor, Tensor], Tensor]:
+    def _objective(
+        self, sample: tuple[Tensor, ...], dtype: torch.dtype
+    ) -> Callable[[Tensor, Tensor], Tensor]:
         """:meth:`objective` on a :meth:`_sorted_sample`, evaluated in ``dtype``."""
         sorted32, *stats, channel = sample
         values, mu_b, var_b, mu_i, var_i = (t.unsqueeze(0).to(dtype) for t in (sorted32, *stats))
