@@ -418,9 +418,11 @@ def l_aux_sorted(
     return per_row.T.contiguous().sum(dim=1) / (n * s)
 
 
-#: :func:`l_aux_sorted` evaluates blocks of about this many (row, candidate) pairs at a time (its thirty
-#: temporaries of 256 KB then stay in cache; with the layout, measured 1.3x less CPU time per grid solve)
-L_AUX_BLOCK = 1 << 16
+#: :func:`l_aux_sorted` evaluates blocks of at most this many (row, candidate) pairs at a time, so its
+#: thirty-odd temporaries hold at most 1 MB each (float32). Blocks of 2^15 to 2^18 pairs measured the same
+#: CPU time on one thread; the largest keeps the count of parallel regions (one per op and block) about as
+#: low as whole (rows, K) temporaries with 2+ threads.
+L_AUX_BLOCK = 1 << 18
 
 
 def _as(v: Coefficient, dtype: torch.dtype) -> Coefficient:
