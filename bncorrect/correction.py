@@ -381,9 +381,10 @@ def l_aux_sorted(
         sum_v |x_v - z| = z i - P_i + (P_S - P_i) - z (S - i),  i = #{v: x_v < z}, P = prefix sums
 
     (``|offset| S`` where slope = 0). Computed with the rows as the leading axis and the candidates as the
-    trailing one: every temporary is one contiguous (R * C, K) block that the searchsorted queries and the
-    prefix-sum gathers read in place (no transposed copies); the mean is then taken over the rows of each
-    candidate in the same order as a (K, R * C) sum.
+    trailing one, in blocks of rows of at most :data:`L_AUX_BLOCK` (row, candidate) pairs: every temporary
+    is a contiguous (rows, K) block that the searchsorted queries and the prefix-sum gathers read in place
+    (no transposed copies); the mean is then taken over the rows of each candidate in the same order as a
+    (K, R * C) sum, so the block size does not change the result.
     """
     r, c, s = sorted_x.shape
     n = r * c
@@ -401,7 +402,7 @@ def l_aux_sorted(
     shift_b = rows(mu_b) * inv_b
     per_row = torch.empty(n, k, dtype=dt, device=sorted_x.device)
     step = max(1, L_AUX_BLOCK // max(1, k))
-    for a in range(0, n, step):  # blocks of rows whose temporaries stay in cache
+    for a in range(0, n, step):  # blocks of rows: temporaries of at most L_AUX_BLOCK values
         e = min(n, a + step)
         mu_hat, var_hat = corrected_stats(mu_i[a:e], var_i[a:e], mu_e[a:e], var_e[a:e], a_k, b_k)
         inv_hat = torch.rsqrt(var_hat + eps)
