@@ -215,7 +215,7 @@ def main() -> None:
     med = interleaved(jobs, args.repeats)
     print(f"machine: {machine()}")
     print(
-        f"model: ResNet-style CIFAR net (20 BN layers), {n} examples of 3x32x32, B = {b}, "
+        f"model: ResNet-style CIFAR net (15 BN layers), {n} examples of 3x32x32, B = {b}, "
         f"{args.repeats} repeats"
     )
     for k, v in med.items():

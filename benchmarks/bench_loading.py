@@ -1,47 +1,63 @@
 """Throughput of ``estimate`` on a folder of PNG images against a plain PyTorch eval loop over it.
 
-A temporary folder of N small PNGs in class folders is written once; then, interleaved, in one run:
+A temporary folder of N small PNGs in class folders is written once. Every job then runs in one of two
+long-lived worker processes, the jobs alternating round by round (after a warm-up round) in one run:
 
-- ``estimate (folder)``: ``api.estimate(model, folder, B)`` (decode, training-mode pass in groups of B
-  with the estimator's observers, then the solve), ``num_workers`` DataLoader workers; its pass alone is
-  timed too (from the call to the pass's last progress report: loading, model copy, pass; no solve);
-- ``estimate (tensors)``: the same on the same images decoded beforehand (a tensor ``(x, y)``): what
-  estimate costs without any loading, so folder / tensors is the share of loading;
-- ``plain eval loop``: what a PyTorch user writes to evaluate the same folder: an ImageFolder-style
-  Dataset (PIL decode, RGB, to tensor, ImageNet mean/std), a DataLoader with the same workers and batch
-  size, ``model(x)`` under ``torch.no_grad()`` in eval mode;
-- ``decode only``: the plain loop's DataLoader without the model (how much of the time is decoding).
+- ``estimate``: ``api.estimate(model, folder, B)`` end to end (decode, model copy, training-mode pass in
+  groups of B with the estimator's observers, the solve), ``num_workers`` DataLoader workers; its pass
+  alone is timed too (from the call to the pass's last progress report: no solve);
+- ``estimate (before)``, with ``--before CHECKOUT``: the same call in a worker whose ``PYTHONPATH`` is an
+  older checkout of bncorrect (e.g. ``git worktree add --detach /tmp/base <commit>``), so old and new code
+  are measured side by side on the same folder in the same run;
+- ``plain loop``: what a PyTorch user writes to evaluate the same folder: an ImageFolder-style Dataset
+  (PIL decode, RGB, to tensor, ImageNet mean/std), a DataLoader with the same workers and batch size,
+  ``model(x)`` under ``torch.no_grad()`` in eval mode;
+- ``ghost-BN loop``: the same loop with every BN in training-mode normalization over groups of B examples
+  (``F.batch_norm(part, None, None, weight, bias, training=True)`` on each group of B of the batch, no
+  running statistics touched, no estimator): what normalizing like training costs by itself, the bound
+  for a pass that must normalize like training;
+- ``grouped loop``: the same loop with bncorrect's own training-mode normalization over groups of B (every
+  BN wrapped by ``bncorrect.layers.correct_model`` and put in ``normalization_mode(model, "batch", B)``:
+  per-example statistics, group statistics from them, one fused affine pass; no observer): estimate's pass
+  without the estimator, so estimate / grouped is what the estimator's observers cost;
+- ``decode only``: the plain loop's DataLoader without the model.
 
-Printed: images/s of each, the ratio of estimate's pass to the plain loop (the issue's goal: >= 0.8) and
-of estimate on the folder to estimate on tensors (1.0: loading costs nothing). Every number is from the
-same run, the jobs alternating; the host is named.
+Printed: images/s of each (wall clock, medians), the ratios to the plain loop (the issue's goal: estimate
+>= 0.8x), and with ``--workers 0`` (everything in the worker process) the same ratios in CPU time of that
+process, which a loaded host disturbs much less than wall time. The host (CPU model, AVX2/AVX-512F) and the
+load average are printed.
 
-    python benchmarks/bench_loading.py [--images 384] [--size 64] [--workers 0 2] [--repeats 3]
+    python benchmarks/bench_loading.py [--images 2048] [--size 32] [--workers 0 2] [--repeats 3]
+        [--threads 1] [--before /tmp/base]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved, resnet_like
+from common import resnet_like
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+HERE = Path(__file__).resolve().parent
 
 
 def host() -> str:
-    """CPU model, vector extensions, cores and torch threads."""
+    """CPU model and vector extensions, cores."""
     model = "unknown CPU"
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -52,10 +68,14 @@ def host() -> str:
         pass
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     ext = [e for e in ("avx2", "avx512f") if f" {e}" in flags]
-    return (
-        f"{model} ({', '.join(ext) or 'no AVX2'}), {os.cpu_count()} cores, {torch.get_num_threads()} torch "
-        f"threads, torch {torch.__version__}"
-    )
+    return f"{model} ({', '.join(ext) or 'no AVX2'}), {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def load_average() -> str:
+    try:
+        return ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def make_folder(root: Path, n: int, size: int, classes: int = 4) -> Path:
@@ -92,83 +112,218 @@ class PlainImageFolder(Dataset):
         return x, label
 
 
-def plain_loop(model: torch.nn.Module, root: Path, batch: int, workers: int, forward: bool = True) -> None:
+class GhostBatchNorm(torch.nn.Module):
+    """A BN layer normalizing like training over consecutive groups of ``b`` examples, leaving its running
+    statistics alone: plain PyTorch, one ``F.batch_norm`` per group."""
+
+    def __init__(self, bn: torch.nn.BatchNorm2d, b: int) -> None:
+        super().__init__()
+        self.bn, self.b = bn, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        parts = [
+            torch.nn.functional.batch_norm(p, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+            for p in x.split(self.b)
+        ]
+        return torch.cat(parts)
+
+
+def ghost_model(model: torch.nn.Module, b: int) -> torch.nn.Module:
+    import copy
+
+    out = copy.deepcopy(model)
+    for name, m in list(out.named_modules()):
+        if isinstance(m, torch.nn.BatchNorm2d):
+            parent_name, _, child = name.rpartition(".")
+            parent = out.get_submodule(parent_name) if parent_name else out
+            setattr(parent, child, GhostBatchNorm(m, b))
+    return out
+
+
+def grouped_model(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    from bncorrect.layers import correct_model
+
+    return correct_model(copy.deepcopy(model), 0.0)
+
+
+def plain_loop(
+    model: torch.nn.Module,
+    root: Path,
+    batch: int,
+    workers: int,
+    forward: bool = True,
+    eval_mode: bool = True,
+) -> None:
     loader = DataLoader(PlainImageFolder(root), batch_size=batch, shuffle=True, num_workers=workers)
-    model.eval()
+    if eval_mode:
+        model.eval()
     with torch.no_grad():
         for x, _ in loader:
             if forward:
                 model(x)
 
 
-PASS_SECONDS: list[float] = []  # estimate (folder): seconds from the call to the pass's last report
-
-
-def run_estimate(model: torch.nn.Module, data: object, b: int, workers: int, record: bool = False) -> None:
-    import time
-
+def run_estimate(model: torch.nn.Module, root: Path, b: int, workers: int) -> dict[str, float]:
+    """api.estimate on the folder: wall and CPU seconds of the whole call and of its pass."""
     from bncorrect import api
 
-    start = time.perf_counter()
-    last = [start]
+    start, cpu0 = time.perf_counter(), time.process_time()
+    last = [start, cpu0]
 
     def progress(_label: str, _done: int, _total: int | None) -> None:
-        last[0] = time.perf_counter()
+        last[0], last[1] = time.perf_counter(), time.process_time()
 
-    api.estimate(model, data, b, device="cpu", num_workers=workers, progress=progress)
-    if record:
-        PASS_SECONDS.append(last[0] - start)
+    api.estimate(model, root, b, device="cpu", num_workers=workers, progress=progress)
+    return {
+        "wall": time.perf_counter() - start,
+        "cpu": time.process_time() - cpu0,
+        "pass_wall": last[0] - start,
+        "pass_cpu": last[1] - cpu0,
+    }
+
+
+def serve(threads: int) -> None:
+    """Worker: run the jobs named on stdin (one JSON object a line), answer with their times."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = resnet_like()
+    ghosts: dict[int, torch.nn.Module] = {}
+    grouped_models: dict[int, torch.nn.Module] = {}
+    import bncorrect
+
+    print(json.dumps({"ready": str(Path(bncorrect.__file__).parent)}), flush=True)
+    for line in sys.stdin:
+        job = json.loads(line)
+        root, b, workers = Path(job["root"]), int(job["b"]), int(job["workers"])
+        batch = b * max(1, 64 // b)  # the batches estimate reads
+        start, cpu0 = time.perf_counter(), time.process_time()
+        out: dict[str, Any] = {}
+        if job["job"] == "estimate":
+            out = run_estimate(model, root, b, workers)
+        elif job["job"] == "plain":
+            plain_loop(model, root, batch, workers)
+        elif job["job"] == "ghost":
+            plain_loop(ghosts.setdefault(b, ghost_model(model, b)), root, batch, workers)
+        elif job["job"] == "grouped":
+            from bncorrect.layers import normalization_mode
+
+            grouped = grouped_models.setdefault(b, grouped_model(model))
+            with normalization_mode(grouped, "batch", b):
+                plain_loop(grouped, root, batch, workers, eval_mode=False)
+        elif job["job"] == "decode":
+            plain_loop(model, root, batch, workers, forward=False)
+        out.setdefault("wall", time.perf_counter() - start)
+        out.setdefault("cpu", time.process_time() - cpu0)
+        print(json.dumps(out), flush=True)
+
+
+class Worker:
+    def __init__(self, pythonpath: Path, threads: int) -> None:
+        env = dict(os.environ, PYTHONPATH=str(pythonpath))
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "bench_loading.py"), "--serve", "--threads", str(threads)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=tempfile.gettempdir(),  # not the repository: PYTHONPATH alone says which bncorrect
+        )
+        self.package = json.loads(self._line())["ready"]
+
+    def _line(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("benchmark worker died")
+        return line
+
+    def run(self, **job: object) -> dict[str, float]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self._line())
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=384)
+    parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--size", type=int, default=32, help="image side in pixels")
     parser.add_argument("--b", type=int, default=2)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--before", type=Path, default=None, help="an older checkout to measure alongside")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model = resnet_like()
-    batch = args.b * max(1, 64 // args.b)  # the batches estimate reads
-    print(f"host: {host()}")
+    if args.serve:
+        serve(args.threads)
+        return
+    n, b = args.images, args.b
+    print(f"host: {host()}; {args.threads} torch thread(s); load average at start {load_average()}")
     print(
-        f"data: {args.images} PNG images of {args.size}x{args.size} in 4 class folders; model: "
-        f"ResNet-style CIFAR net (20 BN layers); estimate B = {args.b}, loader batches of {batch}; "
-        f"{args.repeats} repeats, interleaved"
+        f"data: {n} PNG images of {args.size}x{args.size} in 4 class folders; model: ResNet-style CIFAR "
+        f"net of benchmarks/common.py; estimate B = {b}, loader batches of {b * max(1, 64 // b)}; "
+        f"{args.repeats} rounds after a warm-up round, jobs alternating, medians"
     )
+    new = Worker(HERE.parent, args.threads)
+    old = Worker(args.before.resolve(), args.threads) if args.before is not None else None
+    print(f"new: {new.package}" + (f"; before: {old.package}" if old else ""))
     with tempfile.TemporaryDirectory() as tmp:
-        root = make_folder(Path(tmp) / "images", args.images, args.size)
-        from bncorrect.data import load_data
-
-        ds = load_data(root)
-        tensors = (
-            torch.stack([ds[i][0] for i in range(len(ds))]),
-            torch.tensor([ds[i][1] for i in range(len(ds))]),
-        )
-        head = ("workers", "estimate img/s", "its pass img/s", "on tensors img/s", "plain loop img/s",
-                "decode only img/s", "pass/plain", "folder/tensors")  # fmt: skip
-        print("  ".join(head))
+        root = make_folder(Path(tmp) / "images", n, args.size)
         for w in args.workers:
-            PASS_SECONDS.clear()
-            jobs = {
-                "estimate": lambda w=w: run_estimate(model, root, args.b, w, record=True),
-                "tensors": lambda: run_estimate(model, tensors, args.b, 0),
-                "plain": lambda w=w: plain_loop(model, root, batch, w),
-                "decode": lambda w=w: plain_loop(model, root, batch, w, forward=False),
-            }
-            med = interleaved(jobs, args.repeats)
-            rate = {k: args.images / v for k, v in med.items()}
-            rate["pass"] = args.images / statistics.median(PASS_SECONDS[-args.repeats :])
-            cells = (w, rate["estimate"], rate["pass"], rate["tensors"], rate["plain"], rate["decode"],
-                     rate["pass"] / rate["plain"], rate["estimate"] / rate["tensors"])  # fmt: skip
-            print(
-                "  ".join(
-                    f"{c:>{len(h)}.{0 if i < 6 else 2}f}"
-                    for i, (c, h) in enumerate(zip(cells, head, strict=True))
+            jobs: dict[str, tuple[Worker, str]] = {"estimate": (new, "estimate")}
+            if old is not None:
+                jobs["before"] = (old, "estimate")
+            jobs |= {"plain": (new, "plain"), "ghost": (new, "ghost"), "grouped": (new, "grouped")}
+            jobs |= {"decode": (new, "decode")}
+            times: dict[str, list[dict[str, float]]] = {k: [] for k in jobs}
+            for r in range(args.repeats + 1):
+                for name, (worker, job) in jobs.items():
+                    t = worker.run(job=job, root=str(root), b=b, workers=w)
+                    if r:
+                        times[name].append(t)
+
+            def med(name: str, key: str = "wall", times: dict[str, list[dict[str, float]]] = times) -> float:
+                return statistics.median(t[key] for t in times[name])
+
+            rate = {k: n / med(k) for k in jobs}
+            pass_rate = {k: n / med(k, "pass_wall") for k in ("estimate", "before") if k in jobs}
+            print(f"\nworkers {w} (load average {load_average()}):")
+            for k in jobs:
+                extra = f", its pass {pass_rate[k]:.1f} img/s" if k in pass_rate else ""
+                print(f"  {k:9s} {rate[k]:8.1f} img/s{extra}")
+            for k in pass_rate:
+                print(
+                    f"  {k}: pass / plain {pass_rate[k] / rate['plain']:.2f}, end to end / plain "
+                    f"{rate[k] / rate['plain']:.2f}"
                 )
-            )
+            print(f"  ghost-BN loop / plain (the bound) {rate['ghost'] / rate['plain']:.2f}")
+            print(f"  grouped loop / plain {rate['grouped'] / rate['plain']:.2f}")
+            if old is not None:
+                print(
+                    f"  new / before: end to end {rate['estimate'] / rate['before']:.2f}x the rate, pass "
+                    f"{pass_rate['estimate'] / pass_rate['before']:.2f}x"
+                )
+            if w == 0:  # everything ran in the worker process: CPU time ratios are meaningful
+                cpu_plain = med("plain", "cpu")
+                for k in pass_rate:
+                    print(
+                        f"  CPU time: {k} pass / plain {cpu_plain / med(k, 'pass_cpu'):.2f}, end to end / "
+                        f"plain {cpu_plain / med(k, 'cpu'):.2f}"
+                    )
+                print(f"  CPU time: ghost-BN loop / plain {cpu_plain / med('ghost', 'cpu'):.2f}")
+                print(f"  CPU time: grouped loop / plain {cpu_plain / med('grouped', 'cpu'):.2f}")
+    new.close()
+    if old is not None:
+        old.close()
 
 
 if __name__ == "__main__":

@@ -304,7 +304,7 @@ def bench_fvcore(args: argparse.Namespace) -> None:
             worst, float((mean - bn.running_mean).abs().max()), float((var - bn.running_var).abs().max())
         )
     print(
-        f"ResNet-style net, 20 BN layers, {args.examples} examples of 3x32x32, B = {b}, {args.repeats} reps"
+        f"ResNet-style net, 15 BN layers, {args.examples} examples of 3x32x32, B = {b}, {args.repeats} reps"
     )
     print(f"  fvcore update_bn_stats (batches of B)     {med['fvcore']:7.3f} s")
     labels = {

@@ -116,18 +116,25 @@ class SampleReservoir:
         if late:
             upper = (t[n - late :] + 1).to(torch.float64).unsqueeze(1)
             draw = torch.rand(late, c, generator=self.generator, dtype=torch.float64).mul_(upper).long()
-        slots = draw if late == n else torch.cat([t[: n - late].unsqueeze(1).expand(-1, c), draw])
-        lin = (slots < k).view(-1).nonzero().squeeze(1)  # (example, channel) rows that take a slot, in order
-        if lin.numel() == 0:
-            return
-        key = (lin % c) * k + slots.view(-1)[lin]
-        winner = torch.full((c * k,), -1, dtype=torch.long).scatter_reduce_(0, key, lin, reduce="amax")
-        won = (winner[key] == lin).nonzero().squeeze(1)
-        lin, key = lin[won], key[won]
+        if late == 0:  # still filling: example t takes slot t of every channel, no two rows collide
+            lin = torch.arange(n * c)
+            key = (lin % c) * k + (lin // c + base)
+        else:
+            slots = draw if late == n else torch.cat([t[: n - late].unsqueeze(1).expand(-1, c), draw])
+            lin = (slots < k).view(-1).nonzero().squeeze(1)  # (example, channel) rows taking a slot, in order
+            if lin.numel() == 0:
+                return
+            key = (lin % c) * k + slots.view(-1)[lin]
+            winner = torch.full((c * k,), -1, dtype=torch.long).scatter_reduce_(0, key, lin, reduce="amax")
+            won = (winner[key] == lin).nonzero().squeeze(1)
+            lin, key = lin[won], key[won]
         lin_dev = lin.to(flat.device)
         # only the kept rows (and S of their positions) are gathered: once the reservoir is full most
-        # batches cost almost nothing
-        pos = torch.randperm(size, generator=self.generator)[:s].to(flat.device) if s < size else None
+        # batches cost almost nothing. The positions are read in increasing order (the values of a row are
+        # a set: the solve sorts them), which is kinder to the cache than a random order.
+        pos = None
+        if s < size:
+            pos = torch.randperm(size, generator=self.generator)[:s].sort().values.to(flat.device)
         picked = _gather_rows(flat, lin_dev, pos)
         self.values.view(c * k, s)[key] = picked.float().cpu()
         stats = torch.stack([v.detach().reshape(n * c) for v in (mu_i, var_i, mu_b, var_b)])
@@ -403,6 +410,12 @@ class EvalNormEstimator:
         unbiased estimate of L_aux. The same rows are used on every call. Every evaluation reads only those
         rows' sorted values.
         """
+        return self._objective(self._sorted_sample(rows), dtype)
+
+    def _sorted_sample(self, rows: int | None) -> tuple[Tensor, ...]:
+        """The rows :meth:`objective` uses: (values (n, S) float32 sorted ascending within each row; mu_b,
+        var_b, mu_i, var_i (n,) float64; channel (n,) int64). Sorted once in float32: the conversion to
+        float64 is exact and order-preserving, so the float64 objective reads the same sorted values."""
         if self.reservoir is None:
             raise DataError(f"layer {self.name} saw no data (is it used in the forward pass?)")
         values, mu_b, var_b, mu_i, var_i = self.reservoir.arrays()
@@ -418,8 +431,14 @@ class EvalNormEstimator:
             pick = self._pick[:limit]
             flat = [t[pick] for t in flat]
             channel = channel[pick]
-        values, mu_b, var_b, mu_i, var_i = (t.unsqueeze(0).to(dtype) for t in flat)
-        values = values.sort(dim=-1).values
+        return (flat[0].sort(dim=-1).values, *flat[1:], channel)
+
+    def _objective(
+        self, sample: tuple[Tensor, ...], dtype: torch.dtype
+    ) -> Callable[[Tensor, Tensor], Tensor]:
+        """:meth:`objective` on a :meth:`_sorted_sample`, evaluated in ``dtype``."""
+        sorted32, *stats, channel = sample
+        values, mu_b, var_b, mu_i, var_i = (t.unsqueeze(0).to(dtype) for t in (sorted32, *stats))
         prefix = torch.cat([torch.zeros(*values.shape[:2], 1, dtype=dtype), values.cumsum(-1)], dim=-1)
         rm = self.running_mean[channel].to(dtype)
         rv = self.running_var[channel].to(dtype)
@@ -450,9 +469,9 @@ class EvalNormEstimator:
     def solve(self) -> LayerEstimate:
         """Grid-search (alpha, beta) in float32 on at most ``solve_rows`` rows of the sample, then report
         L_aux at the result and at EMA in float64 on the same rows."""
-        fast = self.objective(torch.float32)
-        alpha, beta, _ = minimise_on_grid(fast)
-        exact = self.objective(torch.float64)
+        sample = self._sorted_sample(None)
+        alpha, beta, _ = minimise_on_grid(self._objective(sample, torch.float32))
+        exact = self._objective(sample, torch.float64)
         values = exact(
             torch.tensor([alpha, 0.0], dtype=torch.float64), torch.tensor([beta, 0.0], dtype=torch.float64)
         )

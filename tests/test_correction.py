@@ -347,3 +347,56 @@ def test_corrected_scale_shift_backward_matches_autograd(coef_shape, stat_rows, 
     )
     for w, gt, operand in zip(want, got, (mu, var, alpha, beta), strict=True):
         assert float((gt.sum_to_size(operand.shape) - w).abs().max()) <= 1e-10
+
+
+def _l_aux_numpy(x, mu_b, var_b, mu_i, var_i, mu_e, var_e, eps, alpha, beta):
+    """L_aux with given statistics, plainly in float64: mean |target - estimate| over x (R, C, S)."""
+    x = np.asarray(x, dtype=np.float64)
+    mu_b, var_b, mu_i, var_i = (
+        np.asarray(t, dtype=np.float64)[..., None] for t in (mu_b, var_b, mu_i, var_i)
+    )
+    mu_e, var_e = (np.asarray(t, dtype=np.float64)[None, :, None] for t in (mu_e, var_e))
+    d = mu_i - mu_e
+    mu_hat = mu_e + alpha * d
+    var_hat = beta * var_i + (1 - beta) * var_e + beta * (1 - beta) * d**2
+    target = (x - mu_b) / np.sqrt(var_b + eps)
+    return float(np.abs(target - (x - mu_hat) / np.sqrt(var_hat + eps)).mean())
+
+
+@pytest.mark.parametrize(("r", "c", "s"), [(1, 300, 16), (3, 5, 7), (4, 2, 1)])
+def test_l_aux_sorted_equals_direct_l_aux_in_any_block_size(r, c, s, monkeypatch):
+    """l_aux_sorted (sorted values, prefix sums, blocks of rows) equals L_aux computed over every value, for
+    K candidates at once, also on rows where the two normalizations coincide (slope 0); the block size
+    changes nothing, bit for bit."""
+    g = torch.Generator().manual_seed(r * 100 + c + s)
+    x = torch.randn(r, c, s, dtype=torch.float64, generator=g) * 2 + 0.3
+    mu_i, var_i = x.mean(-1), x.var(-1, unbiased=False)
+    mu_b = mu_i + 0.3 * torch.randn(r, c, dtype=torch.float64, generator=g)
+    var_b = var_i + torch.rand(r, c, dtype=torch.float64, generator=g)
+    mu_e = torch.randn(c, dtype=torch.float64, generator=g) * 0.2
+    var_e = torch.rand(c, dtype=torch.float64, generator=g) + 0.5
+    mu_b[0, 0], var_b[0, 0] = mu_e[0], var_e[0]  # at alpha = beta = 0 this row's slope and offset are 0
+    alpha = torch.tensor([0.0, 1.0, 0.25, 0.7, 0.0], dtype=torch.float64)
+    beta = torch.tensor([0.0, 1.0, 0.6, 0.1, 0.9], dtype=torch.float64)
+    srt = x.sort(-1).values
+    prefix = torch.cat([torch.zeros(r, c, 1, dtype=torch.float64), srt.cumsum(-1)], -1)
+    args = (srt, prefix, mu_b, var_b, mu_i, var_i, mu_e, var_e, 1e-5, alpha, beta)
+    got = C.l_aux_sorted(*args)
+    want = [
+        _l_aux_numpy(x, mu_b, var_b, mu_i, var_i, mu_e, var_e, 1e-5, float(a), float(b))
+        for a, b in zip(alpha, beta, strict=True)
+    ]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-12)
+    monkeypatch.setattr(C, "L_AUX_BLOCK", 7)  # a block of one or two rows of the 5 candidates
+    assert torch.equal(C.l_aux_sorted(*args), got)
+    for dtype in (torch.float32,):  # float32 too: blocks and a single block agree bit for bit
+        small = C.l_aux_sorted(
+            *(t.to(dtype) if isinstance(t, torch.Tensor) and t.dim() > 1 else t for t in args)
+        )
+        monkeypatch.setattr(C, "L_AUX_BLOCK", 1 << 30)
+        whole = C.l_aux_sorted(
+            *(t.to(dtype) if isinstance(t, torch.Tensor) and t.dim() > 1 else t for t in args)
+        )
+        monkeypatch.setattr(C, "L_AUX_BLOCK", 7)
+        assert torch.equal(small, whole)
+        np.testing.assert_allclose(whole.double().numpy(), want, rtol=1e-4)  # float32 rounding
