@@ -443,9 +443,15 @@ def _finish(
 
 
 def _check_budget_options(
-    budget: float | None, budget_plot: str | Path | None, out: str | Path | None, metric: str
+    budget: float | None,
+    budget_plot: str | Path | None,
+    out: str | Path | None,
+    metric: str,
+    *,
+    forward_fn: Any = None,
+    metrics: Sequence[str] | None = None,
 ) -> None:
-    from .latency import check_budget
+    from .latency import BUDGET_METRICS, check_budget
 
     if budget is None and budget_plot is not None:
         raise UsageError(
@@ -453,7 +459,14 @@ def _check_budget_options(
             "is given",
             hint="add --latency-budget R (e.g. 1.2)",
         )
-    check_budget(budget, out, metric)
+    check_budget(budget, out, metric, BUDGET_METRICS if metrics is None else metrics)
+    if budget is not None and forward_fn is not None:
+        raise UsageError(
+            "latency_budget times the written ONNX graph, which takes the data's first tensor as its one "
+            "input, and forward_fn calls the model another way",
+            hint="leave forward_fn out (a model of one input), or write the correction without a latency "
+            "budget",
+        )
 
 
 def _budget_outputs(outcome: Outcome, plan: Any, budget_plot: str | Path | None) -> None:
@@ -468,8 +481,11 @@ def _budget_outputs(outcome: Outcome, plan: Any, budget_plot: str | Path | None)
 
 def _labelled_batches(
     dataset: Any, indices: Sequence[int], data_hint: str, batch_size: int = 256
-) -> tuple[list[Tensor], list[Tensor]]:
-    """The examples ``indices`` of a map-style labelled dataset, as (inputs, labels) batches."""
+) -> list[tuple[Tensor, Tensor]]:
+    """The examples ``indices`` of a map-style labelled dataset, as (inputs, labels) batches: class labels
+    (batch,) or masks (batch, H, W). Under a process group, this rank's share (every world-th batch)."""
+    from . import distributed
+
     try:
         items = [dataset[int(i)] for i in indices]
     except TypeError:
@@ -479,32 +495,61 @@ def _labelled_batches(
             hint=f"give a file or folder of examples ({data_hint})",
         ) from None
     xs = [torch.as_tensor(it[0]) for it in items]
-    ys = [torch.as_tensor(it[1]).long().reshape(()) for it in items]
-    inputs = [torch.stack(xs[i : i + batch_size]).float() for i in range(0, len(xs), batch_size)]
-    labels = [torch.stack(ys[i : i + batch_size]) for i in range(0, len(ys), batch_size)]
-    return inputs, labels
+    ys = [torch.as_tensor(it[1]).long() for it in items]
+    ys = [y.reshape(()) if y.numel() == 1 and y.dim() <= 1 else y for y in ys]
+    batches = [
+        (torch.stack(xs[i : i + batch_size]).float(), torch.stack(ys[i : i + batch_size]))
+        for i in range(0, len(xs), batch_size)
+    ]
+    return batches[distributed.rank() :: distributed.world_size()]
+
+
+def _reiterable(batches: Any, data_hint: str) -> Any:
+    """``batches`` when it can be read again (a DataLoader, a list), for the budget's scoring passes."""
+    if iter(batches) is batches:
+        raise UsageError(
+            "--latency-budget reads the data again to score the layers, and this iterable of batches can "
+            "be read only once",
+            hint=f"give a file, a Dataset, a DataLoader or a list of batches ({data_hint})",
+        )
+    return batches
 
 
 def _latency_budget(
     source: Source,
     corrections: Corrections,
     budget: float,
-    inputs: Sequence[Tensor],
-    labels: Sequence[Tensor],
+    batches: Any,
     metric: str,
     *,
     latency: Any = None,
     progress: Any = None,
     scored_on: str = "held-out",
+    device: str = "cpu",
+    output_key: str | int | None = None,
+    ignore_index: int = 255,
+    segmentation: bool = False,
+    data_hint: str = "",
+    selection: str = "exact",
 ) -> tuple[Corrections, Any]:
     """``--latency-budget``: the corrections with the layers not worth their latency reset to plain BN
-    (alpha = beta = 0, new statistics kept), and the :class:`~bncorrect.latency.BudgetReport`."""
-    from .latency import plan_budget
+    (alpha = beta = 0, new statistics kept), and the :class:`~bncorrect.latency.BudgetReport`. The
+    layers are scored on ``batches`` (labelled, read twice) by MODEL's own sweep engine (PyTorch or
+    onnxruntime), all subsets of a pass stacked; ``segmentation``: per-pixel outputs are scored too."""
+    from . import distributed
+    from .latency import corrected_names, plan_budget, subset_graph, sweep_scorer
     from .onnx_rewrite import match_layers
+    from .passes import first_tensor
+    from .sweep import sweep_alpha as run_sweep
 
-    if not inputs:
+    example = None
+    for batch in batches:
+        t = first_tensor(batch)
+        example = None if t is None else t[:64].detach().cpu()
+        break
+    example = distributed.broadcast(example)
+    if example is None or example.shape[0] == 0:
         raise UsageError("--latency-budget needs held-out examples to score the layers, and there are none")
-    example = inputs[0][:64]
     if isinstance(source, OnnxModel):
         plain = source.proto
     else:
@@ -514,28 +559,57 @@ def _latency_budget(
         module = as_batchnorm(strip_corrections(copy.deepcopy(source.model))).cpu().eval()
         plain = export_plain(module, example)
     mapping = match_layers(plain, list(corrections.layers))
-    alpha: dict[str, Tensor] = {}
-    beta: dict[str, Tensor] = {}
-    stats: dict[str, tuple[Tensor, Tensor]] = {}
-    for name, lc in corrections.layers.items():
-        node = mapping[name]
-        alpha[node], beta[node] = lc.alpha, lc.beta
-        if lc.running_mean is not None and lc.running_var is not None:
-            stats[node] = (lc.running_mean, lc.running_var)
-    to_name = {node: name for name, node in mapping.items()}
+    alpha = {n: lc.alpha for n, lc in corrections.layers.items()}
+    beta = {n: lc.beta for n, lc in corrections.layers.items()}
+    stats = {
+        n: (lc.running_mean, lc.running_var)
+        for n, lc in corrections.layers.items()
+        if lc.running_mean is not None and lc.running_var is not None
+    }
+    node_stats = {mapping[n]: v for n, v in stats.items()}
+
+    def graph(subset: tuple[str, ...]) -> Any:
+        nodes = [mapping[n] for n in subset]
+        return subset_graph(
+            plain,
+            {mapping[n]: alpha[n] for n in subset},
+            {mapping[n]: beta[n] for n in subset},
+            node_stats,
+            nodes,
+        )
+
+    def sweep(candidates: Sequence[Any]) -> Any:
+        def step(_: str, done: int, total: int | None) -> None:
+            if progress is not None:
+                progress("latency budget: scoring", done, total)
+
+        return _on_runtime(
+            source,
+            run_sweep,
+            "sweep_onnx",
+            batches,
+            [],
+            extra_candidates=candidates,
+            metric=metric,
+            output_key=output_key,
+            ignore_index=ignore_index,
+            device=device,
+            progress=step,
+            data_hint=data_hint,
+        )
+
+    score = sweep_scorer(sweep, alpha, beta, stats, metric, segmentation=segmentation)
     plan = plan_budget(
-        plain,
-        alpha,
-        beta,
-        inputs,
-        labels,
+        corrected_names(alpha, beta),
+        score,
+        graph,
+        example.numpy(),
         metric,
         budget,
-        running_stats=stats,
         latency=latency,
-        example=example,
+        selection=selection,
         progress=progress,
-    ).renamed(to_name)
+    )
     plan.scored_on = scored_on
     keep = set(plan.selected)
     layers = {
@@ -1362,6 +1436,7 @@ def sweep_alpha(
     latency_budget: float | None = None,
     budget_plot: str | Path | None = None,
     latency_fn: Any = None,
+    budget_selection: str = "exact",
     **load_options: Any,
 ) -> Outcome:
     """Inference example weighing: evaluate a grid of global alphas (plus EMA, the rule 1/B^2 and an
@@ -1378,11 +1453,14 @@ def sweep_alpha(
     ``prior_strengths`` (N values) is another spelling of the grid: alpha = 1/(N+1) each, instead of
     ``alphas``.
 
-    ``latency_budget`` R (OUT ``.onnx``): correct only the layers chosen greedily by gain per latency cost,
-    measured on the data in onnxruntime, so that the written graph's latency ratio stays <= R
-    (:mod:`bncorrect.latency`; ``outcome.report["latency_budget"]``, ``budget_plot`` PNG; ``latency_fn``
-    replaces the latency measurement, e.g. with a cost model)."""
-    from .sweep import Candidate, plot_sweep, write_report
+    ``latency_budget`` R (OUT ``.onnx``): correct only the layers worth their latency: per layer the
+    leave-one-out gain on the data (classification or segmentation metric) and the onnxruntime cost, the
+    exact additive Pareto frontier of subsets, each measured as a real graph, and the best measured one
+    whose latency ratio stays <= R is written (:mod:`bncorrect.latency`;
+    ``outcome.report["latency_budget"]``, ``budget_plot`` PNG; ``latency_fn`` replaces the latency
+    measurement, e.g. with a cost model; ``budget_selection="greedy"`` measures the greedy prefixes
+    instead, for comparison)."""
+    from .sweep import METRICS, SEGMENTATION_METRICS, Candidate, plot_sweep, write_report
     from .sweep import sweep_alpha as run_sweep
 
     if prior_strengths is not None:
@@ -1400,7 +1478,8 @@ def sweep_alpha(
     _check_files(
         model, data=data, corrections=corrections, out=out, plot=plot, report=report, budget_plot=budget_plot
     )
-    _check_budget_options(latency_budget, budget_plot, out, metric)
+    metrics = (*METRICS, *SEGMENTATION_METRICS)
+    _check_budget_options(latency_budget, budget_plot, out, metric, forward_fn=forward_fn, metrics=metrics)
     source = open_model(model, **load_options)
     is_onnx = _onnx_options(source, "sweep-alpha", forward_fn)
     if out is not None:
@@ -1475,18 +1554,21 @@ def sweep_alpha(
         export.example_input = _first_input(loader)
     plan = None
     if latency_budget is not None:
-        n = len(dataset) if max_examples is None else min(len(dataset), max_examples)
-        inputs, labels = _labelled_batches(dataset, range(n), description)
         chosen, plan = _latency_budget(
             source,
             chosen,
             latency_budget,
-            inputs,
-            labels,
-            metric,
+            _reiterable(loader, description),
+            result.metric,
             latency=latency_fn,
             progress=progress,
             scored_on="data",
+            device=device,
+            output_key=output_key,
+            ignore_index=ignore_index,
+            segmentation=result.task == "segmentation",
+            data_hint=description,
+            selection=budget_selection,
         )
     outcome = _finish(source, chosen, out, export, warnings=warnings, data_pass=True, progress=progress)
     outcome.report["sweep"] = result
@@ -1551,7 +1633,7 @@ def tune(
         _check_upstream(upstream)
     _check_device(device)
     _check_files(model, data=data, out=out, plot=plot, report=report, budget_plot=budget_plot)
-    _check_budget_options(latency_budget, budget_plot, out, metric)
+    _check_budget_options(latency_budget, budget_plot, out, metric, forward_fn=forward_fn)
     source = _require_torch(open_model(model, **load_options), "tune")
     if out is not None:
         _check_out(out, source)
@@ -1609,9 +1691,18 @@ def tune(
         )
     plan = None
     if latency_budget is not None:
-        inputs, labels = _labelled_batches(dataset, result.heldout_indices, description)
+        batches = _labelled_batches(dataset, result.heldout_indices, description)
         corrections, plan = _latency_budget(
-            source, corrections, latency_budget, inputs, labels, metric, latency=latency_fn, progress=progress
+            source,
+            corrections,
+            latency_budget,
+            batches,
+            metric,
+            latency=latency_fn,
+            progress=progress,
+            device=device,
+            output_key=output_key,
+            data_hint=description,
         )
     outcome = _finish(source, corrections, out, export, data_pass=True, progress=progress)
     outcome.report["tune"] = result
