@@ -515,6 +515,34 @@ def _reiterable(batches: Any, data_hint: str) -> Any:
     return batches
 
 
+def _graph_output(plain: Any, module: nn.Module, example: Tensor, output_key: str | int | None) -> int | None:
+    """The index of the exported graph's output that holds what the PyTorch sweep scores (``output_key``'s
+    entry of the model's output), found by running both on ``example``; None for a single-tensor output."""
+    from .onnx_passes import GraphRunner
+    from .sweep import select_output
+
+    with torch.no_grad():
+        out = module(example)
+    if isinstance(out, Tensor):
+        return None
+    want = select_output(out, output_key, rows=int(example.shape[0]))
+    names = [o.name for o in plain.graph.output]
+    got = GraphRunner(plain, names, device="cpu").run(example)
+    hits = [
+        i
+        for i, v in enumerate(got)
+        if tuple(v.shape) == tuple(want.shape)
+        and torch.allclose(v.float(), want.float(), rtol=1e-3, atol=1e-4)
+    ]
+    if len(hits) != 1:
+        raise UsageError(
+            f"--latency-budget scores the exported graph, and {len(hits)} of its outputs match the model's "
+            f"output {output_key!r}",
+            hint="give a model whose scored output is one tensor (or one dict entry with --output-key)",
+        )
+    return hits[0]
+
+
 def _latency_budget(
     source: Source,
     corrections: Corrections,
@@ -534,13 +562,15 @@ def _latency_budget(
 ) -> tuple[Corrections, Any]:
     """``--latency-budget``: the corrections with the layers not worth their latency reset to plain BN
     (alpha = beta = 0, new statistics kept), and the :class:`~bncorrect.latency.BudgetReport`. The
-    layers are scored on ``batches`` (labelled, read twice) by MODEL's own sweep engine (PyTorch or
-    onnxruntime), all subsets of a pass stacked; ``segmentation``: per-pixel outputs are scored too."""
+    layers are scored on ``batches`` (labelled, read twice) in onnxruntime on the plain graph (MODEL, or
+    its export with BN kept): the sweep graph of :func:`bncorrect.onnx_passes.sweep_onnx`, one session, the
+    subsets of a pass fed as candidates (measured faster than one session per subset, and than the
+    stacked PyTorch sweep, benchmarks/README.md); ``segmentation``: per-pixel outputs are scored too."""
     from . import distributed
     from .latency import corrected_names, plan_budget, subset_graph, sweep_scorer
+    from .onnx_passes import sweep_onnx
     from .onnx_rewrite import match_layers
     from .passes import first_tensor
-    from .sweep import sweep_alpha as run_sweep
 
     example = None
     for batch in batches:
@@ -550,66 +580,55 @@ def _latency_budget(
     example = distributed.broadcast(example)
     if example is None or example.shape[0] == 0:
         raise UsageError("--latency-budget needs held-out examples to score the layers, and there are none")
+    graph_key = output_key
     if isinstance(source, OnnxModel):
-        plain = source.proto
+        plain, path = source.proto, source.path
     else:
         from .layers import as_batchnorm, strip_corrections
         from .onnx_export import export_plain
 
         module = as_batchnorm(strip_corrections(copy.deepcopy(source.model))).cpu().eval()
-        plain = export_plain(module, example)
+        plain, path = export_plain(module, example), None
+        graph_key = _graph_output(plain, module, example, output_key)
     mapping = match_layers(plain, list(corrections.layers))
-    alpha = {n: lc.alpha for n, lc in corrections.layers.items()}
-    beta = {n: lc.beta for n, lc in corrections.layers.items()}
+    alpha = {mapping[n]: lc.alpha for n, lc in corrections.layers.items()}
+    beta = {mapping[n]: lc.beta for n, lc in corrections.layers.items()}
     stats = {
-        n: (lc.running_mean, lc.running_var)
+        mapping[n]: (lc.running_mean, lc.running_var)
         for n, lc in corrections.layers.items()
         if lc.running_mean is not None and lc.running_var is not None
     }
-    node_stats = {mapping[n]: v for n, v in stats.items()}
 
-    def graph(subset: tuple[str, ...]) -> Any:
-        nodes = [mapping[n] for n in subset]
-        return subset_graph(
-            plain,
-            {mapping[n]: alpha[n] for n in subset},
-            {mapping[n]: beta[n] for n in subset},
-            node_stats,
-            nodes,
-        )
+    def step(_: str, done: int, total: int | None) -> None:
+        if progress is not None:
+            progress("latency budget: scoring", done, total)
 
     def sweep(candidates: Sequence[Any]) -> Any:
-        def step(_: str, done: int, total: int | None) -> None:
-            if progress is not None:
-                progress("latency budget: scoring", done, total)
-
-        return _on_runtime(
-            source,
-            run_sweep,
-            "sweep_onnx",
+        return sweep_onnx(
+            plain,
             batches,
             [],
             extra_candidates=candidates,
             metric=metric,
-            output_key=output_key,
+            output_key=graph_key,
             ignore_index=ignore_index,
             device=device,
             progress=step,
             data_hint=data_hint,
+            source=path,
         )
 
-    score = sweep_scorer(sweep, alpha, beta, stats, metric, segmentation=segmentation)
     plan = plan_budget(
         corrected_names(alpha, beta),
-        score,
-        graph,
+        sweep_scorer(sweep, alpha, beta, stats, metric, segmentation=segmentation),
+        lambda nodes: subset_graph(plain, alpha, beta, stats, nodes),
         example.numpy(),
         metric,
         budget,
         latency=latency,
         selection=selection,
         progress=progress,
-    )
+    ).renamed({node: name for name, node in mapping.items()})
     plan.scored_on = scored_on
     keep = set(plan.selected)
     layers = {

@@ -38,6 +38,7 @@ never asserts on times.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -286,6 +287,28 @@ class BudgetReport:
     @property
     def selected(self) -> list[str]:
         return list(self.chosen.layers)
+
+    def renamed(self, names: Mapping[str, str]) -> BudgetReport:
+        """The same report with layers renamed by ``names`` (e.g. BN node name -> the command's layer
+        name)."""
+
+        def r(layers: Sequence[str]) -> Subset:
+            return tuple(names.get(n, n) for n in layers)
+
+        def point(p: BudgetPoint) -> BudgetPoint:
+            return BudgetPoint(r(p.layers), p.gain, p.ratio)
+
+        return dataclasses.replace(
+            self,
+            layers=list(r(self.layers)),
+            gains={names.get(n, n): v for n, v in self.gains.items()},
+            costs={names.get(n, n): v for n, v in self.costs.items()},
+            curve=[point(p) for p in self.curve],
+            measured=[point(p) for p in self.measured],
+            metric_of={r(s): v for s, v in self.metric_of.items()},
+            chosen=point(self.chosen),
+            labels={names.get(n, n): v for n, v in self.labels.items()},
+        )
 
     def _names(self, layers: Sequence[str]) -> list[str]:
         return [self.labels.get(n, n) for n in layers]
