@@ -1,11 +1,12 @@
 """``--latency-budget`` (bncorrect.latency), measured: what its scoring costs and what its selection chooses.
 
-1. ``cost``: the scoring of one plan (leave-one-out gains and the metric of every measured subset) done by
-   the sweep engines, every subset of a pass stacked as a sweep candidate (two passes over the data: what
-   ``plan_budget`` does now), against one graph and one onnxruntime session per subset, each run over the
-   whole data (what it did before: 2L + 3 passes and sessions). The same subsets are scored both ways and
-   the latency measurement is a node-count cost model in both, so only the scoring differs; interleaved,
-   median of the per-round ratios (plus the two scorers' largest metric difference).
+1. ``cost``: the scoring work of one plan (the plain graph, the full correction, each leave-one-out subset
+   and the frontier points the plan then measures) done three ways, on the same subsets: the onnxruntime
+   sweep graph of ``bncorrect.onnx_passes.sweep_onnx`` on the plain export, one session fed every subset
+   as a candidate (what ``plan_budget`` is given now); one rewritten graph and one onnxruntime session per
+   subset (what it did before, 2L + 3 sessions and passes); the PyTorch sweep with every subset stacked as
+   a candidate (the stacking of ``sweep-alpha``). Interleaved rounds, median of the per-round ratios to
+   the per-graph scheme, and the largest metric difference between the three.
 2. ``selection``: per-layer gains and costs measured once (real onnxruntime timing), then for each budget R
    the subset plain greedy by gain per cost picks (its longest prefix with additive ratio <= R) and the one
    the exact additive frontier picks, both measured as real graphs (their metric on the data, their
@@ -15,13 +16,14 @@ Cases: the committed samples (sweep-alpha's chosen global alpha, ``-B 2``) and b
 ResNet- and MobileNet-style nets with random inputs and labels drawn from their alpha = 0.5 corrected
 predictions (so that corrections help), alpha = 0.1 on every layer.
 
-    python benchmarks/bench_budget.py [--part cost,selection] [--repeats 3] [--threads 2]
+    python benchmarks/bench_budget.py [--part cost,selection] [--repeats 3] [--threads 2] [--examples 256]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
@@ -43,6 +45,7 @@ from bncorrect.budget import LayerOption, budget_curve, pareto_front, select_wit
 from bncorrect.latency import measure_ratios, plan_budget, subset_graph, sweep_scorer
 from bncorrect.layers import correct_model
 from bncorrect.onnx_export import export_plain
+from bncorrect.onnx_passes import sweep_onnx
 from bncorrect.onnx_rewrite import match_layers
 from bncorrect.sweep import sweep_alpha as torch_sweep
 
@@ -88,9 +91,17 @@ class Case:
         on = {self.node[n]: self.coef[n] for n in subset}
         return subset_graph(self.plain, on, on, {}, list(on))
 
-    def sweep_scorer(self) -> Callable[[Sequence[tuple[str, ...]]], list[float]]:
+    def torch_scorer(self) -> Callable[[Sequence[tuple[str, ...]]], list[float]]:
+        """The PyTorch sweep, every subset stacked as a candidate."""
         run = lambda c: torch_sweep(self.model, self.batches, [], extra_candidates=c)  # noqa: E731
         return sweep_scorer(run, self.coef, self.coef, None, "nll")
+
+    def onnx_scorer(self) -> Callable[[Sequence[tuple[str, ...]]], list[float]]:
+        """What ``--latency-budget`` uses: the onnxruntime sweep graph on the plain export, one session."""
+        coef = {self.node[n]: v for n, v in self.coef.items()}
+        run = lambda c: sweep_onnx(self.plain, self.batches, [], extra_candidates=c, device="cpu")  # noqa: E731
+        score = sweep_scorer(run, coef, coef, None, "nll")
+        return lambda subsets: score([tuple(self.node[n] for n in s) for s in subsets])
 
     def graph_scorer(self) -> Callable[[Sequence[tuple[str, ...]]], list[float]]:
         """The scheme before: one rewritten graph and one session per subset, run over all the data."""
@@ -136,30 +147,36 @@ def synthetic_case(name: str, model: torch.nn.Module, n: int = 512) -> Case:
     return Case(name, model, x, y, 0.1)
 
 
-def cost_part(cases: list[Case], repeats: int) -> None:
+def cost_part(cases: list[Case], repeats: int, torch_cases: set[str]) -> None:
     print(
-        "\n| case | BN layers | examples | subsets scored | stacked sweep passes / per-graph sessions "
-        "(time ratio, median of rounds) | largest metric difference |"
+        "\n| case | BN layers | examples | subsets | onnxruntime sweep graph / per-graph sessions | "
+        "stacked PyTorch sweep / per-graph sessions | largest metric difference |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for case in cases:
-        plans = {}
-        ratios = []
-        for _ in range(repeats):
-            t = {}
-            for label, scorer in (("sweep", case.sweep_scorer()), ("graphs", case.graph_scorer())):
+        plan = plan_budget(
+            case.names, case.onnx_scorer(), case.graph, case.example, "nll", 1.5, latency=node_ratio
+        )
+        subsets = list(plan.metric_of)
+        jobs = {"onnx": case.onnx_scorer, "graphs": case.graph_scorer}
+        if case.name in torch_cases:
+            jobs["torch"] = case.torch_scorer
+        ratios: dict[str, list[float]] = {k: [] for k in jobs}
+        values = {}
+        for r in range(repeats):
+            seconds = {}
+            for label in list(jobs)[r % len(jobs) :] + list(jobs)[: r % len(jobs)]:
+                scorer = jobs[label]()
                 t0 = time.perf_counter()
-                plans[label] = plan_budget(
-                    case.names, scorer, case.graph, case.example, "nll", 1.5, latency=node_ratio
-                )
-                t[label] = time.perf_counter() - t0
-            ratios.append(t["sweep"] / t["graphs"])
-        a, b = plans["sweep"], plans["graphs"]
-        assert set(a.metric_of) == set(b.metric_of)
-        diff = max(abs(a.metric_of[s] - b.metric_of[s]) for s in a.metric_of)
+                values[label] = scorer(subsets)
+                seconds[label] = time.perf_counter() - t0
+            for label in jobs:
+                ratios[label].append(seconds[label] / seconds["graphs"])
+        diff = max(abs(a - b) for v in values.values() for a, b in zip(v, values["graphs"], strict=True))
+        med = {k: f"{statistics.median(v):.2f}x" for k, v in ratios.items()}
         print(
-            f"| {case.name} | {len(case.names)} | {case.n} | {len(a.metric_of)} | "
-            f"{statistics.median(ratios):.2f}x | {diff:.1e} |"
+            f"| {case.name} | {len(case.names)} | {case.n} | {len(subsets)} | {med['onnx']} | "
+            f"{med.get('torch', 'not run')} | {diff:.1e} |"
         )
 
 
@@ -167,7 +184,7 @@ def selection_part(cases: list[Case], budgets: Sequence[float]) -> None:
     print("\n| case | R | greedy: layers, metric, measured ratio | exact: layers, metric, measured ratio |")
     print("|---|---|---|---|")
     for case in cases:
-        plan = plan_budget(case.names, case.sweep_scorer(), case.graph, case.example, "nll", max(budgets))
+        plan = plan_budget(case.names, case.onnx_scorer(), case.graph, case.example, "nll", max(budgets))
         options = [LayerOption(n, plan.gains[n], plan.costs[n]) for n in plan.layers]
         greedy_curve = budget_curve(options)
         front = pareto_front(options).points
@@ -177,7 +194,7 @@ def selection_part(cases: list[Case], budgets: Sequence[float]) -> None:
             e = select_within_budget(front, r)
             picks[r] = (g.layers, e.layers)
         subsets = sorted({s for pair in picks.values() for s in pair if s}, key=len)
-        metric = dict(zip(subsets, case.sweep_scorer()(subsets), strict=True)) if subsets else {}
+        metric = dict(zip(subsets, case.onnx_scorer()(subsets), strict=True)) if subsets else {}
         metric[()] = plan.metric_of[()]
         measured = dict(
             zip(
@@ -205,18 +222,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budgets", default="1.1,1.2,1.3,1.5,2")
+    parser.add_argument("--examples", type=int, default=256, help="examples of the synthetic cases")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"host: {host()}; {time.strftime('%Y-%m-%d')}")
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"host: {host()}; {time.strftime('%Y-%m-%d %H:%M')}, load average {load}")
     cases = [
         sample_case("mnist1d_b2"),
         sample_case("digits_b2"),
-        synthetic_case("resnet-style", resnet_like(16)),
-        synthetic_case("mobilenet-style", mobilenet_like(16)),
+        synthetic_case("resnet-style", resnet_like(16), args.examples),
+        synthetic_case("mobilenet-style", mobilenet_like(16), args.examples),
     ]
     parts = args.part.split(",")
     if "cost" in parts:
-        cost_part(cases, args.repeats)
+        cost_part(cases, args.repeats, {"mnist1d_b2", "digits_b2"})
     if "selection" in parts:
         selection_part(cases, [float(b) for b in args.budgets.split(",")])
 
