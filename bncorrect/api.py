@@ -1641,9 +1641,10 @@ def tune(
     :class:`~bncorrect.tune.TuneResult`; ``report`` (JSON) and ``plot`` (PNG) are written on request.
     PyTorch models only (an ONNX graph: tune its PyTorch original and ``apply`` the corrections).
 
-    ``latency_budget`` R (OUT ``.onnx``): of the chosen correction, keep only the layers chosen greedily by
-    held-out gain per latency cost (onnxruntime, held-out shapes) so that the written graph's latency ratio
-    stays <= R (:mod:`bncorrect.latency`; ``outcome.report["latency_budget"]``, ``budget_plot`` PNG;
+    ``latency_budget`` R (OUT ``.onnx``): of the chosen correction, keep only the layers worth their
+    latency: leave-one-out held-out gains, onnxruntime costs (held-out shapes), the exact additive Pareto
+    frontier of subsets measured as real graphs, and the best measured one whose latency ratio stays <= R
+    is written (:mod:`bncorrect.latency`; ``outcome.report["latency_budget"]``, ``budget_plot`` PNG;
     ``latency_fn`` replaces the latency measurement)."""
     from .tune import DEFAULT_MAX_EPOCHS, DEFAULT_STRENGTHS, plot_tune, tune_model, write_tune_report
 

@@ -20,12 +20,17 @@ restricted to each of several subsets of layers, in one pass over the data), :fu
    writes the best measured point whose measured ratio is <= R (when the additive optimum measures over R
    the choice falls back along the curve). The curve shown is the Pareto frontier of the measured points.
 
-Scorers run the commands' own sweep engines on the data, all subsets of a pass stacked as sweep candidates
-(:func:`sweep_scorer`: the PyTorch sweep for PyTorch models, the onnxruntime sweep graph for ONNX ones),
-so classification (nll, top1, top5) and segmentation (pixel-nll, miou, pixel-acc, with the sweep's
+Scorers run a sweep engine on the data, all subsets of a pass as sweep candidates (:func:`sweep_scorer`).
+The commands use the onnxruntime sweep graph of :func:`bncorrect.onnx_passes.sweep_onnx` on the plain
+graph (MODEL itself, or a PyTorch model's export with BN kept, which the timing needs anyway): one session
+for every subset, so the metric is computed in the runtime the graph is written for (the sweep graph's
+corrected layer equals the written one to float rounding; the tests check the written graph's metric
+against its point), and classification (nll, top1,
+top5) and segmentation (pixel-nll, miou, pixel-acc, with the sweep's
 :class:`~bncorrect.sweep.SegmentationTally`) are scored by the code that scores them in ``sweep-alpha``.
-Segmentation is accepted only from callers that say so (``segmentation=True``); others get the clear
-refusal.
+Measured against one session per subset and against the stacked PyTorch sweep (benchmarks/README.md,
+"Latency budget"): 0.5-1.0x and 2-3.4x the time of one session per subset. Segmentation is accepted only
+from callers that say so (``segmentation=True``); others get the clear refusal.
 
 A graph that corrects any layer runs strictly more ops than the plain one, so its ratio is taken as at
 least 1 + 1e-6 (a measured ratio below that is timer noise): R = 1 keeps every BN plain. Under a process
@@ -459,9 +464,8 @@ def plan_budget(
         metric_of.update(zip(unscored, score(unscored), strict=True))
         passes += 1
     points = [BudgetPoint(s, _better(metric, metric_of[s], base_metric), ratio_of[s]) for s in todo]
-    usable = [p for p in points if math.isfinite(p.gain)]
-    chosen = select_within_budget(usable, budget)
-    curve = measured_front(usable)
+    curve = measured_front([p for p in points if math.isfinite(p.gain)])
+    chosen = select_within_budget(curve, budget)  # the best measured point within R is on the frontier
     step("latency budget", total, total)
     return BudgetReport(
         budget=budget,
