@@ -136,10 +136,15 @@ def check_budget(
 
 
 def _session(proto: onnx.ModelProto) -> Any:
+    """A CPU session for timing, default threads, whose threads do not spin-wait after a run: the
+    sessions are run in turn, and with spinning (onnxruntime's default) the idle threads of the one just
+    run compete with the next one (single ratios of 12-23x instead of about 2 on a 2-core host,
+    benchmarks/README.md, "Latency budget")."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
@@ -157,9 +162,9 @@ def measure_ratios(
     repeats: int = 15,
     warmup: int = 2,
 ) -> list[float]:
-    """Latency of each graph over ``plain``'s in onnxruntime (CPU, default threads) on input ``x``: every
-    round runs each session once (plain first, then the others, the order rotated each round), and a
-    graph's ratio is the median of its per-round ratios to plain."""
+    """Latency of each graph over ``plain``'s in onnxruntime (CPU, default threads, no spinning,
+    :func:`_session`) on input ``x``: every round runs each session once (plain first, then the others,
+    the order rotated each round), and a graph's ratio is the median of its per-round ratios to plain."""
     sessions = [_session(g) for g in (plain, *graphs)]
     feeds = [_feed(s, x) for s in sessions]
     for s, f in zip(sessions, feeds, strict=True):
