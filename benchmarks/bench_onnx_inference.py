@@ -40,6 +40,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -186,6 +187,98 @@ def build_floor(b: Builder, p: LayerPlan) -> None:
     b.op("Reshape", [yv, b.shape([-1, p.channels] + [0] * (r - 2))], out=p.y)
 
 
+# ------------------------------------------------------ statistics from training-mode BatchNormalization
+
+
+def build_bn_stats(b: Builder, p: LayerPlan) -> None:
+    """Exploratory, not adopted (benchmarks/README.md): the statistics from BatchNormalization itself. Over
+    the (1, N*C, *spatial) view a training-mode BatchNormalization with momentum 0 returns, as its
+    running-statistics outputs, every (example, channel)'s mean and (biased) variance, exact (two-pass) in
+    one op (onnxruntime runs training mode in inference sessions, opsets 9-13 through the five-output form);
+    its normalized output is not used. Then the per-(N*C) math on them and the affine BN on the view.
+    With a symbolic N its running-statistics inputs are Tile outputs, and onnxruntime's basic-level
+    optimizations (CommonSubexpressionElimination after ConstantSharing) can merge them with the affine
+    step's gamma/bias tiles while the op writes its outputs in place of those inputs: wrong results."""
+    x = cast_in(b, p)
+    rank = p.rank
+    if rank is None:  # view as (N, C, L): works for any rank >= 2 ((N, C) becomes L = 1: var_i = 0)
+        x = b.op("Reshape", [x, b.shape([0, 0, -1])], "x_ncl")
+        r = 3
+    else:
+        r = rank
+    a, be = p.alpha, p.beta
+    c = p.channels
+    batch = p.batch_dim if isinstance(p.batch_dim, int) and p.batch_dim > 0 else None
+    n = None if batch is not None else b.batch_size(x, p.batch_dim)
+
+    def tiled(hint: str, v: np.ndarray) -> str:  # a (C,) term repeated N times, (N*C,)
+        if batch is not None:
+            return b.const(hint + "_tiled", np.tile(v, batch))
+        return b.op("Tile", [b.const(hint, v), n], hint + "_tiled")
+
+    if batch is not None:  # statistics math on (N*C,) with per-channel terms tiled as constants
+
+        def coef(hint: str, v: np.ndarray) -> str:
+            v = np.asarray(v, dtype=np.float64)
+            return b.const(hint, v if v.ndim == 0 else np.tile(v, batch))
+
+        def nc(t: str) -> str:
+            return t
+
+        def flat(t: str) -> str:
+            return t
+
+    else:  # symbolic N: statistics viewed as (N, C) against (C,) terms, flattened for the affine BN
+
+        def coef(hint: str, v: np.ndarray) -> str:
+            return b.const(hint, np.asarray(v, dtype=np.float64))
+
+        def nc(t: str) -> str:
+            return b.op("Reshape", [t, b.shape([-1, c])], t + "_nc")
+
+        def flat(t: str) -> str:
+            return b.op("Reshape", [t, b.shape([-1])], t + "_flat")
+
+    xv = b.op("Reshape", [x, b.shape([1, batch * c if batch else -1] + [0] * (r - 2))], "x_view")
+    g_in = tiled("gamma", p.gamma)
+    b_in = tiled("bias", p.bias)
+    if not np.any(be):  # mu_hat only: one ReduceMean
+        mu_f = b.reduce("ReduceMean", xv, [0, *range(2, r)], 0, "mu_i")
+        var_f = None
+    else:
+        ones, zeros = tiled("ones", np.ones(c)), tiled("zeros", np.zeros(c))
+        n_out = 3 if b.opset >= 14 else 5  # BatchNormalization-9..13: training mode is its 5-output form
+        attrs: dict[str, Any] = {"momentum": 0.0, "epsilon": float(p.eps)}
+        if b.opset >= 14:
+            attrs["training_mode"] = 1
+        inputs = [xv, ones, zeros, zeros, ones]
+        _, mu_f, var_f, *_rest = b.ops("BatchNormalization", inputs, n_out, "example_stats", **attrs)
+    mu = nc(mu_f)
+    if np.any(a):  # mu_hat = mu_E + alpha * (mu_i - mu_E)
+        m_in = flat(b.op("Add", [b.op("Mul", [mu, coef("alpha", a)], "alpha_mu"),
+                                 coef("mean_1ma", (1.0 - a) * p.mean)], "mu_hat"))  # fmt: skip
+    else:
+        m_in = tiled("mean", p.mean)
+    if var_f is None:
+        v_in = tiled("var", p.var)
+    else:
+        terms = [b.op("Mul", [nc(var_f), coef("beta", be)], "beta_var_i")]
+        bb = be * (1.0 - be)
+        if np.any(bb):
+            d = b.op("Sub", [mu, coef("mean", p.mean)], "d")
+            terms.append(b.op("Mul", [b.op("Mul", [d, d], "d2"), coef("bb", bb)], "bb_d2"))
+        ce = (1.0 - be) * p.var
+        if np.any(ce):
+            terms.append(coef("var_1mb", ce))
+        v_in = flat(b.op("Sum", terms, "var_hat") if len(terms) > 1 else terms[0])
+    yv = b.op("BatchNormalization", [xv, g_in, b_in, m_in, v_in], "y_view", epsilon=float(p.eps))
+    back = (
+        b.shape([batch or -1, c] + [0] * (r - 2)) if rank is not None else b.op("Shape", [p.x], "x_shape")
+    )
+    finish_layer(b, p, "y", "Reshape", [yv, back])
+
+
+
 # --------------------------------------------------------------------------- the formulation before #15
 
 
@@ -288,6 +381,13 @@ def bench(
     sessions = {k: session(g, threads) for k, g in graphs.items()}
     name = sessions["original"].get_inputs()[0].name
     feed = {name: x}
+    ref = sessions["chosen"].run(None, feed)[0]
+    for k in ("previous", "naive", "two-pass", "bn-stats"):  # the same correction, formulated differently
+        if k in sessions:
+            got = sessions[k].run(None, feed)[0]
+            err = float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-30))
+            if err > 1e-4:
+                print(f"    WARNING: {k} differs from chosen by {err:.2g} (relative)", flush=True)
     for s in sessions.values():  # warm up
         for _ in range(2):
             s.run(None, feed)
@@ -362,16 +462,29 @@ def pin_batch(model: onnx.ModelProto, n: int) -> onnx.ModelProto:
     return out
 
 
-def graphs_for(original: onnx.ModelProto, alpha: float) -> dict[str, onnx.ModelProto]:
+def graphs_for(original: onnx.ModelProto, alpha: float, bound: bool = False) -> dict[str, onnx.ModelProto]:
     """original, floor (affine only), previous (before #15), naive, chosen (bncorrect.onnx_rewrite.rewrite),
-    and at opset >= 17 the two-pass statistics forced (``two-pass``), which the opset < 17 graphs get."""
+    and at opset >= 17 the two-pass statistics forced (``two-pass``), which the opset < 17 graphs get.
+    With ``bound``, also ``mean-only``: what the rewrite writes for beta = 0 (the example's mean only, one
+    ReduceMean per layer, no variance): the cheapest data-dependent correction, a lower bound for any
+    subgraph that computes a per-example statistic with standard ops."""
     layers = [ly.name for ly in find_bn_nodes(original)]
     coef = dict.fromkeys(layers, alpha)
     out = {"original": original}
     out["floor"] = rewrite_with(original, coef, coef, build=build_floor, formulation="floor", check=False)[0]
+    if bound:
+        out["mean-only"] = rewrite(original, coef, dict.fromkeys(layers, 0.0))[0]
     out["previous"] = rewrite_with(original, coef, coef, build=build_previous, formulation="previous")[0]
     out["naive"] = rewrite_with(original, coef, coef, build=build_naive, formulation="naive")[0]
     out["chosen"] = rewrite(original, coef, coef)[0]
+
+    def bn_stats(b: Builder, p: LayerPlan) -> None:
+        if p.rank == 2:
+            build_rank2(b, p)
+        else:
+            build_bn_stats(b, p)
+
+    out["bn-stats"] = rewrite_with(original, coef, coef, build=bn_stats, formulation="bn-stats")[0]
     if max(o.version for o in original.opset_import if o.domain in ("", "ai.onnx")) >= 17:
 
         def two_pass(b: Builder, p: LayerPlan) -> None:
@@ -435,6 +548,12 @@ def main() -> None:
         "that fuses Conv+BN+ReLU into blocked-layout kernels) or 'extended' (no layout transform)",
     )
     ap.add_argument("--numerics", action="store_true", help="only print the variance-precision table")
+    ap.add_argument(
+        "--bound",
+        action="store_true",
+        help="also time 'mean-only' (the rewrite at beta = 0: one ReduceMean per layer, no variance), the "
+        "cheapest data-dependent correction: a lower bound for any exact subgraph with standard ops",
+    )
     args = ap.parse_args()
     if args.numerics:
         numerics()
@@ -473,7 +592,7 @@ def main() -> None:
         for n in (int(v) for v in args.batches.split(",")):
             for pinned in pins:
                 original = pin_batch(exported, n) if pinned else exported
-                graphs = graphs_for(original, args.alpha)
+                graphs = graphs_for(original, args.alpha, args.bound)
                 x = np.random.default_rng(0).standard_normal((n, *in_shape)).astype(np.float32)
                 t = bench(graphs, x, args.threads, args.repeats, args.min_time)
                 ratio = {
@@ -500,9 +619,9 @@ def main() -> None:
     print()
     print(
         "| graph | opset | batch | N in graph | original ms | floor | previous | naive | chosen | two-pass "
-        "| chosen / floor | naive / chosen |"
+        "| chosen / floor | naive / chosen |" + (" mean-only | mean-only / floor |" if args.bound else "")
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.bound else ""))
     for label, opset, n, pin, t, ratio, to_floor, nc, _ in rows:
 
         def cell(k: str, ratio: dict = ratio, to_floor: dict = to_floor) -> str:
@@ -513,6 +632,7 @@ def main() -> None:
             f"| {statistics.median(t['original']) * 1e3:.2f} | {ratio['floor']:.3f} | {cell('previous')} "
             f"| {cell('naive')} | **{cell('chosen')}** | {cell('two-pass')} | {to_floor['chosen']:.3f} "
             f"| {nc:.3f} |"
+            + (f" {cell('mean-only')} | {to_floor['mean-only']:.3f} |" if args.bound else "")
         )
     print()
     seen = set()

@@ -2,11 +2,19 @@
 and what tune chooses, on the sample checkpoints.
 
 Both run through the Python API the CLI calls (``bncorrect.api.tune`` and ``bncorrect.api.sweep_alpha``,
-same model, same validation file, same B, CPU), side by side in one process: the two jobs alternate,
+same model, same validation file, same B, CPU), side by side in one process: the three jobs (sweep-alpha,
+tune, tune with ``recalibrate=False``, i.e. without the candidate EvalNorm after recalibration) alternate,
 ``--repeats`` rounds after one warm-up round, and the median of each is reported with the median of the
-per-round ratios. tune's own stages (split, estimate, sweep, fit, held-out) are printed from its timings
-of the last round, and the held-out NLL of every candidate (EMA, rule, best global alpha, EvalNorm offline,
-tuned per layer) with the one tune chose.
+per-round ratios. tune's own stages (split, estimate, recalibrate, sweep, fit, held-out) are printed from
+its timings of the last round, and the held-out NLL of every candidate (EMA, rule, best global alpha,
+EvalNorm offline without and with recalibration, tuned per layer) with the one tune chose.
+
+``--baseline DIR``: also time tune from another copy of the package (a directory holding a ``bncorrect``
+folder, e.g. ``git archive <commit> bncorrect | tar -x -C DIR``) in the same rounds: sweep-alpha, tune
+(baseline), tune (this tree), so that the two ratios are measured side by side under the same load; the
+table then gives both, their ratio, and whether the two chose the same candidate with the same held-out
+numbers. Beside the wall-clock ratios it gives the ratios of this process's CPU time (``process_time``),
+which waiting for a core on a shared host does not inflate.
 
 ``--memory``: instead, peak memory against the data size. For each case the validation set is tiled 1x,
 4x and 16x (each copy with small noise, labels kept), and tune runs on it in a fresh process per size, once
@@ -16,13 +24,16 @@ process's peak RSS minus its RSS after the data was loaded (so the data itself, 
 is not counted), in MiB.
 
 Usage: python benchmarks/bench_tune.py [--repeats 3] [--threads N] [--samples DIR] [--cases a,b]
-       [--holdout 0.3] [--seed 0] [--memory]
+       [--holdout 0.3] [--seed 0] [--baseline DIR] [--memory]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import importlib
+import os
 import platform
 import statistics
 import subprocess
@@ -37,6 +48,42 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bncorrect import api  # noqa: E402
+
+
+def _package_modules() -> dict[str, object]:
+    return {
+        k: sys.modules.pop(k) for k in list(sys.modules) if k == "bncorrect" or k.startswith("bncorrect.")
+    }
+
+
+class Baseline:
+    """Another copy of bncorrect (``DIR/bncorrect``) in this process: its modules are swapped into
+    ``sys.modules`` while it runs, so its lazy imports resolve to its own files."""
+
+    def __init__(self, folder: Path) -> None:
+        if not (folder / "bncorrect" / "__init__.py").is_file():
+            raise SystemExit(f"--baseline {folder}: no bncorrect package there")
+        self.folder = folder
+        ours = _package_modules()
+        sys.path.insert(0, str(folder))
+        try:
+            self.api = importlib.import_module("bncorrect.api")
+            importlib.import_module("bncorrect.tune")
+        finally:
+            sys.path.remove(str(folder))
+            self.modules = _package_modules()
+            sys.modules.update(ours)
+
+    @contextlib.contextmanager
+    def active(self):  # type: ignore[no-untyped-def]
+        ours = _package_modules()
+        sys.modules.update(self.modules)
+        try:
+            yield self.api
+        finally:
+            self.modules.update(_package_modules())
+            sys.modules.update(ours)
+
 
 MEMORY_CHILD = r"""
 import resource, sys, numpy as np, torch
@@ -104,6 +151,7 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--holdout", type=float, default=0.3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--baseline", type=Path, default=None, help="also time tune from DIR/bncorrect")
     ap.add_argument("--memory", action="store_true", help="peak memory at 1x/4x/16x the data instead")
     args = ap.parse_args()
     if args.threads:
@@ -116,9 +164,22 @@ def main() -> None:
     if args.memory:
         memory(args)
         return
-    print(f"repeats {args.repeats} (after 1 warm-up round), jobs alternating; CPU\n")
-    print("| case | sweep-alpha s | tune s | tune / sweep | tune stages (s) |")
-    print("|---|---|---|---|---|")
+    print(f"repeats {args.repeats} (after 1 warm-up round), jobs alternating; CPU; load average "
+          f"{' '.join(f'{v:.1f}' for v in os.getloadavg())} at the start")  # fmt: skip
+    base = Baseline(args.baseline.resolve()) if args.baseline is not None else None
+    if base is not None:
+        print(f"baseline: {base.folder}/bncorrect, timed in the same rounds (sweep, tune baseline, tune this "
+              "tree)\n")  # fmt: skip
+        print("| case | sweep-alpha s | tune s baseline | tune s | tune / sweep baseline | tune / sweep | "
+              "CPU time: tune / sweep baseline | CPU time: tune / sweep | tune / tune baseline | same choice "
+              "and held-out | fit stage s baseline -> this |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+    else:
+        print()
+        print(
+            "| case | sweep-alpha s | tune s | tune / sweep | tune --no-recalibrate / sweep | tune stages s |"
+        )
+        print("|---|---|---|---|---|---|")
     summaries = []
     for name in [c.strip() for c in args.cases.split(",") if c.strip()]:
         folder = args.samples / name
@@ -127,7 +188,10 @@ def main() -> None:
             print(f"| {name} | missing ({model}) | | | |")
             continue
         b = int(name.rsplit("_b", 1)[1])
-        source = api.open_model(model)
+        # every job opens the checkpoint itself: the API corrects a Source object it is given in place, so a
+        # Source shared across jobs would carry one job's written correction (e.g. recalibrated
+        # statistics) into the next
+        source = model
         dataset = api.open_data(data)
         last: dict[str, api.Outcome] = {}
 
@@ -139,26 +203,68 @@ def main() -> None:
         ) -> None:
             last["outcome"] = api.tune(source, dataset, b, holdout=args.holdout, seed=args.seed, device="cpu")
 
-        times: dict[str, list[float]] = {"sweep": [], "tune": []}
+        def run_plain(source: object = source, dataset: object = dataset, b: int = b) -> None:
+            kw = {"holdout": args.holdout, "seed": args.seed, "device": "cpu", "recalibrate": False}
+            api.tune(source, dataset, b, **kw)
+
+        def run_base(model: Path = model, data: Path = data, b: int = b, last: dict = last) -> None:
+            assert base is not None
+            with base.active() as base_api:
+                src, ds = base_api.open_model(model), base_api.open_data(data)
+                last["base"] = base_api.tune(src, ds, b, holdout=args.holdout, seed=args.seed, device="cpu")
+
+        jobs = [("sweep", run_sweep), ("tune", run_tune)]
+        if base is not None:  # against a baseline: the default tune only, to keep the rounds short
+            jobs.insert(1, ("base", run_base))
+        else:
+            jobs.append(("plain", run_plain))
+        times: dict[str, list[float]] = {job: [] for job, _ in jobs}
+        cpu: dict[str, list[float]] = {job: [] for job, _ in jobs}  # this process's CPU time
         for round_ in range(args.repeats + 1):
-            for job, fn in (("sweep", run_sweep), ("tune", run_tune)):
-                t = time.perf_counter()
+            for job, fn in jobs:
+                t, c = time.perf_counter(), time.process_time()
                 fn()
                 if round_:
                     times[job].append(time.perf_counter() - t)
+                    cpu[job].append(time.process_time() - c)
         ratios = [t / s for t, s in zip(times["tune"], times["sweep"], strict=True)]
         sweep_s, tune_s = statistics.median(times["sweep"]), statistics.median(times["tune"])
         result = last["outcome"].report["tune"]
         stages = ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items())
-        print(f"| {name} | {sweep_s:.2f} | {tune_s:.2f} | **{statistics.median(ratios):.2f}** | {stages} |")
+        if base is None:
+            plain = [t / s for t, s in zip(times["plain"], times["sweep"], strict=True)]
+            print(
+                f"| {name} | {sweep_s:.2f} | {tune_s:.2f} | **{statistics.median(ratios):.2f}** | "
+                f"{statistics.median(plain):.2f} | {stages} |"
+            )
+        else:
+            old = last["base"].report["tune"]
+            base_ratios = [t / s for t, s in zip(times["base"], times["sweep"], strict=True)]
+            speed = [t / o for t, o in zip(times["tune"], times["base"], strict=True)]
+            cpu_new = statistics.median(t / s for t, s in zip(cpu["tune"], cpu["sweep"], strict=True))
+            cpu_old = statistics.median(t / s for t, s in zip(cpu["base"], cpu["sweep"], strict=True))
+            same = old.chosen.kind == result.chosen.kind and all(
+                abs(a.heldout.nll - b_.heldout.nll) <= 1e-4 and a.heldout.top1 == b_.heldout.top1
+                for a, b_ in zip(old.rows, result.rows, strict=True)
+            )
+            print(
+                f"| {name} | {sweep_s:.2f} | {statistics.median(times['base']):.2f} | {tune_s:.2f} | "
+                f"{statistics.median(base_ratios):.2f} | **{statistics.median(ratios):.2f}** | "
+                f"{cpu_old:.2f} | **{cpu_new:.2f}** | "
+                f"{statistics.median(speed):.2f} | {'yes' if same else 'NO'} ({result.chosen.kind}) | "
+                f"{old.timings['fit']:.2f} -> {result.timings['fit']:.2f} |"
+            )
         summaries.append((name, result))
     print(
         "\nHeld-out NLL (top-1 %) of every candidate; ◀ chosen. Fitting part / held-out part sizes, the tuned"
     )
     print("fit's L1 strength, epochs and the layers it leaves at alpha = beta = 0.\n")
-    head = ("case", "EMA", "rule 1/B^2", "best global alpha", "EvalNorm offline", "tuned per layer")
-    print("| " + " | ".join(head) + " | tuned: L1, epochs, plain |")
-    print("|---|---|---|---|---|---|---|")
+    labels = {"ema": "EMA", "rule": "rule 1/B^2", "global": "best global alpha",
+              "evalnorm": "EvalNorm offline", "evalnorm-recal": "EvalNorm + recal. (train)",
+              "tuned": "tuned per layer"}  # fmt: skip
+    kinds = [row.kind for row in summaries[0][1].rows] if summaries else list(labels)
+    print("| case | " + " | ".join(labels[k] for k in kinds) + " | tuned: L1, epochs, plain |")
+    print("|" + "---|" * (len(kinds) + 2))
     for name, result in summaries:
         cells = []
         for row in result.rows:

@@ -104,7 +104,9 @@ def open_model(model: ModelLike, **load_options: Any) -> Source:
     """Load MODEL (path or object) into a :class:`LoadedModel` or :class:`OnnxModel`.
 
     An ``nn.Module`` is deep-copied (as ``torch.ao.quantization.prepare`` does by default), so that the
-    commands never modify the caller's module: the corrected copy is ``Outcome.model``.
+    commands never modify the caller's module: the corrected copy is ``Outcome.model``. A
+    :class:`LoadedModel` (what this returns) passed to a command is copied the same way, so one opened model
+    can serve several commands, each starting from the model as loaded.
     """
     source = _open(model, **load_options)
     if not source.fingerprint:
@@ -122,19 +124,24 @@ def model_fingerprint(source: Source) -> str:
     return torch_fingerprint(source.model)
 
 
+def _copy_module(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:  # e.g. hooks holding locks or open files
+        raise UsageError(
+            f"cannot copy the model ({type(exc).__name__}: {exc})",
+            hint="bncorrect works on a copy of a module passed in; remove what cannot be deep-copied "
+            "(hooks, open handles), or save the model and pass its path",
+        ) from exc
+
+
 def _open(model: ModelLike, **load_options: Any) -> Source:
-    if isinstance(model, LoadedModel | OnnxModel):
+    if isinstance(model, OnnxModel):  # never modified: the rewrite works on a copy of the graph
         return model
+    if isinstance(model, LoadedModel):  # opened once, used by several commands: each gets its own copy
+        return dataclasses.replace(model, model=_copy_module(model.model))
     if isinstance(model, nn.Module):
-        try:
-            work = copy.deepcopy(model)
-        except Exception as exc:  # e.g. hooks holding locks or open files
-            raise UsageError(
-                f"cannot copy the model ({type(exc).__name__}: {exc})",
-                hint="bncorrect works on a copy of a module passed in; remove what cannot be deep-copied "
-                "(hooks, open handles), or save the model and pass its path",
-            ) from exc
-        return LoadedModel(work, Path("<in-memory>"), "pickled-module", "")
+        return LoadedModel(_copy_module(model), Path("<in-memory>"), "pickled-module", "")
     path = Path(model)
     if path.suffix.lower() == ".onnx":
         from .models import file_sha256
@@ -1608,8 +1615,9 @@ def tune(
     metric: str = "nll",
     holdout: float = 0.3,
     seed: int = 0,
-    recalibrate: bool = False,
-    upstream: str = "eval",
+    recalibrate: bool | None = None,
+    upstream: str | None = None,
+    ignore_index: int = 255,
     per_channel: bool = False,
     strengths: Sequence[float] | None = None,
     alphas: Sequence[float] | None = None,
@@ -1632,23 +1640,49 @@ def tune(
 ) -> Outcome:
     """The best safe correction, fitted to the metric, with a held-out check (:mod:`bncorrect.tune`).
 
-    ``data`` (labelled, indexable: a path, arrays ``(x, y)`` or a map-style Dataset) is split, seeded and
-    stratified by label, into a fitting part and a held-out part (``holdout``). On the fitting part: EMA,
-    the rule 1/B^2, the best global alpha (sweep), EvalNorm offline (after recalibration with
-    ``recalibrate``) and per-layer alpha/beta fitted to the NLL (L1 ``strengths``, ``per_channel``). Every
-    candidate is scored on the held-out part and the best by ``metric`` (nll, top1, top5) is written to
-    ``out``, never one worse than EMA there. ``outcome.report["tune"]`` is the
+    ``data`` (labelled, indexable: a path, arrays ``(x, y)`` or a map-style Dataset) is split, seeded (and
+    stratified by label for class labels; per image for masks), into a fitting part and a held-out part
+    (``holdout``). On the fitting part: EMA, the rule 1/B^2, the best global alpha (sweep), EvalNorm offline
+    on the running statistics, EvalNorm offline after recalibration on the fitting part (``upstream``:
+    ``"train"`` by default, or ``"eval"``; ``recalibrate=False`` leaves this candidate out) and per-layer
+    alpha/beta fitted to the NLL (L1 ``strengths``, ``per_channel``). Every candidate is scored on the
+    held-out part and the best by ``metric`` (nll, top1, top5; segmentation: pixel-nll, miou, pixel-acc over
+    the pixels whose mask value is not ``ignore_index``, with ``output_key`` picking per-pixel logits) is
+    written to ``out``, never one worse than EMA there; a recalibrated candidate's statistics replace the
+    running statistics in what is written. ``outcome.report["tune"]`` is the
     :class:`~bncorrect.tune.TuneResult`; ``report`` (JSON) and ``plot`` (PNG) are written on request.
     PyTorch models only (an ONNX graph: tune its PyTorch original and ``apply`` the corrections).
+
+    ``recalibrate=True`` was an opt-in before, which replaced the EvalNorm candidate by its recalibrated
+    form with ``upstream="eval"``; it is the default now and adds the candidate beside the plain one, with
+    ``upstream="train"`` unless ``upstream`` is given (a note in the result says so when it is passed).
 
     ``latency_budget`` R (OUT ``.onnx``): of the chosen correction, keep only the layers worth their
     latency: leave-one-out held-out gains, onnxruntime costs (held-out shapes), the exact additive Pareto
     frontier of subsets measured as real graphs, and the best measured one whose latency ratio stays <= R
     is written (:mod:`bncorrect.latency`; ``outcome.report["latency_budget"]``, ``budget_plot`` PNG;
     ``latency_fn`` replaces the latency measurement)."""
-    from .tune import DEFAULT_MAX_EPOCHS, DEFAULT_STRENGTHS, plot_tune, tune_model, write_tune_report
+    from .tune import (
+        DEFAULT_MAX_EPOCHS,
+        DEFAULT_STRENGTHS,
+        DEFAULT_UPSTREAM,
+        dataset_labels,
+        plot_tune,
+        tune_model,
+        write_tune_report,
+    )
 
     _check_batch_size("train_batch_size", train_batch_size)
+    legacy_note = None
+    if recalibrate is True and upstream is None:
+        legacy_note = (
+            f"{spell('recalibrate')} is the default now: EvalNorm offline is scored both on the running "
+            f"statistics and after recalibration ({spell('upstream', DEFAULT_UPSTREAM)}; before, "
+            f"{spell('recalibrate')} replaced the EvalNorm candidate and meant "
+            f"{spell('upstream', 'eval')}: pass it for those statistics)"
+        )
+    recalibrate = True if recalibrate is None else bool(recalibrate)
+    upstream = DEFAULT_UPSTREAM if upstream is None else upstream
     if recalibrate:
         _check_upstream(upstream)
     _check_device(device)
@@ -1660,6 +1694,14 @@ def tune(
     channels = correctable_channels(source)
     dataset = open_data(data, data_spec)
     description = getattr(dataset, "description", type(dataset).__name__)
+    if latency_budget is not None and dataset_labels(dataset, description).dim() == 3:
+        raise UsageError(
+            f"{spell('latency_budget', 'R')} scores classification models only, and this data holds "
+            "segmentation masks",
+            path=getattr(dataset, "path", None),
+            hint=f"leave {spell('latency_budget', 'R')} out for segmentation: tune then writes the whole "
+            "chosen correction",
+        )
     result = tune_model(
         source.model,
         dataset,
@@ -1672,6 +1714,7 @@ def tune(
         per_channel=per_channel,
         recalibrate=recalibrate,
         upstream=upstream,
+        ignore_index=ignore_index,
         max_examples=max_examples,
         max_epochs=DEFAULT_MAX_EPOCHS if max_epochs is None else max_epochs,
         device=device,
@@ -1681,6 +1724,8 @@ def tune(
         progress=progress,
         data_hint=description,
     )
+    if legacy_note is not None:
+        result.notes.append(legacy_note)
     stats = result.running_stats() or {}
     layers = {
         name: LayerCorrection(a, b, *stats.get(name, (None, None)))
@@ -1695,7 +1740,8 @@ def tune(
         source.sha256,
         description,
         {
-            "metric": metric,
+            "metric": result.metric,
+            "task": result.task,
             "chosen": chosen.as_dict(),
             "n_fit": result.n_fit,
             "n_heldout": result.n_heldout,

@@ -1047,19 +1047,39 @@ def tune(
             help="Examples per normalization batch in training (per GPU / ghost batch).",
         ),
     ],
-    metric: Annotated[str, typer.Option(help="Choose by held-out nll, top1 or top5.")] = "nll",
+    metric: Annotated[
+        str,
+        typer.Option(
+            help="Choose by held-out nll, top1 or top5; segmentation (masks y (N, H, W)): pixel-nll (= nll), "
+            "miou or pixel-acc."
+        ),
+    ] = "nll",
     holdout: Annotated[
-        float, typer.Option(help="Fraction of the data held out to score the candidates (stratified).")
+        float,
+        typer.Option(
+            help="Fraction of the data held out to score the candidates (stratified by label; per image for "
+            "masks)."
+        ),
     ] = 0.3,
     recalibrate: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--recalibrate", help="EvalNorm candidate: first replace running statistics by population ones."
+            "--recalibrate/--no-recalibrate",
+            help="Score EvalNorm offline also after recalibrating the statistics on the fitting part (the "
+            "default; --no-recalibrate leaves that candidate out, for speed).",
+            show_default=False,
         ),
-    ] = False,
+    ] = None,
     upstream: Annotated[
-        str, typer.Option(help="With --recalibrate: 'eval' or 'train' (see recalibrate).")
-    ] = "eval",
+        str | None,
+        typer.Option(
+            help="Statistics of the recalibrated EvalNorm candidate: 'train' (training-consistent, default) "
+            "or 'eval' (see recalibrate)."
+        ),
+    ] = None,
+    ignore_index: Annotated[
+        int, typer.Option(help="Segmentation: the mask value of unlabelled pixels (ignored everywhere).")
+    ] = 255,
     per_channel: Annotated[
         bool, typer.Option("--per-channel", help="Fit alpha/beta vectors of length C instead of scalars.")
     ] = False,
@@ -1112,7 +1132,8 @@ def tune(
     json_out: JsonOpt = False,
 ) -> None:
     """The best safe correction: per-layer alpha/beta fitted to the metric beside EMA, the rule, the best
-    global alpha and EvalNorm, all scored on a held-out part; never worse than EMA there."""
+    global alpha and EvalNorm (without and with recalibration), all scored on a held-out part; never worse
+    than EMA there. Classifiers (labels y (N,)) and segmentation nets (masks y (N, H, W))."""
     from . import api
     from .sweep import parse_alphas
     from .tune import parse_strengths
@@ -1136,6 +1157,7 @@ def tune(
             seed=seed,
             recalibrate=recalibrate,
             upstream=upstream,
+            ignore_index=ignore_index,
             per_channel=per_channel,
             strengths=parse_strengths(strengths) if strengths is not None else None,
             alphas=parse_alphas(alphas) if alphas is not None else None,
@@ -1162,12 +1184,9 @@ def tune(
     out_console.print(result.table())
     out_console.print(result.layer_table())
     _budget_table(outcome, budget_plot)
-    chosen = result.chosen
-    h = chosen.heldout
     zero = len(result.zero_layers)
     out_console.print(
-        f"Chosen by held-out {result.metric}: {chosen.label} (held-out nll {h.nll:.4f}, top-1 "
-        f"{100 * h.top1:.2f}%; EMA {result.ema.heldout.nll:.4f}, {100 * result.ema.heldout.top1:.2f}%). "
+        f"Chosen by held-out {result.metric}: {result.summary()}. "
         f"Tuned fit: L1 strength {result.fit.best.strength:g}, {zero} of {len(result.layers)} layers plain "
         f"BN, {result.fit.epochs} epochs ({result.fit.mode}; {result.fit.cache})."
     )

@@ -56,8 +56,10 @@ __all__ = [
     "batch_stats",
     "corrected_batch_norm",
     "corrected_scale_shift",
+    "corrected_scale_shift_backward",
     "corrected_stats",
     "example_stats",
+    "example_stats_grad",
     "expand_to",
     "group_stats",
     "input_map",
@@ -138,6 +140,40 @@ def example_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     else:
         var = (xf - mean).square_().mean(dims)
     return mean.reshape(var.shape), var
+
+
+class _ExampleStats(torch.autograd.Function):
+    """:func:`example_stats` with its gradient written out (see :func:`example_stats_grad`)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        mean, var = example_stats(x)
+        ctx.save_for_backward(x, mean)
+        return mean, var
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, g_mean: Tensor, g_var: Tensor) -> Tensor:  # type: ignore[override]
+        x, mean = ctx.saved_tensors  # type: ignore[attr-defined]
+        values = math.prod(x.shape[2:])
+        # d mean / d x_v = 1/L; d var / d x_v = 2 (x_v - mean) / L (the mean's own term sums to 0), so
+        # grad_x = x * k + (g_mean / L - k * mean) with k = 2 g_var / L, per (example, channel)
+        k = g_var * (2.0 / values)
+        return affine(x, k, g_mean / values - k * mean)
+
+
+def example_stats_grad(x: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`example_stats` (the same values, computed by it), with an analytic backward when autograd
+    records: the gradient of the mean and the biased variance with respect to ``x`` is
+
+        grad_x = g_mean / L + g_var * 2 (x - mean) / L          (L values per (example, channel))
+
+    one fused pass over ``x`` (:func:`affine`) instead of the five to seven that autograd's mean, subtract,
+    square and mean take. For (N, C) input (mean = x, var = 0) and without autograd it is
+    :func:`example_stats` itself."""
+    if x.dim() > 2 and torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+        mean, var = _ExampleStats.apply(x)
+        return mean, var
+    return example_stats(x)
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -235,6 +271,45 @@ def corrected_scale_shift(
     if bias is None:
         return s, (mu_hat.mul_(s).neg_() if inplace else -(mu_hat * s))
     return s, torch.addcmul(bias.to(s.dtype), mu_hat, s, value=-1.0)
+
+
+def corrected_scale_shift_backward(
+    g_s: Tensor,
+    g_t: Tensor,
+    mu_i: Tensor,
+    var_i: Tensor,
+    mu_e: Tensor,
+    var_e: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+    eps: float,
+    weight: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of :func:`corrected_scale_shift`'s ``(s, t)`` with respect to ``mu_i``, ``var_i``,
+    ``alpha`` and ``beta``, given ``g_s``, ``g_t`` (the gradients of the loss with respect to s and t),
+    each in the broadcast shape of s (the caller sums them to its operands' shapes). With
+    ``v = beta var_i + (1 - beta) var_E + eps + beta (1 - beta) d^2``, ``s = gamma v^-1/2`` and
+    ``t = b - mu_hat s``::
+
+        g_mu_hat = -g_t s                    g_v     = -(g_s - g_t mu_hat) s / (2 v)
+        g_alpha  = g_mu_hat d                g_beta  = g_v (var_i - var_E + (1 - 2 beta) d^2)
+        g_var_i  = g_v beta                  g_mu_i  = g_mu_hat alpha + 2 g_v beta (1 - beta) d
+
+    (the bias and gamma are constants here: their gradients are not formed)."""
+    d = mu_i - mu_e
+    c1 = beta * (1 - beta)
+    v = torch.addcmul((1 - beta) * var_e + eps, var_i, beta).addcmul_(d * c1, d)
+    s = v.rsqrt()
+    if weight is not None:
+        s = s * weight.to(s.dtype)
+    mu_hat = torch.addcmul(mu_e, d, alpha)
+    g_mu_hat = -g_t * s
+    g_v = (g_s - g_t * mu_hat).mul_(s).div_(v).mul_(-0.5)
+    g_alpha = g_mu_hat * d
+    g_beta = g_v * torch.addcmul(var_i - var_e, d * d, 1 - 2 * beta)
+    g_var = g_v * beta
+    g_mu = torch.addcmul(g_mu_hat * alpha, g_v, d * (2 * c1))
+    return g_mu, g_var, g_alpha, g_beta
 
 
 #: x * s + t with a per-(N, C) scale runs as BatchNorm's inference kernel over a (1, N*C, L) view when

@@ -10,7 +10,8 @@ what a user would run, through the same API functions as the CLI commands:
    labelled validation data (plot and JSON report);
 5. ONNX export of the NLL-best global alpha, verified against PyTorch in onnxruntime;
 6. ``tune``: the validation data split in halves (seeded, stratified by label); every candidate (EMA, the
-   rule, the best global alpha, EvalNorm offline, per-layer alpha/beta fitted to the NLL) fitted on one
+   rule, the best global alpha, EvalNorm offline with and without recalibration first, per-layer
+   alpha/beta fitted to the NLL) fitted on one
    half and scored on the other, the held-out half; the chosen one written (``tuned.safetensors``, its
    JSON report and per-layer plot). Its numbers are on the held-out half only, so they are shown in a
    table of their own, not beside the whole-set rows of steps 1-5;
@@ -53,6 +54,7 @@ TUNE_ROWS = (
     ("rule", "rule 1/B^2"),
     ("global", "best global alpha"),
     ("evalnorm", "EvalNorm offline"),
+    ("evalnorm-recal", "EvalNorm + recalibrate (train)"),
     ("tuned", "tuned per layer"),
 )
 

@@ -1521,7 +1521,9 @@ MIOU_CONVENTION = (
 )
 
 
-def _segmentation_rows(candidates: Sequence[Candidate], tally: SegmentationTally) -> list[SweepRow]:
+def segmentation_rows(candidates: Sequence[Candidate], tally: SegmentationTally) -> list[SweepRow]:
+    """One segmentation :class:`SweepRow` per candidate of a finished (already merged) ``tally``: pixel-nll,
+    pixel accuracy, mIoU (:data:`MIOU_CONVENTION`) and IoU per class, differences from the first row."""
     n, pixels = tally.n, tally.pixels
     cm = tally.confusion.to(torch.float64)
     tp = cm.diagonal(dim1=1, dim2=2)  # (K, classes)
@@ -1817,7 +1819,7 @@ def sweep_result(
             )
         result = SweepResult(
             task_metric(metric, "segmentation"),
-            _segmentation_rows(candidates, tally),
+            segmentation_rows(candidates, tally),
             tally.n,
             num_classes,
             top_k,

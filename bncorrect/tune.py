@@ -6,23 +6,30 @@ what a held-out part of the data confirms.
 
 What it does (:func:`tune_model`):
 
-1. **Split** the labelled validation data, seeded and stratified by label (:func:`stratified_split`): a
+1. **Split** the labelled validation data, seeded and stratified by label (:func:`stratified_split`; for
+   segmentation masks one seeded draw per image, :func:`random_split`, since a mask holds many classes): a
    *fitting part* and a *held-out part* (``holdout``, default 0.3). The fitting part is split once more,
    the same way, into the examples the per-layer fit learns from and a *monitor* slice (``monitor``,
    default 0.25 of the fitting part) that stops it early and chooses the L1 strength.
 2. **Candidates, on the fitting part**: EMA (alpha = beta = 0, plain BN); the rule 1/B^2; the best global
    alpha (:func:`bncorrect.sweep.sweep_alpha` over its grid, beta = alpha); EvalNorm offline
-   (:func:`bncorrect.estimation.estimate_alpha_beta`, after :func:`bncorrect.recalibration.recalibrate_stats`
-   with ``recalibrate``; its grid search on ``solve_rows`` = :data:`DEFAULT_SOLVE_ROWS` = 1024 (example,
-   channel) rows per layer instead of estimate's 4096: the solve cost 1.4-1.8 sweeps at 4096 rows, and on
-   the four samples x seeds 0-2 the candidate tune chooses was the same at 4096, 1024 and 512 rows, the
-   EvalNorm row's held-out NLL moving by at most 0.0013 at 1024 rows); and **per-layer alpha/beta fitted
-   to the NLL** (:func:`fit_per_layer`).
+   (:func:`bncorrect.estimation.estimate_alpha_beta`) on the running statistics (kind ``evalnorm``) and,
+   with ``recalibrate`` (the default), a second time on population statistics recalibrated on the fitting
+   part first (:func:`bncorrect.recalibration.recalibrate_stats`, ``upstream`` :data:`DEFAULT_UPSTREAM` =
+   ``train`` over shuffled groups of B, or ``eval`` with recalibrate's default choice of scheme; kind
+   ``evalnorm-recal``, whose statistics replace the running ones wherever it is written; both estimates
+   come from one estimation pass, :func:`estimate_pair`); both solve their
+   grid search on ``solve_rows`` = :data:`DEFAULT_SOLVE_ROWS` = 1024 (example, channel) rows per layer
+   instead of estimate's 4096 (the solve cost 1.4-1.8 sweeps at 4096 rows, and on the four samples x seeds
+   0-2 the candidate tune chooses was the same at 4096, 1024 and 512 rows, the EvalNorm row's held-out NLL
+   moving by at most 0.0013 at 1024 rows); and **per-layer alpha/beta fitted to the NLL**
+   (:func:`fit_per_layer`, always from the best global alpha on the running statistics).
 3. **Score every candidate on the held-out part** (NLL, top-1, top-5, with the sweep's paired differences
-   from EMA) and choose the best by ``metric``. EMA is a candidate and wins ties, so the written correction
-   is **never worse than EMA on the held-out part**; when EMA wins, EMA is written and the notes say so
-   (and, when the per-layer fit beat EMA on the fitting part but not on the held-out part, that it
-   overfitted).
+   from EMA; segmentation: pixel-nll, mIoU and pixel accuracy over the labelled pixels, the sweep's
+   :class:`~bncorrect.sweep.SegmentationTally`) and choose the best by ``metric``. EMA is a candidate and
+   wins ties, so the written correction is **never worse than EMA on the held-out part** (by ``metric``:
+   for miou and the accuracies higher is better); when EMA wins, EMA is written and the notes say so (and,
+   when the per-layer fit beat EMA on the fitting part but not on the held-out part, that it overfitted).
 
 The per-layer fit (:func:`fit_per_layer`). The corrected layer (DESIGN §2) is differentiable in alpha and
 beta. On a deep copy of the model (eval mode, every network parameter frozen) each correctable BN layer's
@@ -42,7 +49,20 @@ block k with set k (as the sweep stacks candidates), so one forward and one back
 every epoch each set is scored on the monitor slice and the best snapshot kept (early stopping,
 ``patience`` epochs without improvement; a set that stops leaves the stack, so the sets still running
 cost less per epoch, and its kept snapshot is final); the strength with the lowest monitor NLL is the tuned
-candidate. ``per_channel`` fits vectors of length C instead of one scalar per layer.
+candidate. ``per_channel`` fits vectors of length C instead of one scalar per layer. Each stacked BN layer
+is one autograd node whose derivative is written out
+(:func:`bncorrect.correction.corrected_scale_shift_backward` and the statistics' own), checked against
+autograd op by op and finite differences in the tests; the L1 term's gradient, a constant, is added to the
+NLL's rather than taken through autograd.
+
+Segmentation (masks y (N, H, W), per-pixel logits (N, K, H, W), ``output_key`` for a dict output): the
+metrics are the sweep's (:data:`bncorrect.sweep.SEGMENTATION_METRICS`; ``"nll"`` means pixel-nll), pixels
+whose mask value is ``ignore_index`` count nowhere, every mask is checked (values 0..K-1 or the ignore
+index) before any pass, and the per-layer fit minimises the mean pixel cross-entropy over the labelled
+pixels of each mini-batch (:class:`PixelLoss`, passed to :func:`fit_per_layer` as its ``loss_fn``). Memory
+stays bounded: the fit's mini-batches hold at most about :data:`DENSE_FIT_BYTES` of per-pixel logits for
+all strengths, its monitor and the candidates' scoring are evaluated in pieces of at most
+:data:`bncorrect.sweep.DENSE_PIECE_BYTES`, and the cache keeps its byte budget.
 
 Where the held-out part is used, and what its numbers mean: the held-out part is touched once, after
 everything is fitted, to score the candidates and choose among them (and for the guard). The L1 strength
@@ -87,7 +107,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -102,7 +122,6 @@ from .layers import (
     correct_model,
     corrected_layers,
     is_batchnorm_like,
-    set_running_stats,
     uses_batch_statistics,
 )
 from .passes import Batch, ForwardFn, Progress, batch_size_of, default_forward, map_batch, resolve_device
@@ -118,17 +137,23 @@ __all__ = [
     "DEFAULT_HOLDOUT",
     "DEFAULT_MONITOR",
     "DEFAULT_STRENGTHS",
+    "DEFAULT_UPSTREAM",
+    "FitLoss",
     "FitResult",
+    "PixelLoss",
     "StrengthFit",
     "TuneResult",
     "TuneRow",
     "alpha_from_prior_strength",
     "alphas_from_prior_strengths",
+    "classification_loss",
     "dataset_labels",
+    "estimate_pair",
     "fit_per_layer",
     "parse_prior_strengths",
     "parse_strengths",
     "plot_tune",
+    "random_split",
     "stratified_split",
     "tune_model",
     "write_tune_report",
@@ -155,9 +180,17 @@ ZERO_SNAP = 1e-4
 DEFAULT_SOLVE_ROWS = 1024
 #: Examples of the probe batch that checks stacking and the prefix cut.
 PROBE_EXAMPLES = 8
+#: How the recalibrated EvalNorm candidate's population statistics are taken by default: training-consistent
+#: (the model in training-mode normalization over groups of B, each group's statistics averaged; what the
+#: EMA approximates and what EvalNorm's target, BN over B examples, normalizes with), one pass.
+DEFAULT_UPSTREAM = "train"
+#: Segmentation: at most about this many bytes of float32 per-pixel logits (all strengths together) per
+#: optimisation step of the per-layer fit; the fit's mini-batches shrink for large maps (sweep-alpha's pieces
+#: are :data:`bncorrect.sweep.DENSE_PIECE_BYTES`).
+DENSE_FIT_BYTES = 64 << 20
 
 #: Candidate kinds, simplest first: ties on the held-out metric go to the simpler correction.
-KINDS = ("ema", "rule", "global", "evalnorm", "tuned")
+KINDS = ("ema", "rule", "global", "evalnorm", "evalnorm-recal", "tuned")
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -255,11 +288,23 @@ def stratified_split(labels: Tensor, fraction: float, seed: int = 0) -> tuple[Te
     return cat(rest), cat(part)
 
 
+def random_split(n: int, fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Split example indices 0..n-1 into ``(rest, part)`` with ``part`` holding round(fraction * n) of them,
+    drawn by a permutation seeded with ``seed`` (segmentation: one draw per image, since a mask holds many
+    classes and stratifying by label does not apply). Both sorted int64; the same n and seed give the same
+    split."""
+    gen = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(int(n), generator=gen)
+    take = math.floor(fraction * int(n) + 0.5)
+    return torch.sort(perm[take:]).values, torch.sort(perm[:take]).values
+
+
 def dataset_labels(dataset: Any, data_hint: str = "") -> Tensor:
-    """The class label of every example of an indexable ``dataset``, as an int64 tensor (N,): a bncorrect
-    array dataset's ``y``, an image folder's class indices, a ``targets`` attribute (torchvision), else
-    ``dataset[i][1]`` for every i (which reads every example once). :class:`DataError` without labels;
-    :class:`UsageError` for segmentation masks or data that cannot be split by example."""
+    """The labels of every example of an indexable ``dataset``, as an int64 tensor: class labels (N,) or
+    segmentation masks (N, H, W): a bncorrect array dataset's ``y``, an image folder's class indices, a
+    ``targets`` attribute (torchvision), else ``dataset[i][1]`` for every i (which reads every example
+    once). :class:`DataError` without labels or for labels of another shape; :class:`UsageError` for data
+    that cannot be split by example."""
     where = data_hint or getattr(dataset, "description", None) or None
     if getattr(dataset, "has_labels", True) is False:
         raise DataError(
@@ -291,19 +336,13 @@ def dataset_labels(dataset: Any, data_hint: str = "") -> Tensor:
     if y is None or len(dataset) == 0:
         raise DataError("the data holds no examples", path=where, hint="give labelled examples")
     y = torch.as_tensor(y)
-    if y.dim() == 3:
-        raise UsageError(
-            "tune fits and scores classification models (class labels y (N,)); this data holds segmentation "
-            f"masks {tuple(y.shape[1:])}",
-            hint="for segmentation use sweep-alpha (pixel-nll, miou, pixel-acc: one global alpha chosen on "
-            "the masks) or estimate (EvalNorm per layer)",
-        )
-    if y.dim() != 1 or y.is_floating_point():
+    if y.dim() not in (1, 3) or y.is_floating_point() or y.is_complex():
         raise DataError(
-            f"tune needs one integer class label per example, got labels of shape {tuple(y.shape)} "
-            f"({y.dtype})",
+            f"tune needs one integer class label per example (y of shape (N,)) or one mask of class indices "
+            f"per image (y of shape (N, H, W)), got labels of shape {tuple(y.shape)} ({y.dtype})",
             path=where,
-            hint="store the class index of each example as y, shape (N,)",
+            hint="store the class index of each example as y, shape (N,), or segmentation masks as y, shape "
+            "(N, H, W) (unlabelled pixels: the ignore index, default 255)",
         )
     return y.long()
 
@@ -311,14 +350,16 @@ def dataset_labels(dataset: Any, data_hint: str = "") -> Tensor:
 class _Part(torch.utils.data.Dataset):  # type: ignore[type-arg]
     """The examples ``indices`` of ``base``, with the attributes bncorrect's loaders read."""
 
-    def __init__(self, base: Any, indices: Sequence[int], what: str) -> None:
+    def __init__(
+        self, base: Any, indices: Sequence[int], what: str, label_shape: tuple[int, ...] = ()
+    ) -> None:
         self.base = base
         self.indices = [int(i) for i in indices]
         self.path = getattr(base, "path", None)
         self.has_labels = True
         self.skipped: list[str] = []
         self.num_classes = getattr(base, "num_classes", None)
-        self.label_shape: tuple[int, ...] = ()
+        self.label_shape: tuple[int, ...] = tuple(label_shape)
         self.what = what
         base_text = getattr(base, "description", type(base).__name__)
         self.description = f"{base_text}; {what}: {len(self.indices)} examples"
@@ -356,12 +397,99 @@ class _StackMismatch(Exception):
     """A stacked forward met a tensor that is neither the base batch nor K blocks of it."""
 
 
+class _StackedNormFn(torch.autograd.Function):
+    """The stacked corrected layer of :class:`_FitNorm` (``direct`` strategy) as one autograd node: the
+    input ``x`` of ``blocks`` x m rows (``blocks`` = k, or 1 for the fan-out), the leaf coefficients
+    ``alpha``, ``beta`` (K, P) of which the sets ``active`` (None: all K, k = K) are used, output row block j
+    normalized with set j. Forward: :func:`~bncorrect.correction.example_stats`,
+    :func:`~bncorrect.correction.corrected_scale_shift`, :func:`~bncorrect.correction.affine`. Backward:
+    from ``g_s = sum(g x)`` and ``g_t = sum(g)`` per (row, channel),
+    :func:`~bncorrect.correction.corrected_scale_shift_backward` for the small (row, channel) terms, and
+    ``grad_x = sum_blocks g s + g_mu / L + g_var 2 (x - mu) / L``: the same derivatives autograd takes
+    through those functions, without one autograd node per small operation (about twenty per layer)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        alpha: Tensor,
+        beta: Tensor,
+        active: Tensor | None,
+        k: int,
+        m: int,
+        norm: nn.Module,
+    ) -> Tensor:
+        c = x.shape[1]
+        blocks = x.shape[0] // m
+        mu_i, var_i = C.example_stats(x)
+        dt = mu_i.dtype
+        rm, rv, eps = norm.running_mean.to(dt), norm.running_var.to(dt), float(norm.eps)
+        weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+        ctx.coef = (alpha.shape[0], alpha.dtype)
+        if active is not None:
+            alpha, beta = alpha.index_select(0, active), beta.index_select(0, active)
+        a, b = alpha.to(dt)[:, None, :], beta.to(dt)[:, None, :]
+        mu3, var3 = mu_i.reshape(blocks, m, c), var_i.reshape(blocks, m, c)
+        s, t = C.corrected_scale_shift(mu3, var3, rm, rv, a, b, eps, weight, bias)  # (k, m, c)
+        ctx.save_for_backward(x, mu3, var3, a, b, s.expand(k, m, c))
+        ctx.meta = (k, m, blocks, norm, active)
+        if blocks == 1 and k > 1:  # the fan-out: one broadcast x * s + t, no copy of x per block
+            x4 = x.reshape(1, m, c, -1)
+            x4 = x4 if x4.dtype == s.dtype else x4.to(s.dtype)
+            out = torch.addcmul(t[..., None], x4, s[..., None])
+            return out.reshape(k * m, *x.shape[1:]).to(x.dtype)
+        return C.affine(x, s.expand(k, m, c).reshape(k * m, c), t.expand(k, m, c).reshape(k * m, c))
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, mu3, var3, a, b, s = ctx.saved_tensors
+        k, m, blocks, norm, active = ctx.meta
+        dt = mu3.dtype
+        c = x.shape[1]
+        values = math.prod(x.shape[2:])
+        g4 = g.to(dt).reshape(k, m, c, values)
+        x4 = x.to(dt).reshape(blocks, m, c, values)
+        g_t = g4.sum(-1)
+        g_s = (g4 * x4).sum(-1)
+        rm, rv = norm.running_mean.to(dt), norm.running_var.to(dt)
+        weight = getattr(norm, "weight", None)
+        g_mu, g_var, g_a, g_b = C.corrected_scale_shift_backward(
+            g_s, g_t, mu3, var3, rm, rv, a, b, float(norm.eps), weight
+        )
+        g_alpha = g_a.sum(1) if a.shape[-1] == c else g_a.sum((1, 2))[:, None]  # (k, P)
+        g_beta = g_b.sum(1) if b.shape[-1] == c else g_b.sum((1, 2))[:, None]
+        g_x = None
+        if ctx.needs_input_grad[0]:
+            if blocks == 1:  # the fan-out: the k blocks' gradients add up
+                through_s = (g4 * s[..., None]).sum(0, keepdim=True)  # the x * s term
+                g_mu, g_var = g_mu.sum(0, keepdim=True), g_var.sum(0, keepdim=True)
+            if x.dim() == 2:  # mean = x, var = 0 (a constant)
+                g_x = (g4 * s[..., None] if blocks > 1 else through_s).squeeze(-1) + g_mu
+            else:  # g s + g_mu / L + g_var * 2 (x - mu) / L, in one temporary of the size of x
+                scale = g_var * (2.0 / values)
+                shift = g_mu / values - scale * mu3
+                g_x = torch.addcmul(shift[..., None], x4, scale[..., None])
+                g_x = g_x.add_(through_s) if blocks == 1 else g_x.addcmul_(g4, s[..., None])
+            g_x = g_x.reshape(x.shape).to(x.dtype)
+        k_all, coef_dtype = ctx.coef
+        g_alpha, g_beta = g_alpha.to(coef_dtype), g_beta.to(coef_dtype)
+        if active is not None:  # the sets left out get no gradient
+            zeros = torch.zeros(k_all, g_alpha.shape[1], dtype=coef_dtype, device=g_alpha.device)
+            g_alpha, g_beta = zeros.index_add(0, active, g_alpha), zeros.index_add(0, active, g_beta)
+        return g_x, g_alpha, g_beta, None, None, None, None
+
+
 class _FitNorm(nn.Module):
     """One BN layer with K differentiable coefficient sets (leaf tensors ``alpha``, ``beta`` of shape
     (K, P), P = 1 or C). With ``stack = (K, m, expand)`` it normalizes a stacked batch, row block k with
     set k (``expand``: an input of the base m rows is fanned out to the K blocks); without, the whole input
     with set ``current``. The arithmetic is :func:`bncorrect.correction.corrected_scale_shift` (direct) or
-    the input map (layers corrected through their own forward), as in :class:`CorrectedNorm`."""
+    the input map (layers corrected through their own forward), as in :class:`CorrectedNorm`. A stacked pass
+    of a ``direct`` layer runs as one autograd node (:class:`_StackedNormFn`, while ``fused``; else through
+    autograd op by op, the reference the tests compare it with)."""
+
+    #: stacked direct passes through :class:`_StackedNormFn`
+    fused: bool = True
 
     def __init__(self, norm: nn.Module, strategy: str, k: int, width: int, alpha0: float, beta0: float):
         super().__init__()
@@ -385,7 +513,18 @@ class _FitNorm(nn.Module):
         c = self.channels
         if x.dim() < 2 or x.shape[1] != c:
             raise _StackMismatch(f"input of shape {tuple(x.shape)} for a BN layer of {c} channels")
-        mu_i, var_i = C.example_stats(x)
+        if self.stack is not None:
+            k, m, expand = self.stack
+            n = x.shape[0]
+            if n == k * m:
+                blocks = k
+            elif expand and n == m:
+                blocks = 1
+            else:
+                raise _StackMismatch(f"a BN layer received {n} rows in a stacked pass of {k} x {m}")
+            if self.strategy == "direct" and self.fused:
+                return _StackedNormFn.apply(x, self.alpha, self.beta, self.active, k, m, norm)
+        mu_i, var_i = C.example_stats_grad(x)  # analytic backward: one pass over x
         dt = mu_i.dtype
         rm, rv, eps = norm.running_mean.to(dt), norm.running_var.to(dt), float(norm.eps)
         weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
@@ -393,30 +532,21 @@ class _FitNorm(nn.Module):
             a, b = self.alpha[self.current].to(dt), self.beta[self.current].to(dt)
             if self.strategy == "direct":
                 s, t = C.corrected_scale_shift(mu_i, var_i, rm, rv, a, b, eps, weight, bias)
-                xs = x if x.dtype == s.dtype else x.to(s.dtype)
-                return torch.addcmul(C.expand_to(t, x), xs, C.expand_to(s, x)).to(x.dtype)
+                return C.affine(x, s, t)
             mean, var = C.corrected_stats(mu_i, var_i, rm, rv, a, b)
             return self._through_forward(x, mean, var)
-        k, m, expand = self.stack
-        n = x.shape[0]
-        if n == k * m:
-            blocks = k
-        elif expand and n == m:
-            blocks = 1
-        else:
-            raise _StackMismatch(f"a BN layer received {n} rows in a stacked pass of {k} x {m}")
         mu3, var3 = mu_i.reshape(blocks, m, c), var_i.reshape(blocks, m, c)
         alpha, beta = self.alpha, self.beta
         if self.active is not None:
             alpha, beta = alpha.index_select(0, self.active), beta.index_select(0, self.active)
         a, b = alpha.to(dt)[:, None, :], beta.to(dt)[:, None, :]
         if self.strategy == "direct":
-            s, t = C.corrected_scale_shift(mu3, var3, rm, rv, a, b, eps, weight, bias)
-            view = (k, m, c) + (1,) * (x.dim() - 2)
-            xs = x.reshape(blocks, m, *x.shape[1:])
-            xs = xs if xs.dtype == s.dtype else xs.to(s.dtype)
-            out = torch.addcmul(t.expand(k, m, c).reshape(view), xs, s.expand(k, m, c).reshape(view))
-            return out.reshape(k * m, *x.shape[1:]).to(x.dtype)
+            s, t = C.corrected_scale_shift(mu3, var3, rm, rv, a, b, eps, weight, bias)  # (k, m, c)
+            if blocks == 1 and k > 1:  # the fan-out: block j of the output is the base rows under set j
+                x = x.expand(k, *x.shape).reshape(k * m, *x.shape[1:])
+            # x * s + t per (row, channel): as one eval-mode batch norm of the (1, rows * c, L) view where
+            # that is faster, whose backward gives grad_x, sum(g * x) and sum(g) in one pass
+            return C.affine(x, s.expand(k, m, c).reshape(k * m, c), t.expand(k, m, c).reshape(k * m, c))
         mean, var = C.corrected_stats(mu3, var3, rm, rv, a, b)
         mean, var = mean.expand(k, m, c).reshape(k * m, c), var.expand(k, m, c).reshape(k * m, c)
         if blocks == 1:
@@ -482,7 +612,8 @@ class _Runner:
     def use(self, sets: Sequence[int] | None) -> None:
         """Run only the coefficient sets ``sets`` (None: all K)."""
         self.sets = list(range(self.k)) if sets is None else [int(i) for i in sets]
-        index = None if sets is None else torch.tensor(self.sets, dtype=torch.long)
+        every = self.sets == list(range(self.k))  # all K in order: the layers take their sets as they are
+        index = None if every else torch.tensor(self.sets, dtype=torch.long)
         for layer in self.layers.values():
             layer.active = None if index is None else index.to(layer.alpha.device)
 
@@ -553,6 +684,8 @@ class FitResult:
     examples: int
     monitor_examples: int
     notes: list[str] = field(default_factory=list)
+    #: the monitor NLL of every set: at the start, then after each epoch (None once the set had stopped)
+    history: list[list[float | None]] = field(default_factory=list)
 
     @property
     def best(self) -> StrengthFit:
@@ -653,6 +786,38 @@ def _set_coefficients(layers: Mapping[str, _FitNorm], values: Mapping[str, tuple
             layer.beta.copy_(b)
 
 
+#: The per-layer fit's loss: ``loss(logits, y)`` with the logits of j coefficient sets, (j, m, classes) or
+#: (j, m, K, H, W), and the labels of the m examples, (m,) or (m, H, W); returns the summed loss per set
+#: (j,) and the number of terms summed (0-d; examples or labelled pixels). The fit minimises sum / count
+#: per mini-batch and scores the monitor slice by its total sum / total count. Log-softmax in the logits'
+#: dtype (the fit passes float32 for its steps, float64 for the monitor).
+FitLoss = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def classification_loss(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """:data:`FitLoss` of classification: cross-entropy summed over the m examples, and m."""
+    logp = torch.log_softmax(logits, dim=-1)
+    nll = -logp.gather(-1, y.reshape(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(-1)
+    return nll.sum(1), torch.tensor(y.shape[0], device=logits.device)
+
+
+@dataclass(frozen=True)
+class PixelLoss:
+    """:data:`FitLoss` of segmentation: per-pixel cross-entropy summed over the labelled pixels (mask value
+    not ``ignore_index``) of the m masks, and their number."""
+
+    ignore_index: int = 255
+
+    def __call__(self, logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        valid = y != self.ignore_index  # (m, H, W)
+        target = torch.where(valid, y, torch.zeros_like(y))
+        logp = torch.log_softmax(logits, dim=2)  # (j, m, K, H, W)
+        j = logits.shape[0]
+        picked = logp.gather(2, target[None, :, None].expand(j, -1, 1, -1, -1)).squeeze(2)  # (j, m, H, W)
+        nll = -torch.where(valid[None], picked, torch.zeros_like(picked))
+        return nll.flatten(1).sum(1), valid.sum()
+
+
 def fit_per_layer(
     model: nn.Module,
     fit_batches: Iterable[Batch],
@@ -673,12 +838,15 @@ def fit_per_layer(
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     stack: bool = True,
     progress: Progress | None = None,
+    loss_fn: FitLoss = classification_loss,
 ) -> FitResult:
     """Fit every correctable BN layer's (alpha, beta) to the cross-entropy on labelled ``fit_batches``
     (``(x, y)``, re-iterable), one coefficient set per L1 strength of ``strengths``, all started from
     ``init_alpha``/``init_beta`` (default: beta = alpha), stopped early on ``monitor_batches`` (module
     docstring). ``nll_scale`` multiplies the strengths (``tune`` passes the EMA NLL). ``stack=False``
-    evaluates one strength per forward (the reference for the stacked fit). ``model`` is not modified.
+    evaluates one strength per forward (the reference for the stacked fit). ``loss_fn`` (:data:`FitLoss`):
+    the cross-entropy of class labels (default) or :class:`PixelLoss` for segmentation masks (then the
+    monitor NLLs are pixel-NLLs). ``model`` is not modified.
     """
     strengths = check_strengths(strengths)
     for label, v in (("max_epochs", max_epochs), ("patience", patience)):
@@ -804,23 +972,25 @@ def fit_per_layer(
         runner.use(sets)
         j = len(runner.sets)
         total = torch.zeros(j, dtype=torch.float64, device=dev)
-        with torch.no_grad():
+        terms = 0
+        with torch.inference_mode():
             for batch in mon_src:
                 m = batch_size_of(batch)
-                logits = runner(batch)
-                y = _labels(batch, m).to(dev)
-                logp = torch.log_softmax(logits.double(), dim=-1)
-                total -= logp.gather(-1, y.reshape(1, -1, 1).expand(j, -1, 1)).squeeze(-1).sum(1)
-        return (total / max(1, n_mon)).cpu()
+                sums, count = loss_fn(runner(batch).double(), _labels(batch, m).to(dev))
+                total += sums
+                terms += int(count)
+        return (total / max(1, terms)).cpu()
 
     def snapshot() -> dict[str, tuple[Tensor, Tensor]]:
         return {n: (ly.alpha.detach().clone(), ly.beta.detach().clone()) for n, ly in layers.items()}
 
-    start = monitor()
+    # every set starts from the same coefficients: one set's monitor NLL is every set's
+    start = monitor([0]).expand(k).clone()
     best_nll = start.clone()
     best_epoch = [0] * k
     best = [{n: (a[i].clone(), b[i].clone()) for n, (a, b) in snapshot().items()} for i in range(k)]
     since = [0] * k
+    history: list[list[float | None]] = [[float(v) for v in start]]
     steps = epochs = 0
     total_steps = max(1, max_epochs * (batches_per_epoch or 1))
     order_gen = torch.Generator().manual_seed(int(seed) + 11)
@@ -833,9 +1003,12 @@ def fit_per_layer(
             if not active:
                 break
             runner.use(active)
-            j = len(active)
             index = torch.tensor(active, dtype=torch.long, device=dev)
-            lam_active = lam.index_select(0, index)
+            # the L1 term's gradient, added to autograd's of the NLL: d/d alpha_ip of lambda_i * mean_p
+            # alpha_ip is lambda_i / P for the sets still running (and 0 for the others), a constant
+            pull = torch.zeros(k, 1, dtype=torch.float64, device=dev)
+            pull[index] = lam.index_select(0, index)[:, None]
+            pulls = [(pull / t.shape[1]).to(t.dtype) for t in params]
             epochs = epoch
             if fit_src.cached is not None:
                 order = torch.randperm(len(fit_src.cached), generator=order_gen).tolist()
@@ -845,23 +1018,20 @@ def fit_per_layer(
             for batch in stream:
                 m = batch_size_of(batch)
                 y = _labels(batch, m).to(dev)
-                logits = runner(batch)
-                logp = torch.log_softmax(logits.float(), dim=-1)
-                nll = -logp.gather(-1, y.reshape(1, -1, 1).expand(j, -1, 1)).squeeze(-1).mean(1)
-                reg = sum(
-                    ly.alpha.index_select(0, index).mean(1) + ly.beta.index_select(0, index).mean(1)
-                    for ly in layers.values()
-                )
-                loss = (nll.double() + lam_active * reg).sum()
+                sums, count = loss_fn(runner(batch).float(), y)
+                nll = sums / count.clamp(min=1)
+                loss = nll.sum()  # + sum_i lambda_i * s * sum_layers mean (alpha_i + beta_i): see `pulls`
                 if not bool(torch.isfinite(loss)):
                     skipped += 1
                     continue
-                grads = torch.autograd.grad(loss, params)
+                grads = list(torch.autograd.grad(loss, params))
+                torch._foreach_add_(grads, pulls)
                 rate = float(lr) * 0.5 * (1.0 + math.cos(math.pi * min(steps, total_steps) / total_steps))
                 opt.step(grads, rate)  # then the projection onto [0, 1]
                 steps += 1
             scores = torch.full((k,), math.inf, dtype=torch.float64)
             scores[index.cpu()] = monitor(active)
+            history.append([float(scores[i]) if i in active else None for i in range(k)])
             for i in active:
                 if bool(scores[i] < best_nll[i] - 1e-9):
                     best_nll[i], best_epoch[i], since[i] = scores[i], epoch, 0
@@ -874,14 +1044,23 @@ def fit_per_layer(
         progress("tune: per-layer fit", epochs * n_fit, epochs * n_fit)
     if skipped:
         notes.append(f"{skipped} optimisation steps skipped: the loss was NaN/Inf")
-    # the kept snapshots, snapped, into the layers; the monitor NLL of what is returned
+    # the kept snapshots, snapped, into the layers; the monitor NLL of what is returned: the kept one
+    # (measured on exactly these coefficients), measured again only for the sets the snapping changed
+    snapped: set[int] = set()
     with torch.no_grad():
         for name, ly in layers.items():
             for i in range(k):
                 a, b = best[i][name]
-                ly.alpha[i] = torch.where(a < ZERO_SNAP, torch.zeros_like(a), a)
-                ly.beta[i] = torch.where(b < ZERO_SNAP, torch.zeros_like(b), b)
-    final = monitor()
+                a2 = torch.where(a < ZERO_SNAP, torch.zeros_like(a), a)
+                b2 = torch.where(b < ZERO_SNAP, torch.zeros_like(b), b)
+                if not (torch.equal(a2, a) and torch.equal(b2, b)):
+                    snapped.add(i)
+                ly.alpha[i] = a2
+                ly.beta[i] = b2
+    final = best_nll.clone()
+    if snapped:
+        again = sorted(snapped)
+        final[again] = monitor(again)
     fits = []
     for i, s in enumerate(strengths):
         alpha = {n: _shape(ly.alpha[i], per_channel) for n, ly in layers.items()}
@@ -890,7 +1069,7 @@ def fit_per_layer(
         fits.append(StrengthFit(s, alpha, beta, float(final[i]), float(start[i]), best_epoch[i], zero))
     # lowest monitor NLL; exact ties go to the stronger pull (the sparser fit)
     chosen = min(range(k), key=lambda i: (fits[i].monitor_nll, -strengths[i]))
-    return FitResult(fits, chosen, describe, cache_text, epochs, steps, n_fit, n_mon, notes)
+    return FitResult(fits, chosen, describe, cache_text, epochs, steps, n_fit, n_mon, notes, history)
 
 
 class _Adam:
@@ -906,15 +1085,23 @@ class _Adam:
         self.t = 0
 
     def step(self, grads: Sequence[Tensor], lr: float) -> None:
+        """One step on every tensor, as ``torch._foreach_*`` calls over the list (the same arithmetic, per
+        element, as one tensor at a time; a few dispatches per step instead of nine per tensor)."""
         self.t += 1
         c1 = 1.0 - self.b1**self.t
         c2 = 1.0 - self.b2**self.t
+        grads = list(grads)
         with torch.no_grad():
-            for p, g, m, v in zip(self.params, grads, self.m, self.v, strict=True):
-                m.mul_(self.b1).add_(g, alpha=1.0 - self.b1)
-                v.mul_(self.b2).addcmul_(g, g, value=1.0 - self.b2)
-                p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-lr / c1)
-                p.clamp_(0.0, 1.0)
+            torch._foreach_mul_(self.m, self.b1)
+            torch._foreach_add_(self.m, grads, alpha=1.0 - self.b1)
+            torch._foreach_mul_(self.v, self.b2)
+            torch._foreach_addcmul_(self.v, grads, grads, value=1.0 - self.b2)
+            denom = torch._foreach_div(self.v, c2)
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, self.eps)
+            torch._foreach_addcdiv_(self.params, self.m, denom, value=-lr / c1)
+            torch._foreach_clamp_min_(self.params, 0.0)
+            torch._foreach_clamp_max_(self.params, 1.0)
 
 
 def _shape(t: Tensor, per_channel: bool) -> Tensor:
@@ -925,7 +1112,8 @@ def _shape(t: Tensor, per_channel: bool) -> Tensor:
 # ---------------------------------------------------------------------------------------------- result
 @dataclass
 class TuneRow:
-    """One candidate: its metrics on the fitting part (``fit``: nll, top1, top5) and its held-out row."""
+    """One candidate: its metrics on the fitting part (``fit``: nll, top1, top5; segmentation: pixel-nll,
+    miou, pixel-acc) and its held-out row (a :class:`~bncorrect.sweep.SweepRow`)."""
 
     label: str
     kind: str
@@ -950,14 +1138,32 @@ class TuneRow:
             return float(self.fit.get(metric, math.nan))
         return self.heldout.value(metric)
 
+    @property
+    def recalibrated(self) -> bool:
+        """Whether the candidate replaces the running statistics (EvalNorm after recalibration)."""
+        return self.candidate.running_stats is not None
+
     def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly. Segmentation rows keep nll (= pixel-nll) and top1 (= pixel accuracy) and add
+        pixel_nll, pixel_acc, miou, miou_diff_vs_ema, iou_per_class and n_pixels to ``heldout``."""
         h = self.heldout
+        extra: dict[str, Any] = {}
+        if h.task == "segmentation":
+            extra = {
+                "pixel_nll": h.pixel_nll,
+                "pixel_acc": h.pixel_acc,
+                "miou": h.miou,
+                "miou_diff_vs_ema": h.miou_diff,
+                "iou_per_class": list(h.iou or ()),
+                "n_pixels": h.n_pixels,
+            }
         return _jsonable(
             {
                 "label": self.label,
                 "kind": self.kind,
                 "alpha": self.alpha,
                 "beta": self.beta,
+                "recalibrated": self.recalibrated,
                 "fit": dict(self.fit),
                 "heldout": {
                     "nll": h.nll,
@@ -970,6 +1176,7 @@ class TuneRow:
                     "nll_diff_vs_ema_ci95": list(h.nll_diff_ci95),
                     "top1_diff_vs_ema": h.top1_diff,
                     "top1_diff_vs_ema_ci95": list(h.top1_diff_ci95),
+                    **extra,
                 },
                 "finite": self.finite,
             }
@@ -996,7 +1203,10 @@ def _coef(v: Any) -> float | list[float]:
 @dataclass
 class TuneResult:
     """Everything ``tune`` measured and chose. ``rows`` (EMA, rule, best global alpha, EvalNorm offline,
-    tuned per layer) carry fitting-part and held-out numbers; ``chosen`` is the row written."""
+    EvalNorm offline after recalibration unless it was left out, tuned per layer) carry fitting-part and
+    held-out numbers; ``chosen`` is the row written. ``task`` is "classification" or "segmentation" (then
+    the metrics are pixel-nll, miou and pixel-acc over the pixels whose mask value is not
+    ``ignore_index``)."""
 
     metric: str
     train_batch_size: int
@@ -1025,9 +1235,25 @@ class TuneResult:
     recalibration: RecalibrateResult | None = field(default=None, repr=False)
     fit_sweep: SweepResult | None = field(default=None, repr=False)
     heldout_sweep: SweepResult | None = field(default=None, repr=False)
+    task: str = "classification"
+    ignore_index: int | None = None
+    #: the estimate on the recalibrated statistics (the "evalnorm-recal" candidate's), when it ran
+    estimate_recalibrated: EstimateResult | None = field(default=None, repr=False)
 
     def row(self, kind: str) -> TuneRow:
         return next(r for r in self.rows if r.kind == kind)
+
+    def has(self, kind: str) -> bool:
+        """Whether a candidate of ``kind`` was scored (``evalnorm-recal`` is left out with
+        ``recalibrate=False``)."""
+        return any(r.kind == kind for r in self.rows)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The metrics of this task: nll, top1, top5, or pixel-nll, miou, pixel-acc."""
+        from .sweep import METRICS, SEGMENTATION_METRICS
+
+        return SEGMENTATION_METRICS if self.task == "segmentation" else METRICS
 
     @property
     def ema(self) -> TuneRow:
@@ -1056,14 +1282,16 @@ class TuneResult:
             )
         return out
 
-    def running_stats(self) -> Mapping[str, tuple[Tensor, Tensor]] | None:
-        """The chosen candidate's replacement statistics (EvalNorm after recalibration), or None."""
-        return self.chosen.candidate.running_stats
+    def running_stats(self, kind: str | None = None) -> Mapping[str, tuple[Tensor, Tensor]] | None:
+        """A candidate's replacement statistics (default: the chosen one's): the recalibrated ones of
+        EvalNorm after recalibration (``evalnorm-recal``), None for every other candidate."""
+        return (self.chosen if kind is None else self.row(kind)).candidate.running_stats
 
     def layer_rows(self) -> list[dict[str, Any]]:
         chosen = self.coefficients()
         tuned = self.coefficients("tuned")
         evalnorm = self.coefficients("evalnorm")
+        recal = self.coefficients("evalnorm-recal") if self.has("evalnorm-recal") else None
         zero = set(self.zero_layers)
         return [
             {
@@ -1073,6 +1301,14 @@ class TuneResult:
                 "plain": n in zero,
                 "evalnorm_alpha": _coef(evalnorm[n][0]),
                 "evalnorm_beta": _coef(evalnorm[n][1]),
+                **(
+                    {}
+                    if recal is None
+                    else {
+                        "evalnorm_recal_alpha": _coef(recal[n][0]),
+                        "evalnorm_recal_beta": _coef(recal[n][1]),
+                    }
+                ),
                 "chosen_alpha": _coef(chosen[n][0]),
                 "chosen_beta": _coef(chosen[n][1]),
             }
@@ -1081,8 +1317,18 @@ class TuneResult:
 
     def as_report(self) -> dict[str, Any]:
         """The JSON report: metric, split sizes, rows (fit and held-out numbers), chosen, per-layer alpha/beta
-        of the tuned candidate beside EvalNorm's (``layers``), the strength path, zero layers, notes."""
+        of the tuned candidate beside EvalNorm's (``layers``), the strength path, zero layers, notes;
+        ``task``, and for segmentation ``ignore_index``, ``n_pixels`` (held-out) and ``miou_convention``."""
+        from .sweep import MIOU_CONVENTION
+
         fit = self.fit
+        extra: dict[str, Any] = {}
+        if self.task == "segmentation":
+            extra = {
+                "ignore_index": self.ignore_index,
+                "n_pixels": self.ema.heldout.n_pixels,
+                "miou_convention": MIOU_CONVENTION,
+            }
         return _jsonable(
             {
                 "metric": self.metric,
@@ -1116,6 +1362,8 @@ class TuneResult:
                 },
                 "notes": list(self.notes),
                 "timings": dict(self.timings),
+                "task": self.task,
+                **extra,
             }
         )
 
@@ -1123,6 +1371,8 @@ class TuneResult:
         """A ``rich`` table of the candidates: fitting-part and held-out numbers, the chosen row marked."""
         from rich.table import Table
 
+        if self.task == "segmentation":
+            return self._segmentation_table()
         k = self.heldout_sweep.top_k if self.heldout_sweep is not None else 5
         table = Table(
             title=f"tune: chosen by held-out {self.metric} ({self.n_fit} fitting, {self.n_heldout} held-out "
@@ -1150,12 +1400,62 @@ class TuneResult:
             )
         return table
 
+    def _segmentation_table(self) -> Table:
+        from rich.table import Table
+
+        table = Table(
+            title=f"tune: chosen by held-out {self.metric} ({self.n_fit} fitting, {self.n_heldout} held-out "
+            f"images, seed {self.seed})",
+            caption="fit: the fitting part (the per-layer fit learned from it and its monitor slice). "
+            f"held-out: never seen by any fit. Pixels with mask value {self.ignore_index} are ignored. Δ: "
+            "difference from EMA on the held-out part (no intervals: the pixels of an image are not "
+            "independent).",
+        )
+        for col in ("", "candidate", "fit pixel-nll", "fit mIoU %", "held-out pixel-nll", "Δpixel-nll",
+                    "held-out mIoU %", "ΔmIoU %", "held-out pixel acc %"):  # fmt: skip
+            table.add_column(col, justify="left" if col in ("", "candidate") else "right")
+        for row in self.rows:
+            h = row.heldout
+            is_ema = row.kind == "ema"
+            table.add_row(
+                "◀" if row is self.chosen else "",
+                row.label,
+                f"{row.value('pixel-nll', 'fit'):.4f}",
+                f"{100 * row.value('miou', 'fit'):.2f}",
+                f"{h.value('pixel-nll'):.4f}",
+                "" if is_ema else f"{h.nll_diff:+.4f}",
+                f"{100 * h.value('miou'):.2f}",
+                "" if is_ema else f"{100 * (h.miou_diff or 0.0):+.2f}",
+                f"{100 * h.value('pixel-acc'):.2f}",
+                style="green" if row is self.chosen else None,
+            )
+        return table
+
+    def summary(self) -> str:
+        """One line: the chosen candidate's held-out numbers beside EMA's."""
+        c, e = self.chosen.heldout, self.ema.heldout
+        if self.task == "segmentation":
+            return (
+                f"{self.chosen.label} (held-out pixel-nll {c.value('pixel-nll'):.4f}, mIoU "
+                f"{100 * c.value('miou'):.2f}%, pixel acc {100 * c.value('pixel-acc'):.2f}%; EMA "
+                f"{e.value('pixel-nll'):.4f}, {100 * e.value('miou'):.2f}%, "
+                f"{100 * e.value('pixel-acc'):.2f}%)"
+            )
+        return (
+            f"{self.chosen.label} (held-out nll {c.nll:.4f}, top-1 {100 * c.top1:.2f}%; EMA {e.nll:.4f}, "
+            f"{100 * e.top1:.2f}%)"
+        )
+
     def layer_table(self) -> Table:
         """Per-layer alpha/beta of the tuned candidate beside EvalNorm's."""
         from rich.table import Table
 
         table = Table(title=f"per-layer coefficients (tuned: L1 strength {self.fit.best.strength:g})")
-        for col in ("layer", "tuned alpha", "tuned beta", "EvalNorm alpha", "EvalNorm beta"):
+        recal = self.has("evalnorm-recal")
+        cols = ["layer", "tuned alpha", "tuned beta", "EvalNorm alpha", "EvalNorm beta"]
+        if recal:
+            cols += ["EvalNorm recal. alpha", "EvalNorm recal. beta"]
+        for col in cols:
             table.add_column(col, justify="left" if col == "layer" else "right")
 
         def fmt(v: float | list[float]) -> str:
@@ -1170,6 +1470,7 @@ class TuneResult:
                 fmt(ly["beta"]),
                 fmt(ly["evalnorm_alpha"]),
                 fmt(ly["evalnorm_beta"]),
+                *((fmt(ly["evalnorm_recal_alpha"]), fmt(ly["evalnorm_recal_beta"])) if recal else ()),
             )
         return table
 
@@ -1184,8 +1485,9 @@ def write_tune_report(result: TuneResult, path: str | Path) -> Path:
 def plot_tune(
     result: TuneResult, path: str | Path, *, size: tuple[float, float] = (9.0, 6.0), dpi: int = 100
 ) -> Path:
-    """Per-layer alpha (top) and beta (bottom) bars of the chosen candidate beside EvalNorm offline's (and
-    the tuned one's when another candidate was chosen), like EvalNorm's Figure 3; per-channel coefficients
+    """Per-layer alpha (top) and beta (bottom) bars of the chosen candidate beside EvalNorm offline's, with
+    and without recalibration (and the tuned one's when another candidate was chosen), like EvalNorm's
+    Figure 3; per-channel coefficients
     as their mean with the range as an error bar. A PNG, headless (Agg), written atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -1201,6 +1503,9 @@ def plot_tune(
         series.append((result.tuned.label, result.coefficients("tuned"), "C0"))
     if result.chosen.kind != "evalnorm":
         series.append(("EvalNorm offline", result.coefficients("evalnorm"), "C2"))
+    if result.chosen.kind != "evalnorm-recal" and result.has("evalnorm-recal"):
+        recal = result.row("evalnorm-recal")
+        series.append((recal.label, result.coefficients("evalnorm-recal"), "C1"))
     n = len(result.layers)
     width = 0.8 / len(series)
     xs = list(range(n))
@@ -1221,10 +1526,16 @@ def plot_tune(
     axes[-1].set_xticks(xs)
     axes[-1].set_xticklabels(result.layers, rotation=45, ha="right", fontsize=7)
     axes[0].legend(fontsize=8, frameon=False)
-    h = result.chosen.heldout
+    h, e = result.chosen.heldout, result.ema.heldout
+    numbers = (
+        f"pixel-nll {h.nll:.4f}, mIoU {100 * h.value('miou'):.1f}%; EMA pixel-nll {e.nll:.4f}, mIoU "
+        f"{100 * e.value('miou'):.1f}%"
+        if result.task == "segmentation"
+        else f"nll {h.nll:.4f}, top-1 {100 * h.top1:.1f}%; EMA nll {e.nll:.4f}"
+    )
     fig.suptitle(
         f"tune (B = {result.train_batch_size}): chosen {result.chosen.label} by held-out {result.metric} "
-        f"(nll {h.nll:.4f}, top-1 {100 * h.top1:.1f}%; EMA nll {result.ema.heldout.nll:.4f})",
+        f"({numbers})",
         fontsize=9,
     )
     fig.subplots_adjust(left=0.09, right=0.98, top=0.92, bottom=0.22)
@@ -1240,13 +1551,21 @@ def _choice_key(row: TuneRow, metric: str) -> tuple[float, ...]:
         primary: tuple[float, ...] = (-h.top1, h.nll, -h.top5)
     elif metric == "top5":
         primary = (-h.top5, h.nll, -h.top1)
+    elif metric in ("pixel-nll", "miou", "pixel-acc"):
+        nll, miou, acc = h.value("pixel-nll"), h.value("miou"), h.value("pixel-acc")
+        primary = {
+            "pixel-nll": (nll, -miou, -acc),
+            "miou": (-miou, nll, -acc),
+            "pixel-acc": (-acc, nll, -miou),
+        }[metric]
     else:
         primary = (h.nll, -h.top1, -h.top5)
     return (*primary, KINDS.index(row.kind))
 
 
 def _better(a: float, b: float, metric: str) -> bool:
-    return a < b if metric == "nll" else a > b
+    """Whether ``a`` is better than ``b`` by ``metric`` (the NLLs: lower; accuracies and mIoU: higher)."""
+    return a < b if metric in ("nll", "pixel-nll") else a > b
 
 
 def _evaluate_candidate(
@@ -1258,13 +1577,19 @@ def _evaluate_candidate(
     forward_fn: ForwardFn | None,
     output_key: str | int | None,
     top_k: int,
+    dense: _Dense | None = None,
 ) -> dict[str, float]:
-    """nll, top1, top5 of one per-layer candidate on ``batches`` (a corrected copy, one forward a batch)."""
+    """nll, top1, top5 of one per-layer candidate on ``batches`` (a corrected copy, one forward a batch);
+    with ``dense`` (segmentation) pixel-nll, miou and pixel-acc, each batch evaluated in pieces of at most
+    :data:`bncorrect.sweep.DENSE_PIECE_BYTES` of logits. Under a process group the ranks' sums are merged
+    (:func:`merge_score_sums`, :func:`bncorrect.sweep.merge_segmentation_tallies`)."""
     from . import distributed
     from .sweep import select_logits
 
     work = correct_model(copy.deepcopy(model), alpha, beta).to(device).eval()
     fwd = forward_fn or default_forward
+    if dense is not None:
+        return _evaluate_dense(work, batches, device, fwd, output_key, dense)
 
     def score() -> Tensor:
         sums = torch.zeros(4, dtype=torch.float64)  # summed nll, top-1 hits, top-k hits, examples
@@ -1288,9 +1613,75 @@ def _evaluate_candidate(
     return {"nll": nll / max(1, n), "top1": top1 / max(1, n), "top5": topk / max(1, n)}
 
 
+@dataclass(frozen=True)
+class _Dense:
+    """What tune knows of a segmentation task before its passes: classes, ignore index, mask size."""
+
+    num_classes: int
+    ignore_index: int
+    mask_shape: tuple[int, int]
+
+    def rows(self, candidates: int, budget: int, cap: int) -> int:
+        """Examples per piece so that ``candidates`` sets of float32 per-pixel logits fit ``budget`` bytes
+        (at least 1, at most ``cap``)."""
+        per_example = max(1, candidates * self.num_classes * self.mask_shape[0] * self.mask_shape[1] * 4)
+        return max(1, min(cap, budget // per_example))
+
+
+def _evaluate_dense(
+    work: nn.Module,
+    batches: Iterable[Batch],
+    device: torch.device,
+    fwd: ForwardFn,
+    output_key: str | int | None,
+    dense: _Dense,
+) -> dict[str, float]:
+    from . import distributed
+    from .sweep import (
+        DENSE_PIECE_BYTES,
+        Candidate,
+        SegmentationTally,
+        merge_segmentation_tallies,
+        segmentation_rows,
+        select_logits,
+    )
+
+    piece = dense.rows(1, DENSE_PIECE_BYTES, 1 << 30)
+
+    def score() -> SegmentationTally:
+        tally = SegmentationTally(1, dense.num_classes, dense.ignore_index, "", output_key)
+        with torch.no_grad():
+            for batch in batches:
+                batch = map_batch(batch, lambda t: t.to(device))
+                rows = batch_size_of(batch)
+                y = _labels(batch, rows).to(device)
+                for start in range(0, rows, piece):
+                    stop = min(rows, start + piece)
+                    part = _rows_of(batch, rows, start, stop)
+                    logits = select_logits(fwd(work, part), output_key, stop - start)
+                    tally.add_candidate(0, logits, y[start:stop])
+                    tally.add_examples(y[start:stop])
+        for name, value in vars(tally).items():
+            if isinstance(value, Tensor):
+                setattr(tally, name, value.cpu())
+        return tally
+
+    merged = merge_segmentation_tallies(distributed.all_gather(distributed.guarded(score)))
+    if merged.pixels == 0:
+        return {"pixel-nll": math.nan, "miou": math.nan, "pixel-acc": math.nan}
+    row = segmentation_rows([Candidate("tuned")], merged)[0]
+    return {m: row.value(m) for m in ("pixel-nll", "miou", "pixel-acc")}
+
+
+def _rows_of(batch: Batch, rows: int, start: int, stop: int) -> Batch:
+    return map_batch(batch, lambda t: t[start:stop] if t.dim() and t.shape[0] == rows else t)
+
+
 def merge_score_sums(parts: Sequence[Tensor]) -> Tensor:
     """The score sums (summed nll, top-1 hits, top-k hits, examples: float64 (4,)) of one candidate on the
-    union of disjoint parts of the data (e.g. one per rank): their sum (exact for the counts)."""
+    union of disjoint parts of the data (e.g. one per rank): their sum (exact for the counts). Segmentation
+    scores merge as :func:`bncorrect.sweep.merge_segmentation_tallies` (pixel cross-entropy sums and
+    confusion matrices)."""
     out = torch.zeros(4, dtype=torch.float64)
     for part in parts:
         out += part.to(torch.float64).cpu()
@@ -1298,21 +1689,146 @@ def merge_score_sums(parts: Sequence[Tensor]) -> Tensor:
 
 
 def _fit_numbers(row: SweepRow) -> dict[str, float]:
+    if row.task == "segmentation":
+        return {m: row.value(m) for m in ("pixel-nll", "miou", "pixel-acc")}
     return {"nll": row.nll, "top1": row.top1, "top5": row.top5}
 
 
 def _check_scores(
-    model: nn.Module, part: _Part, forward_fn: ForwardFn | None, output_key: str | int | None, device: Any
-) -> None:
-    """Before any pass: the model's output on two examples has to hold class scores; object detections,
-    an ambiguous dict or a wrong ``output_key`` are refused here rather than after the passes."""
+    model: nn.Module,
+    part: _Part,
+    forward_fn: ForwardFn | None,
+    output_key: str | int | None,
+    device: Any,
+) -> tuple[str, tuple[int, ...]]:
+    """Before any pass: the model's output on two examples has to hold class scores (N, classes) for class
+    labels, or per-pixel logits (N, K, H, W) at the masks' size for masks; object detections, an ambiguous
+    dict or a wrong ``output_key`` are refused here rather than after the passes. Returns the task and the
+    output's shape."""
     from .passes import run_forward
-    from .sweep import select_output
+    from .sweep import output_task, select_logits
 
-    batch = next(iter(_part_loader(part, 2, shuffle=False, seed=0, num_workers=0)))
+    batch = next(iter(_part_loader(part, 2, shuffle=False, seed=0, num_workers=0, shard=False)))
     work = copy.deepcopy(model).to(resolve_device(device)).eval()
     out = run_forward(work, batch, forward_fn, resolve_device(device), data_hint=part.description)
-    select_output(out, output_key, rows=batch_size_of(batch))
+    rows = batch_size_of(batch)
+    logits = select_logits(out, output_key, rows)
+    y = _labels(batch, rows)
+    return output_task(tuple(logits.shape), y, part.description, output_key), tuple(logits.shape)
+
+
+def _recalibrated(
+    model: nn.Module,
+    fit_part: _Part,
+    b: int,
+    upstream: str,
+    *,
+    seed: int,
+    num_workers: int,
+    forward_fn: ForwardFn | None,
+    device: Any,
+    progress: Progress | None,
+) -> RecalibrateResult:
+    """:func:`bncorrect.recalibration.recalibrate_stats` on the fitting part, as ``bncorrect recalibrate``
+    runs it: ``train`` over shuffled groups of B (one pass), ``eval`` with the default choice of scheme
+    (:func:`~bncorrect.recalibration.choose_exact`: layer by layer when it costs no more than the
+    iterative scheme's cap, else iterative)."""
+    from . import distributed
+    from .recalibration import DEFAULT_MAX_PASSES, choose_exact, recalibrate_stats
+
+    loader_b = b * max(1, 64 // b) if upstream == "train" else 128
+    loader = _part_loader(fit_part, loader_b, shuffle=upstream == "train", seed=seed, num_workers=num_workers)
+    exact = False
+    if upstream == "eval":
+        counts = distributed.all_gather(len(loader))  # type: ignore[arg-type]
+        n_layers = len(corrected_layers(correct_model(copy.deepcopy(model), 0.0)))
+        exact = choose_exact(n_layers, sum(counts), DEFAULT_MAX_PASSES)
+    return recalibrate_stats(
+        model,
+        loader,
+        upstream=upstream,  # type: ignore[arg-type]
+        batch_size=b,
+        exact=exact,
+        forward_fn=forward_fn,
+        device=device,
+        total_examples=len(fit_part),
+        progress=progress,
+        data_hint=fit_part.description,
+    )
+
+
+def estimate_pair(
+    model: nn.Module,
+    stats: Mapping[str, tuple[Tensor, Tensor]],
+    batches: Iterable[Batch],
+    train_batch_size: int,
+    *,
+    seed: int = 0,
+    solve_rows: int = DEFAULT_SOLVE_ROWS,
+    forward_fn: ForwardFn | None = None,
+    device: str | torch.device | None = "cpu",
+    total_examples: int | None = None,
+    progress: Progress | None = None,
+    data_hint: str = "",
+) -> tuple[EstimateResult, EstimateResult]:
+    """EvalNorm offline twice from one data pass: against the model's running statistics and against
+    ``stats`` (name -> (mean, var), e.g. recalibrated ones). The same as
+    :func:`bncorrect.estimation.estimate_alpha_beta` on ``model`` and on ``model`` with ``stats`` in its
+    buffers, for the same ``batches`` and ``seed`` (a test checks equality), at the cost of one pass: the
+    training-mode pass normalizes every layer with its batch statistics, so its activations do not depend
+    on the running statistics, and both sets of estimators (each with its own seeded sampler) observe
+    them; only the solves differ."""
+    from .estimation import check_batch_sizes, estimate_from_pass
+    from .layers import batch_statistics_layers, layer_batch_sizes
+    from .passes import training_mode_pass
+
+    check_batch_sizes(train_batch_size, None)
+    dev = resolve_device(device)
+    work = copy.deepcopy(model)
+    correct_model(work, 0.0)
+    work.to(dev)
+    layers = corrected_layers(work)
+    sizes = layer_batch_sizes(list(layers), train_batch_size, None)
+    untracked = layer_batch_sizes(list(batch_statistics_layers(work)), train_batch_size, None)
+    plain = {name: (m.norm.running_mean, m.norm.running_var, float(m.norm.eps)) for name, m in layers.items()}
+    other = {name: (stats[name][0], stats[name][1], eps) for name, (_, _, eps) in plain.items()}
+    kept: dict[str, Any] = {}
+
+    def outer(group_sizes: Mapping[str, int], other_observers: Mapping[str, Any]) -> tuple[int, int]:
+        def inner(_: Mapping[str, int], plain_observers: Mapping[str, Any]) -> tuple[int, int]:
+            def both(name: str) -> Any:
+                first, second = plain_observers[name], other_observers[name]
+
+                def observe(x: Tensor, mu_i: Tensor, var_i: Tensor, mu_b: Tensor, var_b: Tensor) -> None:
+                    first(x, mu_i, var_i, mu_b, var_b)
+                    second(x, mu_i, var_i, mu_b, var_b)
+
+                return observe
+
+            kept["counts"] = training_mode_pass(
+                work,
+                batches,
+                group_sizes,
+                {name: both(name) for name in plain_observers},
+                forward_fn=forward_fn,
+                device=dev,
+                label="estimate",
+                total_examples=total_examples,
+                progress=progress,
+                data_hint=data_hint,
+                batch_stat_sizes=untracked,
+            )
+            return kept["counts"]
+
+        kept["plain"] = estimate_from_pass(
+            plain, sizes, inner, train_batch_size, seed=seed, solve_rows=solve_rows, data_hint=data_hint
+        )
+        return kept["counts"]  # this rank's counts, as a pass returns them (merged across ranks later)
+
+    second = estimate_from_pass(
+        other, sizes, outer, train_batch_size, seed=seed, solve_rows=solve_rows, data_hint=data_hint
+    )
+    return kept["plain"], second
 
 
 def tune_model(
@@ -1327,8 +1843,9 @@ def tune_model(
     alphas: Sequence[float] | None = None,
     strengths: Sequence[float] = DEFAULT_STRENGTHS,
     per_channel: bool = False,
-    recalibrate: bool = False,
-    upstream: str = "eval",
+    recalibrate: bool = True,
+    upstream: str = DEFAULT_UPSTREAM,
+    ignore_index: int = 255,
     max_examples: int | None = None,
     lr: float = DEFAULT_LR,
     max_epochs: int = DEFAULT_MAX_EPOCHS,
@@ -1345,19 +1862,36 @@ def tune_model(
 ) -> TuneResult:
     """Choose the best safe correction for ``model`` on the labelled, indexable ``dataset`` (module
     docstring): split, fit the candidates on the fitting part, score them on the held-out part, choose by
-    ``metric`` (nll, top1 or top5), never worse than EMA there. ``alphas``: the global sweep's grid (default
+    ``metric``, never worse than EMA there. Classification (labels (N,), logits (N, classes)): nll, top1 or
+    top5. Segmentation (masks (N, H, W), per-pixel logits (N, K, H, W), e.g. ``output_key="out"``):
+    pixel-nll (``"nll"`` means pixel-nll), miou or pixel-acc over the pixels whose mask value is not
+    ``ignore_index``; the split is drawn per image (:func:`random_split`) and the per-layer fit minimises the
+    mean pixel cross-entropy (:class:`PixelLoss`). ``recalibrate`` (default) adds the candidate EvalNorm
+    offline on population statistics recalibrated on the fitting part (``upstream``: ``train``, the
+    default, or ``eval``; see :func:`bncorrect.recalibration.recalibrate_stats`) beside EvalNorm offline on
+    the running statistics. ``alphas``: the global sweep's grid (default
     :func:`bncorrect.sweep.default_alphas`). ``max_examples``: use the first N of a seeded permutation.
-    ``solve_rows``: (example, channel) rows per layer of the EvalNorm candidate's grid search.
+    ``solve_rows``: (example, channel) rows per layer of the EvalNorm candidates' grid search.
     ``model`` is not modified."""
     from .estimation import estimate_alpha_beta
-    from .recalibration import recalibrate_stats
-    from .sweep import METRICS, Candidate, sweep_alpha
+    from .sweep import (
+        DENSE_PIECE_BYTES,
+        Candidate,
+        check_ignore_index,
+        check_masks,
+        check_metric,
+        sweep_alpha,
+        task_metric,
+    )
 
-    if metric not in METRICS:
+    check_metric(metric)
+    if recalibrate and upstream not in ("eval", "train"):
         raise UsageError(
-            f"{spell('metric', metric)}: tune chooses by nll, top1 or top5",
-            hint="segmentation metrics are sweep-alpha's (tune fits classification models)",
+            f"{spell('upstream', upstream)}: must be 'eval' or 'train'",
+            hint=f"{spell('upstream', 'train')} (training-consistent, the default) or "
+            f"{spell('upstream', 'eval')} (inference-consistent); see recalibrate",
         )
+    ignore_index = check_ignore_index(ignore_index)
     holdout = _check_fraction(holdout, "holdout", "the held-out fraction")
     monitor = _check_fraction(monitor, "monitor", "the monitor fraction of the fitting part")
     if isinstance(train_batch_size, bool) or not isinstance(train_batch_size, int) or train_batch_size < 1:
@@ -1377,100 +1911,147 @@ def tune_model(
         clock = now
 
     labels = dataset_labels(dataset, hint)
-    order = torch.arange(labels.numel())
+    masks = labels.dim() == 3
+    order = torch.arange(labels.shape[0])
     if max_examples is not None:
         if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1:
             raise UsageError(f"{spell('max_examples', max_examples)}: must be a whole number >= 1")
-        order = torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(int(seed)))[
+        order = torch.randperm(labels.shape[0], generator=torch.Generator().manual_seed(int(seed)))[
             :max_examples
         ]
         order = torch.sort(order).values
-    rest, held = stratified_split(labels[order], holdout, seed)
+
+    def split(idx: Tensor, fraction: float, split_seed: int) -> tuple[Tensor, Tensor]:
+        if masks:  # one draw per image: stratification by label does not apply to masks
+            return random_split(len(idx), fraction, split_seed)
+        return stratified_split(labels[idx], fraction, split_seed)
+
+    rest, held = split(order, holdout, seed)
     fit_idx, held_idx = order[rest], order[held]
-    inner, mon = stratified_split(labels[fit_idx], monitor, seed + 1)
+    inner, mon = split(fit_idx, monitor, seed + 1)
     inner_idx, mon_idx = fit_idx[inner], fit_idx[mon]
     need = max(2 * b, 4)
+    what = "images" if masks else "labelled examples"
     if len(held_idx) == 0 or len(fit_idx) < need or len(inner_idx) == 0 or len(mon_idx) == 0:
         raise DataError(
-            f"{len(order)} labelled examples split with {spell('holdout', holdout)} leave {len(fit_idx)} for "
+            f"{len(order)} {what} split with {spell('holdout', holdout)} leave {len(fit_idx)} for "
             f"fitting and {len(held_idx)} held out; tune needs at least {need} fitting examples (2 "
             "normalization batches, and a monitor slice) and one held-out example",
             path=getattr(dataset, "path", None) or hint or None,
             hint=f"give more labelled data, or a smaller {spell('holdout', 0.2)}",
         )
-    fit_part = _Part(dataset, fit_idx.tolist(), "fitting part")
-    held_part = _Part(dataset, held_idx.tolist(), "held-out part")
-    inner_part = _Part(dataset, inner_idx.tolist(), "fitting examples of the per-layer fit")
-    mon_part = _Part(dataset, mon_idx.tolist(), "monitor slice of the fitting part")
-    _check_scores(model, held_part, forward_fn, output_key, device)
+    label_shape = tuple(labels.shape[1:])
+    fit_part = _Part(dataset, fit_idx.tolist(), "fitting part", label_shape)
+    held_part = _Part(dataset, held_idx.tolist(), "held-out part", label_shape)
+    inner_part = _Part(dataset, inner_idx.tolist(), "fitting examples of the per-layer fit", label_shape)
+    mon_part = _Part(dataset, mon_idx.tolist(), "monitor slice of the fitting part", label_shape)
+    task, out_shape = _check_scores(model, held_part, forward_fn, output_key, device)
+    metric = task_metric(metric, task)
+    dense: _Dense | None = None
+    eval_batch = 256
+    mon_batch = 256
+    step_batch = fit_batch_size
+    loss_fn: FitLoss = classification_loss
+    if task == "segmentation":
+        dense = _Dense(int(out_shape[1]), ignore_index, (int(out_shape[2]), int(out_shape[3])))
+        # every mask checked before any pass: values 0..K-1 or the ignore index
+        check_masks(labels[order], dense.num_classes, ignore_index, hint, output_key)
+        if not all(bool((labels[i] != ignore_index).any()) for i in (held_idx, mon_idx)):
+            raise DataError(
+                "the held-out part or the monitor slice holds no labelled pixel (every mask value is the "
+                f"ignore index {ignore_index})",
+                path=getattr(dataset, "path", None) or hint or None,
+                hint="check the masks, pass the value of unlabelled pixels with --ignore-index, or give more "
+                "images",
+            )
+        pixels = dense.mask_shape[0] * dense.mask_shape[1]
+        eval_batch = max(1, min(256, (1 << 22) // pixels))  # as sweep-alpha reads masks
+        mon_batch = dense.rows(len(strengths), DENSE_PIECE_BYTES, 256)
+        step_batch = min(fit_batch_size, dense.rows(len(strengths), DENSE_FIT_BYTES, fit_batch_size))
+        loss_fn = PixelLoss(ignore_index)
     lap("split")
 
-    # EvalNorm offline on the fitting part (optionally on recalibrated statistics)
-    recal = None
-    est_model = model
+    def estimate(on: nn.Module) -> EstimateResult:
+        return estimate_alpha_beta(
+            on,
+            _part_loader(fit_part, b * max(1, 64 // b), shuffle=True, seed=seed, num_workers=num_workers),
+            b,
+            forward_fn=forward_fn,
+            device=device,
+            seed=seed,
+            solve_rows=solve_rows,
+            total_examples=len(fit_part),
+            progress=progress,
+            data_hint=fit_part.description,
+        )
+
+    def evalnorm_candidate(est: EstimateResult, label: str, stats: Any, kind: str) -> Candidate:
+        return Candidate(
+            label,
+            {ly.name: torch.tensor(ly.alpha) for ly in est.layers},
+            {ly.name: torch.tensor(ly.beta) for ly in est.layers},
+            stats,
+            kind,
+        )
+
+    # EvalNorm offline on the fitting part, on the running statistics and (recalibrate) on population
+    # statistics recalibrated there first: both estimates from one training-mode pass
+    recal = est_recal = None
     if recalibrate:
-        if upstream not in ("eval", "train"):
-            raise UsageError(f"{spell('upstream', upstream)}: must be 'eval' or 'train'")
-        loader_b = b * max(1, 64 // b) if upstream == "train" else 128
-        recal = recalibrate_stats(
+        recal = _recalibrated(
+            model, fit_part, b, upstream, seed=seed, num_workers=num_workers, forward_fn=forward_fn,
+            device=device, progress=progress,
+        )  # fmt: skip
+        lap("recalibrate")
+        est, est_recal = estimate_pair(
             model,
-            _part_loader(fit_part, loader_b, shuffle=upstream == "train", seed=seed, num_workers=num_workers),
-            upstream=upstream,  # type: ignore[arg-type]
-            batch_size=b,
+            recal.stats,
+            _part_loader(fit_part, b * max(1, 64 // b), shuffle=True, seed=seed, num_workers=num_workers),
+            b,
+            seed=seed,
+            solve_rows=solve_rows,
             forward_fn=forward_fn,
             device=device,
             total_examples=len(fit_part),
             progress=progress,
             data_hint=fit_part.description,
         )
-        est_model = copy.deepcopy(model)
-        set_running_stats(est_model, recal.stats)
-        lap("recalibrate")
-    est = estimate_alpha_beta(
-        est_model,
-        _part_loader(fit_part, b * max(1, 64 // b), shuffle=True, seed=seed, num_workers=num_workers),
-        b,
-        forward_fn=forward_fn,
-        device=device,
-        seed=seed,
-        solve_rows=solve_rows,
-        total_examples=len(fit_part),
-        progress=progress,
-        data_hint=fit_part.description,
-    )
-    evalnorm = Candidate(
-        "EvalNorm offline" + (f" (recalibrated, {upstream})" if recal is not None else ""),
-        {ly.name: torch.tensor(ly.alpha) for ly in est.layers},
-        {ly.name: torch.tensor(ly.beta) for ly in est.layers},
-        None if recal is None else dict(recal.stats),
-        "evalnorm",
-    )
+    else:
+        est = estimate(model)
+    evalnorms = [evalnorm_candidate(est, "EvalNorm offline", None, "evalnorm")]
+    if recal is not None and est_recal is not None:
+        label = f"EvalNorm offline (recalibrated, {upstream})"
+        evalnorms.append(evalnorm_candidate(est_recal, label, dict(recal.stats), "evalnorm-recal"))
     lap("estimate")
 
-    # the global sweep on the fitting part (EvalNorm beside it, for its fitting-part numbers)
+    # the global sweep on the fitting part (the EvalNorm candidates beside it, for their fitting-part numbers)
     fit_sweep = sweep_alpha(
         model,
-        _part_loader(fit_part, 256, shuffle=False, seed=seed, num_workers=num_workers),
+        _part_loader(fit_part, eval_batch, shuffle=False, seed=seed, num_workers=num_workers),
         alphas,
         train_batch_size=b,
-        extra_candidates=[evalnorm],
+        extra_candidates=evalnorms,
         metric=metric,
         output_key=output_key,
+        ignore_index=ignore_index,
         forward_fn=forward_fn,
         device=device,
         total_examples=len(fit_part),
         progress=progress,
         data_hint=fit_part.description,
     )
-    if fit_sweep.task != "classification":
-        raise UsageError("tune fits classification models; this model's outputs are per-pixel maps",
-                         hint="use sweep-alpha for segmentation")  # fmt: skip
+    if fit_sweep.task != task:  # the probe and the pass disagree: a model whose output changes with the batch
+        raise UsageError(
+            f"the model's outputs on the fitting part are of a {fit_sweep.task} model, on the probe of a "
+            f"{task} one",
+            hint="give a model whose output has the same form for every batch",
+        )
     best_global = fit_sweep.best
     a_star = float(best_global.alpha or 0.0)
     b_star = float(best_global.beta if best_global.beta is not None else a_star)
     ema_fit = fit_sweep.ema
     rule_fit = next(r for r in fit_sweep.rows if "rule" in r.kind.split("+"))
-    evalnorm_fit = next(r for r in fit_sweep.rows if r.kind == "evalnorm")
+    evalnorm_fits = [next(r for r in fit_sweep.rows if r.kind == c.kind) for c in evalnorms]
     lap("sweep")
 
     # the per-layer fit: gradient steps on the cached fitting examples, not data-parallel: under a process
@@ -1481,9 +2062,9 @@ def tune_model(
         lambda: fit_per_layer(
             model,
             _part_loader(
-                inner_part, fit_batch_size, shuffle=True, seed=seed, num_workers=num_workers, shard=False
+                inner_part, step_batch, shuffle=True, seed=seed, num_workers=num_workers, shard=False
             ),
-            _part_loader(mon_part, 256, shuffle=False, seed=seed, num_workers=num_workers, shard=False),
+            _part_loader(mon_part, mon_batch, shuffle=False, seed=seed, num_workers=num_workers, shard=False),
             init_alpha=a_star,
             init_beta=b_star,
             strengths=strengths,
@@ -1498,6 +2079,7 @@ def tune_model(
             output_key=output_key,
             cache_bytes=cache_bytes,
             progress=progress,
+            loss_fn=loss_fn,
         )
     )
     best_fit = fit.best
@@ -1513,11 +2095,12 @@ def tune_model(
         model,
         best_fit.alpha,
         best_fit.beta,
-        _part_loader(fit_part, 256, shuffle=False, seed=seed, num_workers=num_workers),
+        _part_loader(fit_part, eval_batch, shuffle=False, seed=seed, num_workers=num_workers),
         dev,
         forward_fn,
         output_key,
         fit_sweep.top_k,
+        dense,
     )
     lap("fit")
 
@@ -1526,16 +2109,17 @@ def tune_model(
     candidates = [
         Candidate(f"rule 1/B^2 (B={b})", r, r, None, "rule"),
         Candidate(f"best global alpha ({a_star:g})", a_star, b_star, None, "global"),
-        evalnorm,
+        *evalnorms,
         tuned,
     ]
     held_sweep = sweep_alpha(
         model,
-        _part_loader(held_part, 256, shuffle=False, seed=seed, num_workers=num_workers),
+        _part_loader(held_part, eval_batch, shuffle=False, seed=seed, num_workers=num_workers),
         [],
         extra_candidates=candidates,
         metric=metric,
         output_key=output_key,
+        ignore_index=ignore_index,
         forward_fn=forward_fn,
         device=device,
         total_examples=len(held_part),
@@ -1545,7 +2129,7 @@ def tune_model(
     lap("held-out")
     held_rows = held_sweep.rows  # EMA, then the candidates in order
     fit_numbers = [_fit_numbers(ema_fit), _fit_numbers(rule_fit), _fit_numbers(best_global),
-                   _fit_numbers(evalnorm_fit), tuned_fit]  # fmt: skip
+                   *(_fit_numbers(row) for row in evalnorm_fits), tuned_fit]  # fmt: skip
     rows = [
         TuneRow("EMA (plain BN)", "ema", fit_numbers[0], held_rows[0], held_rows[0].candidate),
         *(
@@ -1590,6 +2174,11 @@ def tune_model(
             f"{len(fit.best.zero_layers)} of {len(fit.best.alpha)} layers of the tuned fit end at alpha = "
             "beta = 0 (plain BN, foldable into the convolution before it in ONNX)"
         )
+    if chosen.recalibrated:
+        notes.append(
+            f"{chosen.label} written: its recalibrated statistics ({upstream}, on the fitting part) replace "
+            "the running statistics"
+        )
     return TuneResult(
         metric=metric,
         train_batch_size=b,
@@ -1617,4 +2206,7 @@ def tune_model(
         recalibration=recal,
         fit_sweep=fit_sweep,
         heldout_sweep=held_sweep,
+        task=task,
+        ignore_index=ignore_index if task == "segmentation" else None,
+        estimate_recalibrated=est_recal,
     )

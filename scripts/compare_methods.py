@@ -52,8 +52,8 @@ every number is measured. Rows per network:
   stratified split of that half: 70% to fit the candidates, 30% held out to choose among them, seed = the
   network's seed); the correction it writes (``<checkpoint>.tuned.safetensors``, EMA when no candidate
   beat plain BN on its held-out part) applied with :func:`bncorrect.api.apply`. The record keeps which
-  candidate it chose (``chosen``: ema, rule, global, evalnorm, tuned) and the NLL of EMA and of the chosen
-  one on tune's held-out part.
+  candidate it chose (``chosen``: ema, rule, global, evalnorm, evalnorm-recal, tuned) and the NLL of EMA
+  and of the chosen one on tune's held-out part.
 
 The post-hoc tools model the training normalization as per-channel statistics over B examples; that is
 exact for ``bn`` and ``ghost`` only (Batch Renorm trains with r/d-corrected statistics, BGN with channel-

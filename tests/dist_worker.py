@@ -107,6 +107,13 @@ def cases(folder: Path, rank: int = 0, world: int = 1) -> dict[str, object]:
     report = outcome.report["tune"].as_report()
     report.pop("timings", None)  # seconds differ from rank to rank
     out["api_tune"] = report
+    # segmentation: per-pixel logits and masks, the tallies (pixel cross-entropy, confusion) merged
+    sx, sy = toys.seg_data(40, seed=2)
+    outcome = api.tune(toys.seg_net(seed=1), (sx, sy), B, metric="miou", holdout=0.4, seed=3, device="cpu",
+                       max_epochs=2)  # fmt: skip
+    report = outcome.report["tune"].as_report()
+    report.pop("timings", None)
+    out["api_tune_seg"] = report
     # an ONNX graph runs in onnxruntime: the same merges
     import onnx
 

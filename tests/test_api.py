@@ -56,6 +56,33 @@ def test_commands_leave_the_module_passed_in_unchanged(command, val_npz):
     assert corrected_layers(outcome.model), "the returned model carries the correction"
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        lambda src, d: api.weight(src, 0.4, 0.2),
+        lambda src, d: api.estimate(src, d, 2, device="cpu"),
+        lambda src, d: api.recalibrate(src, d, device="cpu"),
+    ],
+    ids=["weight", "estimate", "recalibrate"],
+)
+def test_an_opened_model_serves_several_commands_unchanged(command, val_npz):
+    """A LoadedModel from open_model passed to a command is not corrected in place: the next command on
+    it starts from the model as loaded (running statistics included)."""
+    net = conv_net()
+    source = api.open_model(net)
+    before = _snapshot(source.model)
+    outcome = command(source, val_npz)
+    assert outcome.model is not source.model
+    assert not any(isinstance(m, CorrectedNorm) for m in source.model.modules())
+    after = _snapshot(source.model)
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)
+    x, _ = data(6, seed=3)
+    plain = api.weight(source, 0.0).model  # weight 0 on the same opened model: the plain network
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), net(x), rtol=0, atol=0)
+
+
 def test_returned_model_is_corrected_as_reported():
     net = conv_net()
     outcome = api.weight(net, 0.25, 0.1)

@@ -317,7 +317,14 @@ def test_short_training_convert_back_and_post_hoc(tmp_path: Path, dataset: str, 
     fresh = bncorrect.load(path)
     alpha = {n: lc.alpha for n, lc in corr.layers.items()}
     beta = {n: lc.beta for n, lc in corr.layers.items()}
-    assert all(lc.running_mean is None for lc in corr.layers.values())  # tune without --recalibrate
+    # EvalNorm after recalibration, when chosen, brings its statistics: they replace the running ones
+    recal = tune_row["chosen"] == "evalnorm-recal"
+    assert all((lc.running_mean is not None) == recal for lc in corr.layers.values())
+    with torch.no_grad():
+        for name, lc in corr.layers.items():
+            if lc.running_mean is not None:
+                fresh.get_submodule(name).running_mean.copy_(lc.running_mean)
+                fresh.get_submodule(name).running_var.copy_(lc.running_var)
     rescored = make_samples.evaluate(
         correct_model(fresh, alpha, beta), torch.from_numpy(x_va[32:]), torch.from_numpy(y_va[32:])
     )

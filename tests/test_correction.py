@@ -288,3 +288,62 @@ def test_example_stats_in_pieces_match_whole(shape, monkeypatch):
     cl = x.detach().float().contiguous(memory_format=torch.channels_last) if x.dim() == 4 else None
     if cl is not None:  # not contiguous: taken whole
         torch.testing.assert_close(C.example_stats(cl)[1], whole[1].detach().float(), rtol=1e-5, atol=1e-4)
+
+
+# ------------------------------------------------------------------ analytic gradients (the per-layer fit)
+def _moments_formula(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance over the spatial axes, written out (autograd differentiates this)."""
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    mean = flat.sum(-1) / flat.shape[-1]
+    return mean, ((flat - mean[..., None]) ** 2).sum(-1) / flat.shape[-1]
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 5), (3, 4, 6, 5), (2, 3, 2, 2), (5, 2, 1)])
+def test_example_stats_grad_values_and_gradient(shape):
+    """Same values as example_stats; its analytic gradient equals autograd's of the written-out formula and
+    finite differences (float64; (2, 2) and 1-value rows take the matrix-vector reduction, a constant row a
+    zero variance)."""
+    g = torch.Generator().manual_seed(len(shape))
+    x = (torch.randn(*shape, generator=g, dtype=torch.float64) * 2 + 1).requires_grad_(True)
+    with torch.no_grad():
+        x[0, 0] = 0.7  # a constant (example, channel): variance 0
+    mean, var = C.example_stats_grad(x)
+    ref_mean, ref_var = C.example_stats(x.detach())
+    assert torch.equal(mean.detach(), ref_mean) and torch.equal(var.detach(), ref_var)
+    g_mean, g_var = (
+        torch.randn(mean.shape, generator=g, dtype=torch.float64),
+        torch.randn(var.shape, generator=g, dtype=torch.float64),
+    )
+    got = torch.autograd.grad((mean * g_mean).sum() + (var * g_var).sum(), x)[0]
+    fm, fv = _moments_formula(x)
+    want = torch.autograd.grad((fm * g_mean).sum() + (fv * g_var).sum(), x)[0]
+    assert float((got - want).abs().max()) <= 1e-12
+    assert torch.autograd.gradcheck(lambda t: C.example_stats_grad(t), (x,))
+    # without autograd recording it is example_stats itself
+    with torch.no_grad():
+        assert not C.example_stats_grad(x)[0].requires_grad
+
+
+@pytest.mark.parametrize("coef_shape", [(3, 1, 1), (3, 1, 4)])
+@pytest.mark.parametrize("stat_rows", [1, 3])
+@pytest.mark.parametrize("affine_params", [True, False])
+def test_corrected_scale_shift_backward_matches_autograd(coef_shape, stat_rows, affine_params):
+    """The written-out gradients of (s, t) with respect to mu_i, var_i, alpha, beta against autograd through
+    corrected_scale_shift, summed to each operand's shape (coefficients (K, 1, P) against statistics of 1
+    or K row blocks, as in the stacked fit)."""
+    g = torch.Generator().manual_seed(sum(coef_shape) + stat_rows)
+    f64 = dict(generator=g, dtype=torch.float64)
+    mu = torch.randn(stat_rows, 5, 4, **f64).requires_grad_(True)
+    var = (torch.rand(stat_rows, 5, 4, **f64) * 2).requires_grad_(True)
+    alpha = torch.rand(*coef_shape, **f64).requires_grad_(True)
+    beta = torch.rand(*coef_shape, **f64).requires_grad_(True)
+    mu_e, var_e = torch.randn(4, **f64), torch.rand(4, **f64) + 0.5
+    weight, bias = (torch.randn(4, **f64), torch.randn(4, **f64)) if affine_params else (None, None)
+    s, t = C.corrected_scale_shift(mu, var, mu_e, var_e, alpha, beta, 1e-3, weight, bias)
+    g_s, g_t = torch.randn(s.shape, **f64), torch.randn(t.shape, **f64)
+    want = torch.autograd.grad((s * g_s).sum() + (t * g_t).sum(), (mu, var, alpha, beta))
+    got = C.corrected_scale_shift_backward(
+        g_s, g_t, mu.detach(), var.detach(), mu_e, var_e, alpha.detach(), beta.detach(), 1e-3, weight
+    )
+    for w, gt, operand in zip(want, got, (mu, var, alpha, beta), strict=True):
+        assert float((gt.sum_to_size(operand.shape) - w).abs().max()) <= 1e-10

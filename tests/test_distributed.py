@@ -344,6 +344,11 @@ def test_tune_two_ranks_matches_one(two_ranks):
     gradient steps may carry a little further)."""
     (r0, _), ref = two_ranks
     _assert_same(r0["api_tune"], ref["api_tune"], rtol=1e-4, atol=1e-6)
+    # segmentation: the held-out and fitting-part tallies (pixel cross-entropy sums, confusion matrices)
+    # merged across the ranks give one process's report
+    seg, one = r0["api_tune_seg"], ref["api_tune_seg"]
+    assert seg["task"] == one["task"] == "segmentation" and seg["n_pixels"] == one["n_pixels"]
+    _assert_same(seg, one, rtol=1e-4, atol=1e-6)
 
 
 def test_onnx_two_ranks_equal_one(two_ranks):

@@ -233,6 +233,146 @@ def test_strong_l1_pull_leaves_plain_bn_and_per_channel_vectors():
     )
 
 
+@pytest.mark.parametrize("spatial", [(3, 2), (5,), ()])
+@pytest.mark.parametrize("fan_out", [False, True])
+@pytest.mark.parametrize("sets", [None, (0, 2)])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fused_stacked_layer_equals_the_op_by_op_layer(spatial, fan_out, sets, per_channel, monkeypatch):
+    """The stacked layer as one autograd node (_StackedNormFn) against the same layer through autograd op by
+    op (``_FitNorm.fused = False``): outputs and the gradients for x, alpha and beta, in float64, for
+    (N, C, H, W), (N, C, L) and (N, C) inputs, the fan-out of the first BN layer, a subset of the sets and
+    per-channel coefficients; and against finite differences."""
+    from bncorrect.tune import _FitNorm, _StackedNormFn
+
+    g = torch.Generator().manual_seed(len(spatial) + 2 * fan_out + 4 * per_channel)
+    c, m, k_all = 3, 2, 3
+    bn = (nn.BatchNorm2d, nn.BatchNorm1d, nn.BatchNorm1d)[2 - len(spatial)](c).double().eval()
+    with torch.no_grad():
+        for t in (bn.running_mean, bn.weight, bn.bias):
+            t.copy_(torch.randn(c, generator=g, dtype=torch.float64))
+        bn.running_var.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
+    bn.requires_grad_(False)
+    layer = _FitNorm(bn, "direct", k_all, c if per_channel else 1, 0.2, 0.3)
+    with torch.no_grad():
+        layer.alpha.copy_(torch.rand(layer.alpha.shape, generator=g, dtype=torch.float64))
+        layer.beta.copy_(torch.rand(layer.beta.shape, generator=g, dtype=torch.float64))
+    active = None if sets is None else torch.tensor(sets)
+    k = k_all if sets is None else len(sets)
+    layer.active, layer.stack = active, (k, m, fan_out)
+    x = torch.randn((m if fan_out else k * m), c, *spatial, generator=g, dtype=torch.float64) * 2 + 0.5
+    x.requires_grad_(True)
+    w = torch.randn(k * m, c, *spatial, generator=g, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(_FitNorm, "fused", fused)
+        y = layer(x)
+        results.append((y.detach(), *torch.autograd.grad((y * w).sum(), (x, layer.alpha, layer.beta))))
+    for got, want in zip(*results, strict=True):
+        assert float((got - want).abs().max()) <= 1e-10
+    if sets is not None:  # the sets left out get no gradient
+        left_out = [i for i in range(k_all) if i not in sets]
+        assert not results[0][2][left_out].any() and not results[0][3][left_out].any()
+    assert torch.autograd.gradcheck(
+        lambda x, a, b: _StackedNormFn.apply(x, a, b, active, k, m, bn), (x, layer.alpha, layer.beta)
+    )
+
+
+def _reference_fit(net, x, y, xm, ym, strength, start, lr, epochs, patience):
+    """fit_per_layer for two_bn_net written out for one strength on one batch per epoch: the corrected
+    layers from DESIGN §2 (_blend), Adam (b1 0.9, b2 0.999, eps 1e-8) with a cosine-decayed rate, the
+    projection onto [0, 1], loss = cross-entropy + strength * (a1 + b1 + a2 + b2), early stopping on the
+    monitor batch, coefficients below 1e-4 set to 0."""
+    conv1, bn1, conv2, bn2, lin = net[0], net[1], net[3], net[4], net[7]
+
+    def logits(inp, coef):
+        a1, b1, a2, b2 = coef
+        h = conv1(inp)
+        m1, v1 = _blend(h.mean(2), h.var(2, unbiased=False), bn1.running_mean, bn1.running_var, a1, b1)
+        h = torch.relu(bn1.weight[:, None] * (h - m1[..., None]) / torch.sqrt(v1[..., None] + bn1.eps)
+                       + bn1.bias[:, None])  # fmt: skip
+        h = conv2(h)
+        m2, v2 = _blend(h.mean(2), h.var(2, unbiased=False), bn2.running_mean, bn2.running_var, a2, b2)
+        h = (
+            bn2.weight[:, None] * (h - m2[..., None]) / torch.sqrt(v2[..., None] + bn2.eps)
+            + bn2.bias[:, None]
+        )
+        return lin(h.mean(2))
+
+    coef = torch.full((4,), float(start), requires_grad=True)
+    m_, v_ = torch.zeros(4), torch.zeros(4)
+    with torch.no_grad():
+        best, best_nll, best_epoch = coef.detach().clone(), float(F.cross_entropy(logits(xm, coef), ym)), 0
+    since = 0
+    for epoch in range(1, epochs + 1):
+        loss = F.cross_entropy(logits(x, coef), y) + strength * coef.sum()
+        (grad,) = torch.autograd.grad(loss, coef)
+        t = epoch  # one step per epoch
+        rate = lr * 0.5 * (1 + math.cos(math.pi * (t - 1) / epochs))
+        with torch.no_grad():
+            m_ = 0.9 * m_ + 0.1 * grad
+            v_ = 0.999 * v_ + 0.001 * grad * grad
+            coef -= rate / (1 - 0.9**t) * m_ / (torch.sqrt(v_ / (1 - 0.999**t)) + 1e-8)
+            coef.clamp_(0.0, 1.0)
+            nll = float(F.cross_entropy(logits(xm, coef), ym))
+        if nll < best_nll - 1e-9:
+            best, best_nll, best_epoch, since = coef.detach().clone(), nll, epoch, 0
+        else:
+            since += 1
+            if since >= patience:
+                break
+    best = torch.where(best < 1e-4, torch.zeros_like(best), best)
+    return best, best_epoch
+
+
+def test_fit_equals_a_written_out_reference_fit():
+    """fit_per_layer (stacked strengths, prefix cache, the fused layer, the L1 gradient added as its constant,
+    the kept monitor scores) against the fit written out for each strength alone."""
+    net = two_bn_net(seed=4)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(160, 2, 8, generator=g) * 1.3 + 0.4
+    y = sampled_labels(net, x, seed=6, alpha=0.35)
+    fit_b, mon_b = (x[:112], y[:112]), (x[112:], y[112:])
+    strengths, scale = (0.0, 0.02, 2.0), 0.5
+    fit = fit_per_layer(
+        net, [fit_b], [mon_b], init_alpha=0.1, strengths=strengths, nll_scale=scale, lr=0.05, max_epochs=8,
+        patience=2, device="cpu",
+    )  # fmt: skip
+    assert fit.mode.startswith("stacked, prefix")
+    for strength, got in zip(strengths, fit.fits, strict=True):
+        want, epoch = _reference_fit(net, *fit_b, *mon_b, strength * scale, 0.1, 0.05, 8, 2)
+        coef = torch.stack([got.alpha["1"], got.beta["1"], got.alpha["4"], got.beta["4"]])
+        assert got.epoch == epoch, (strength, got.epoch, epoch)
+        assert float((coef - want).abs().max()) <= 1e-4, (strength, coef, want)
+        assert got.monitor_nll == pytest.approx(reference_nll(net, *_coef_maps(coef), *mon_b), abs=1e-5)
+        assert got.start_monitor_nll == pytest.approx(reference_nll(net, 0.1, 0.1, *mon_b), abs=1e-5)
+    assert [f.epoch for f in fit.fits] != [0, 0, 0] and fit.fits[2].epoch != fit.fits[0].epoch
+
+
+def test_monitor_nll_of_what_the_snap_changed_is_measured_again(monkeypatch):
+    """The returned monitor NLL of a set is the one kept with its snapshot unless the snap to 0 changed the
+    set; then it is measured again: with a snap threshold of 0.12 some coefficients change, and every set's
+    returned NLL is that of its returned coefficients, computed directly."""
+    from bncorrect import tune
+
+    net = two_bn_net(seed=4)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(160, 2, 8, generator=g) * 1.3 + 0.4
+    y = sampled_labels(net, x, seed=6, alpha=0.35)
+    monkeypatch.setattr(tune, "ZERO_SNAP", 0.12)
+    fit = fit_per_layer(
+        net, [(x[:112], y[:112])], [(x[112:], y[112:])], init_alpha=0.1, strengths=(0.0, 0.02, 2.0),
+        nll_scale=0.5, lr=0.05, max_epochs=8, patience=2, device="cpu",
+    )  # fmt: skip
+    zeroed = [f for f in fit.fits if any(float(v) == 0.0 for v in (*f.alpha.values(), *f.beta.values()))]
+    assert zeroed  # the snap changed at least one set
+    for f in fit.fits:
+        assert f.monitor_nll == pytest.approx(reference_nll(net, f.alpha, f.beta, x[112:], y[112:]), abs=1e-5)
+
+
+def _coef_maps(coef):
+    return {"1": coef[0], "4": coef[2]}, {"1": coef[1], "4": coef[3]}
+
+
 # ------------------------------------------------------------------------------------------- the split
 def test_stratified_split_is_seeded_and_stratified():
     y = torch.tensor([0] * 50 + [1] * 31 + [2] * 7 + [3] * 1 + [4] * 11)[torch.randperm(100)]
@@ -256,8 +396,9 @@ def test_dataset_labels_and_refusals(tmp_path):
     with pytest.raises(DataError, match="needs labels"):
         dataset_labels(api.open_data(x))
     masks = torch.zeros(20, 8, 8, dtype=torch.long)
-    with pytest.raises(UsageError, match="segmentation"):
-        dataset_labels(api.open_data((x, masks)))
+    assert torch.equal(dataset_labels(api.open_data((x, masks))), masks)  # segmentation: the masks
+    with pytest.raises(DataError, match=r"\(N, H, W\)"):
+        dataset_labels(api.open_data((x, torch.zeros(20, 8, dtype=torch.long))))
     with pytest.raises(UsageError, match="cannot index"):
         dataset_labels(iter([(x, y)]))
 
@@ -299,9 +440,11 @@ def test_heldout_numbers_are_the_candidates_on_the_heldout_examples():
         coeffs = result.coefficients(row.kind)
         alpha = {n: a for n, (a, _) in coeffs.items()}
         beta = {n: b for n, (_, b) in coeffs.items()}
-        assert row.heldout.nll == pytest.approx(reference_nll(model, alpha, beta, x[held], y[held]), abs=1e-5)
-        assert row.fit["nll"] == pytest.approx(reference_nll(model, alpha, beta, x[fit], y[fit]), abs=1e-5)
-        m = correct_model(copy.deepcopy(model), alpha, beta).eval()
+        stats = result.running_stats(row.kind)  # EvalNorm after recalibration: its own statistics
+        base = model if stats is None else _set_stats(copy.deepcopy(model), stats)
+        assert row.heldout.nll == pytest.approx(reference_nll(base, alpha, beta, x[held], y[held]), abs=1e-5)
+        assert row.fit["nll"] == pytest.approx(reference_nll(base, alpha, beta, x[fit], y[fit]), abs=1e-5)
+        m = correct_model(copy.deepcopy(base), alpha, beta).eval()
         with torch.no_grad():
             top1 = float((m(x[held]).argmax(1) == y[held]).double().mean())
         assert row.heldout.top1 == pytest.approx(top1, abs=1e-12)
@@ -412,7 +555,8 @@ def test_cli_tune_end_to_end_on_the_sample(cli, tmp_path):
                 "n_zero_layers", "notes", "global_alpha", "fit"):  # fmt: skip
         assert key in saved and key in data
     assert saved["n_examples"] == 240 and saved["n_fit"] + saved["n_heldout"] == 240
-    assert [r["kind"] for r in saved["rows"]] == ["ema", "rule", "global", "evalnorm", "tuned"]
+    kinds = ["ema", "rule", "global", "evalnorm", "evalnorm-recal", "tuned"]
+    assert [r["kind"] for r in saved["rows"]] == kinds
     for r in saved["rows"]:
         assert {"nll", "top1", "top5"} <= set(r["fit"]) and {"nll", "top1", "top5"} <= set(r["heldout"])
     assert [ly["name"] for ly in saved["layers"]] == [f"features.{i}.1" for i in range(4)]
@@ -446,3 +590,200 @@ def test_detection_outputs_are_refused_before_any_pass(tmp_path):
         api.tune(toys.conv_net(), (x, y), 2, device="cpu", output_key="logits",
                  progress=lambda *a: calls.append(a))
     assert calls == []
+
+
+# ------------------------------------------------------------------------------------------- EvalNorm x 2
+TOYS = Path(__file__).resolve().parent / "toys.py"
+
+
+def _set_stats(model: nn.Module, stats) -> nn.Module:
+    """Running statistics replaced by hand (plain torch buffers)."""
+    with torch.no_grad():
+        for name, (mean, var) in stats.items():
+            bn = model.get_submodule(name)
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+    return model
+
+
+def stale_stats_case(tmp_path: Path):
+    """conv_net whose running statistics are stale (variances x3, means + 0.5) while the labels come from
+    the same network with its exact population statistics: recalibration is what helps. Saved as a state
+    dict for ``--arch tests/toys.py:conv_net``."""
+    from bncorrect.recalibration import recalibrate_stats
+
+    true = toys.conv_net(seed=4)
+    x, _ = toys.data(200, seed=5)
+    _set_stats(true, recalibrate_stats(true, [(x,)], upstream="eval", exact=True).stats)
+    with torch.no_grad():
+        true[10].weight.mul_(3.0)  # sharper labels (the last BN's gamma: the statistics do not change)
+    y = sampled_labels(true, x, seed=6)
+    stale = copy.deepcopy(true)
+    with torch.no_grad():
+        for m in stale.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_var.mul_(3.0)
+                m.running_mean.add_(0.5)
+    weights = tmp_path / "stale.pt"
+    torch.save(stale.state_dict(), weights)
+    return stale, weights, x, y
+
+
+def train_consistent_reference(model: nn.Module, x: torch.Tensor, b: int, seed: int, batch: int):
+    """recalibrate_stats(upstream='train') over the fitting examples in the order tune's loader reads them:
+    a permutation seeded with ``seed``, cut into batches of ``batch``."""
+    from bncorrect.recalibration import recalibrate_stats
+
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    xs = x[order]
+    batches = [(xs[i : i + batch],) for i in range(0, len(xs), batch)]
+    return recalibrate_stats(model, batches, upstream="train", batch_size=b).stats
+
+
+def test_both_evalnorm_candidates_rescored_and_the_recalibrated_one_written(tmp_path):
+    """EvalNorm offline with and without recalibration are both rows; each one's held-out NLL equals a
+    direct evaluation of the coefficients in the written report (the recalibrated one on statistics from a
+    direct recalibrate_stats call, which equal the candidate's); it is chosen here, and the written .pt and
+    .onnx reproduce its held-out NLL with those statistics in place of the running ones."""
+    import onnxruntime as ort
+
+    import bncorrect
+
+    stale, weights, x, y = stale_stats_case(tmp_path)
+    arch = f"{TOYS}:conv_net"
+    b, seed = 8, 0
+    out_pt, report = tmp_path / "tuned.pt", tmp_path / "tune.json"
+    result = api.tune(
+        weights, (x, y), b, arch=arch, holdout=0.4, seed=seed, device="cpu", max_epochs=4, out=out_pt,
+        report=report,
+    ).report["tune"]  # fmt: skip
+    saved = json.loads(report.read_text())
+    kinds = [r["kind"] for r in saved["rows"]]
+    assert kinds == ["ema", "rule", "global", "evalnorm", "evalnorm-recal", "tuned"]
+    assert saved["recalibrated"] == "train" and saved["rows"][4]["recalibrated"] is True
+    assert not any(r["recalibrated"] for i, r in enumerate(saved["rows"]) if i != 4)
+    fit, held = torch.tensor(result.fit_indices), torch.tensor(result.heldout_indices)
+
+    # the recalibrated statistics: a direct call on the fitting part (tune's loader batch: 8 * 8 = 64)
+    direct = train_consistent_reference(stale, x[fit], b, seed, 64)
+    cand = result.running_stats("evalnorm-recal")
+    assert cand is not None and set(cand) == set(direct) == {"1", "5", "10"}
+    for name, (mean, var) in direct.items():
+        torch.testing.assert_close(cand[name][0], mean, rtol=0, atol=0)
+        torch.testing.assert_close(cand[name][1], var, rtol=0, atol=0)
+    assert result.running_stats("evalnorm") is None
+
+    # both EvalNorm rows re-scored from the report's per-layer coefficients
+    layers = {ly["name"]: ly for ly in saved["layers"]}
+    plain_a = {n: ly["evalnorm_alpha"] for n, ly in layers.items()}
+    plain_b = {n: ly["evalnorm_beta"] for n, ly in layers.items()}
+    recal_a = {n: ly["evalnorm_recal_alpha"] for n, ly in layers.items()}
+    recal_b = {n: ly["evalnorm_recal_beta"] for n, ly in layers.items()}
+    assert plain_a != recal_a  # two estimates, on two sets of statistics
+    by_kind = {r["kind"]: r for r in saved["rows"]}
+    recal_model = _set_stats(copy.deepcopy(stale), direct)
+    want_plain = reference_nll(stale, plain_a, plain_b, x[held], y[held])
+    want_recal = reference_nll(recal_model, recal_a, recal_b, x[held], y[held])
+    assert by_kind["evalnorm"]["heldout"]["nll"] == pytest.approx(want_plain, abs=1e-5)
+    assert by_kind["evalnorm-recal"]["heldout"]["nll"] == pytest.approx(want_recal, abs=1e-5)
+    assert by_kind["evalnorm-recal"]["fit"]["nll"] == pytest.approx(
+        reference_nll(recal_model, recal_a, recal_b, x[fit], y[fit]), abs=1e-5
+    )
+
+    # chosen (stale statistics: recalibration is what helps), and written with its statistics
+    assert result.chosen.kind == "evalnorm-recal" and saved["chosen"]["kind"] == "evalnorm-recal"
+    assert want_recal < min(r["heldout"]["nll"] for r in saved["rows"] if r["kind"] != "evalnorm-recal")
+    loaded = bncorrect.load(out_pt, arch=arch).eval()
+    for name, (mean, var) in direct.items():
+        bn = loaded.get_submodule(name)
+        inner = getattr(bn, "norm", bn)
+        torch.testing.assert_close(inner.running_mean, mean, rtol=0, atol=0)
+        torch.testing.assert_close(inner.running_var, var, rtol=0, atol=0)
+    with torch.no_grad():
+        got = float(F.cross_entropy(loaded(x[held]).double(), y[held]))
+    assert got == pytest.approx(want_recal, abs=1e-5)
+
+    out_onnx, out_st = tmp_path / "tuned.onnx", tmp_path / "tuned.safetensors"
+    api.tune(weights, (x, y), b, arch=arch, holdout=0.4, seed=seed, device="cpu", max_epochs=4, out=out_onnx)
+    sess = ort.InferenceSession(str(out_onnx), providers=["CPUExecutionProvider"])
+    logits = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x[held].numpy()})[0])
+    assert float(F.cross_entropy(logits.double(), y[held])) == pytest.approx(want_recal, abs=1e-4)
+    api.tune(weights, (x, y), b, arch=arch, holdout=0.4, seed=seed, device="cpu", max_epochs=4, out=out_st)
+    corr = load_corrections(out_st)
+    assert corr.method.startswith("tune (evalnorm-recal")
+    for name, (mean, var) in direct.items():
+        torch.testing.assert_close(corr.layers[name].running_mean, mean, rtol=0, atol=0)
+        torch.testing.assert_close(corr.layers[name].running_var, var, rtol=0, atol=0)
+        assert float(corr.layers[name].alpha) == pytest.approx(recal_a[name])
+
+
+def test_recalibrated_candidate_eval_upstream_and_leaving_it_out():
+    """upstream='eval': the candidate's statistics are the exact inference-consistent population statistics
+    of the fitting part (a direct recalibrate_stats call, exact scheme); recalibrate=False leaves the
+    candidate out; recalibrate=True as the old opt-in still runs, with a note of what it means now."""
+    from bncorrect.recalibration import recalibrate_stats
+
+    model = toys.conv_net(seed=7)
+    x, _ = toys.data(160, seed=8)
+    y = sampled_labels(model, x, seed=9, alpha=0.3)
+    kw = dict(holdout=0.4, seed=3, device="cpu", max_epochs=2)
+    result = api.tune(model, (x, y), 2, upstream="eval", **kw).report["tune"]
+    fit = torch.tensor(result.fit_indices)
+    direct = recalibrate_stats(model, [(x[fit],)], upstream="eval", exact=True).stats
+    assert result.recalibrated == "eval"
+    assert result.row("evalnorm-recal").label.endswith("(recalibrated, eval)")
+    for name, (mean, var) in direct.items():
+        got_mean, got_var = result.running_stats("evalnorm-recal")[name]
+        torch.testing.assert_close(got_mean, mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_var, var, rtol=1e-5, atol=1e-6)
+    assert not any("default now" in n for n in result.notes)
+
+    without = api.tune(model, (x, y), 2, recalibrate=False, **kw).report["tune"]
+    assert [r.kind for r in without.rows] == ["ema", "rule", "global", "evalnorm", "tuned"]
+    assert without.recalibrated is None and not without.has("evalnorm-recal")
+    assert "evalnorm_recal_alpha" not in without.as_report()["layers"][0]
+    # the rows both runs share are the same candidates, scored the same
+    for kind in ("ema", "rule", "global", "evalnorm"):
+        assert without.row(kind).heldout.nll == pytest.approx(result.row(kind).heldout.nll, abs=1e-9)
+
+    legacy = api.tune(model, (x, y), 2, recalibrate=True, **kw).report["tune"]
+    assert legacy.has("evalnorm") and legacy.has("evalnorm-recal") and legacy.recalibrated == "train"
+    assert any("recalibrate=True is the default now" in n and "upstream='eval'" in n for n in legacy.notes)
+
+
+def test_cli_recalibrate_options(cli, toy_files):
+    """--no-recalibrate leaves the candidate out; the old --recalibrate is accepted and says what it
+    means now; --upstream must be eval or train."""
+    base = ["tune", toy_files["state_dict"], "--arch", toy_files["arch"], "--data", toy_files["data"], "-B",
+            2, "--max-epochs", 2, "--device", "cpu", "--json"]  # fmt: skip
+    res = cli(*base, "--no-recalibrate")
+    assert res.code == 0, res.err
+    assert [r["kind"] for r in json.loads(res.out)["rows"]] == ["ema", "rule", "global", "evalnorm", "tuned"]
+    res = cli(*base, "--recalibrate")
+    assert res.code == 0, res.err
+    data = json.loads(res.out)
+    assert "evalnorm-recal" in [r["kind"] for r in data["rows"]] and data["recalibrated"] == "train"
+    assert any("--recalibrate is the default now" in n and "--upstream eval" in n for n in data["notes"])
+    res = cli(*base, "--upstream", "sideways")
+    assert res.code != 0 and "--upstream sideways" in res.err and "Traceback" not in res.err
+
+
+def test_estimate_pair_equals_two_separate_estimates():
+    """Both EvalNorm estimates from one training-mode pass give exactly what two estimate_alpha_beta calls
+    give: on the model, and on the model with the other statistics in its buffers (same batches, seed)."""
+    from bncorrect.estimation import estimate_alpha_beta
+    from bncorrect.recalibration import recalibrate_stats
+    from bncorrect.tune import estimate_pair
+
+    model = toys.conv_net(seed=2)
+    x, _ = toys.data(96, seed=3)
+    order = torch.randperm(96, generator=torch.Generator().manual_seed(4))
+    batches = [(x[order[i : i + 32]],) for i in range(0, 96, 32)]
+    stats = recalibrate_stats(model, batches, upstream="train", batch_size=4).stats
+    plain, other = estimate_pair(model, stats, batches, 4, seed=5, solve_rows=512)
+    alone = estimate_alpha_beta(model, batches, 4, seed=5, solve_rows=512)
+    moved = estimate_alpha_beta(_set_stats(copy.deepcopy(model), stats), batches, 4, seed=5, solve_rows=512)
+    for got, want in ((plain, alone), (other, moved)):
+        assert (got.examples, got.dropped) == (want.examples, want.dropped) == (96, 0)
+        assert [ly.as_dict() for ly in got.layers] == [ly.as_dict() for ly in want.layers]
+    assert plain.alpha() != other.alpha()  # the statistics matter to the solve

@@ -201,3 +201,53 @@ class _Weights:
 
 
 WEIGHTS = _Weights()
+
+
+def seg_net(seed: int = 0, classes: int = 4) -> nn.Module:
+    """A tiny segmentation net: Conv-BN-ReLU x2, a 1x1 convolution to per-pixel logits (N, classes, H, W)
+    at the input's size: input (N, 3, H, W)."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1, bias=False),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1, bias=False),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, classes, 1),
+    )
+    return _init(model, seed)
+
+
+class SegDictNet(nn.Module):
+    """Returns ``{"out": logits, "aux": logits}`` as torchvision segmentation models do (needs
+    ``output_key="out"``)."""
+
+    def __init__(self, seed: int = 0, classes: int = 4) -> None:
+        super().__init__()
+        self.body = seg_net(seed, classes)[:6]
+        self.classifier = nn.Conv2d(6, classes, 1)
+        self.aux = nn.Conv2d(6, classes, 1)
+        _init(nn.ModuleList([self.classifier, self.aux]), seed + 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.body(x)
+        return {"out": self.classifier(h), "aux": self.aux(h)}
+
+
+def seg_dict_net(seed: int = 0) -> nn.Module:
+    return SegDictNet(seed).eval()
+
+
+def seg_data(
+    n: int, size: int = 8, seed: int = 0, classes: int = 4, ignore: int = 255
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs (n, 3, size, size) and masks (n, size, size) of classes 0..classes-1 that depend on the
+    input, with the first row and about 10% of the other pixels marked ``ignore``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, size, size, generator=g) * 1.5 + 0.3
+    y = ((x[:, 0] > 0).long() + 2 * (x[:, 1] > 0.5).long()) % classes
+    flip = torch.rand(n, size, size, generator=g) < 0.3
+    y = torch.where(flip, torch.randint(0, classes, (n, size, size), generator=g), y)
+    y[:, 0, :] = ignore
+    y[torch.rand(n, size, size, generator=g) < 0.1] = ignore
+    return x, y
