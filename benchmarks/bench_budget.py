@@ -223,6 +223,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budgets", default="1.1,1.2,1.3,1.5,2")
     parser.add_argument("--examples", type=int, default=256, help="examples of the synthetic cases")
+    parser.add_argument(
+        "--torch-all", action="store_true", help="time the stacked PyTorch sweep on every case"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
@@ -235,7 +238,9 @@ def main() -> None:
     ]
     parts = args.part.split(",")
     if "cost" in parts:
-        cost_part(cases, args.repeats, {"mnist1d_b2", "digits_b2"})
+        cost_part(
+            cases, args.repeats, {c.name for c in cases} if args.torch_all else {"mnist1d_b2", "digits_b2"}
+        )
     if "selection" in parts:
         selection_part(cases, [float(b) for b in args.budgets.split(",")])
 

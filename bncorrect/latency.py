@@ -29,7 +29,8 @@ against its point), and classification (nll, top1,
 top5) and segmentation (pixel-nll, miou, pixel-acc, with the sweep's
 :class:`~bncorrect.sweep.SegmentationTally`) are scored by the code that scores them in ``sweep-alpha``.
 Measured against one session per subset and against the stacked PyTorch sweep (benchmarks/README.md,
-"Latency budget"): 0.5-1.0x and 2-3.4x the time of one session per subset. Segmentation is accepted only
+"Latency budget"): 0.44-0.97x the time of one session per subset on the samples and two synthetic nets,
+quiet host or loaded; the stacked PyTorch sweep 0.26-1.02x quiet, 2-3.4x loaded. Segmentation is accepted only
 from callers that say so (``segmentation=True``); others get the clear refusal.
 
 A graph that corrects any layer runs strictly more ops than the plain one, so its ratio is taken as at
