@@ -450,9 +450,15 @@ def _finish(
 
 
 def _check_budget_options(
-    budget: float | None, budget_plot: str | Path | None, out: str | Path | None, metric: str
+    budget: float | None,
+    budget_plot: str | Path | None,
+    out: str | Path | None,
+    metric: str,
+    *,
+    forward_fn: Any = None,
+    metrics: Sequence[str] | None = None,
 ) -> None:
-    from .latency import check_budget
+    from .latency import BUDGET_METRICS, check_budget
 
     if budget is None and budget_plot is not None:
         raise UsageError(
@@ -460,7 +466,14 @@ def _check_budget_options(
             "is given",
             hint="add --latency-budget R (e.g. 1.2)",
         )
-    check_budget(budget, out, metric)
+    check_budget(budget, out, metric, BUDGET_METRICS if metrics is None else metrics)
+    if budget is not None and forward_fn is not None:
+        raise UsageError(
+            "latency_budget times the written ONNX graph, which takes the data's first tensor as its one "
+            "input, and forward_fn calls the model another way",
+            hint="leave forward_fn out (a model of one input), or write the correction without a latency "
+            "budget",
+        )
 
 
 def _budget_outputs(outcome: Outcome, plan: Any, budget_plot: str | Path | None) -> None:
@@ -475,8 +488,11 @@ def _budget_outputs(outcome: Outcome, plan: Any, budget_plot: str | Path | None)
 
 def _labelled_batches(
     dataset: Any, indices: Sequence[int], data_hint: str, batch_size: int = 256
-) -> tuple[list[Tensor], list[Tensor]]:
-    """The examples ``indices`` of a map-style labelled dataset, as (inputs, labels) batches."""
+) -> list[tuple[Tensor, Tensor]]:
+    """The examples ``indices`` of a map-style labelled dataset, as (inputs, labels) batches: class labels
+    (batch,) or masks (batch, H, W). Under a process group, this rank's share (every world-th batch)."""
+    from . import distributed
+
     try:
         items = [dataset[int(i)] for i in indices]
     except TypeError:
@@ -486,63 +502,140 @@ def _labelled_batches(
             hint=f"give a file or folder of examples ({data_hint})",
         ) from None
     xs = [torch.as_tensor(it[0]) for it in items]
-    ys = [torch.as_tensor(it[1]).long().reshape(()) for it in items]
-    inputs = [torch.stack(xs[i : i + batch_size]).float() for i in range(0, len(xs), batch_size)]
-    labels = [torch.stack(ys[i : i + batch_size]) for i in range(0, len(ys), batch_size)]
-    return inputs, labels
+    ys = [torch.as_tensor(it[1]).long() for it in items]
+    ys = [y.reshape(()) if y.numel() == 1 and y.dim() <= 1 else y for y in ys]
+    batches = [
+        (torch.stack(xs[i : i + batch_size]).float(), torch.stack(ys[i : i + batch_size]))
+        for i in range(0, len(xs), batch_size)
+    ]
+    return batches[distributed.rank() :: distributed.world_size()]
+
+
+def _reiterable(batches: Any, data_hint: str) -> Any:
+    """``batches`` when it can be read again (a DataLoader, a list), for the budget's scoring passes."""
+    if iter(batches) is batches:
+        raise UsageError(
+            "--latency-budget reads the data again to score the layers, and this iterable of batches can "
+            "be read only once",
+            hint=f"give a file, a Dataset, a DataLoader or a list of batches ({data_hint})",
+        )
+    return batches
+
+
+def _graph_output(plain: Any, module: nn.Module, example: Tensor, output_key: str | int | None) -> int | None:
+    """The index of the exported graph's output that holds what the PyTorch sweep scores (``output_key``'s
+    entry of the model's output), found by running both on ``example``; None for a single-tensor output."""
+    from .onnx_passes import GraphRunner
+    from .sweep import select_output
+
+    with torch.no_grad():
+        out = module(example)
+    if isinstance(out, Tensor):
+        return None
+    want = select_output(out, output_key, rows=int(example.shape[0]))
+    names = [o.name for o in plain.graph.output]
+    got = GraphRunner(plain, names, device="cpu").run(example)
+    hits = [
+        i
+        for i, v in enumerate(got)
+        if tuple(v.shape) == tuple(want.shape)
+        and torch.allclose(v.float(), want.float(), rtol=1e-3, atol=1e-4)
+    ]
+    if len(hits) != 1:
+        raise UsageError(
+            f"--latency-budget scores the exported graph, and {len(hits)} of its outputs match the model's "
+            f"output {output_key!r}",
+            hint="give a model whose scored output is one tensor (or one dict entry with --output-key)",
+        )
+    return hits[0]
 
 
 def _latency_budget(
     source: Source,
     corrections: Corrections,
     budget: float,
-    inputs: Sequence[Tensor],
-    labels: Sequence[Tensor],
+    batches: Any,
     metric: str,
     *,
     latency: Any = None,
     progress: Any = None,
     scored_on: str = "held-out",
+    device: str = "cpu",
+    output_key: str | int | None = None,
+    ignore_index: int = 255,
+    segmentation: bool = False,
+    data_hint: str = "",
+    selection: str = "exact",
 ) -> tuple[Corrections, Any]:
     """``--latency-budget``: the corrections with the layers not worth their latency reset to plain BN
-    (alpha = beta = 0, new statistics kept), and the :class:`~bncorrect.latency.BudgetReport`."""
-    from .latency import plan_budget
+    (alpha = beta = 0, new statistics kept), and the :class:`~bncorrect.latency.BudgetReport`. The
+    layers are scored on ``batches`` (labelled, read twice) in onnxruntime on the plain graph (MODEL, or
+    its export with BN kept): the sweep graph of :func:`bncorrect.onnx_passes.sweep_onnx`, one session, the
+    subsets of a pass fed as candidates (measured faster than one session per subset, and than the
+    stacked PyTorch sweep, benchmarks/README.md); ``segmentation``: per-pixel outputs are scored too."""
+    from . import distributed
+    from .latency import corrected_names, plan_budget, subset_graph, sweep_scorer
+    from .onnx_passes import sweep_onnx
     from .onnx_rewrite import match_layers
+    from .passes import first_tensor
 
-    if not inputs:
+    example = None
+    for batch in batches:
+        t = first_tensor(batch)
+        example = None if t is None else t[:64].detach().cpu()
+        break
+    example = distributed.broadcast(example)
+    if example is None or example.shape[0] == 0:
         raise UsageError("--latency-budget needs held-out examples to score the layers, and there are none")
-    example = inputs[0][:64]
+    graph_key = output_key
     if isinstance(source, OnnxModel):
-        plain = source.proto
+        plain, path = source.proto, source.path
     else:
         from .layers import as_batchnorm, strip_corrections
         from .onnx_export import export_plain
 
         module = as_batchnorm(strip_corrections(copy.deepcopy(source.model))).cpu().eval()
-        plain = export_plain(module, example)
+        plain, path = export_plain(module, example), None
+        graph_key = _graph_output(plain, module, example, output_key)
     mapping = match_layers(plain, list(corrections.layers))
-    alpha: dict[str, Tensor] = {}
-    beta: dict[str, Tensor] = {}
-    stats: dict[str, tuple[Tensor, Tensor]] = {}
-    for name, lc in corrections.layers.items():
-        node = mapping[name]
-        alpha[node], beta[node] = lc.alpha, lc.beta
-        if lc.running_mean is not None and lc.running_var is not None:
-            stats[node] = (lc.running_mean, lc.running_var)
-    to_name = {node: name for name, node in mapping.items()}
+    alpha = {mapping[n]: lc.alpha for n, lc in corrections.layers.items()}
+    beta = {mapping[n]: lc.beta for n, lc in corrections.layers.items()}
+    stats = {
+        mapping[n]: (lc.running_mean, lc.running_var)
+        for n, lc in corrections.layers.items()
+        if lc.running_mean is not None and lc.running_var is not None
+    }
+
+    def step(_: str, done: int, total: int | None) -> None:
+        if progress is not None:
+            progress("latency budget: scoring", done, total)
+
+    def sweep(candidates: Sequence[Any]) -> Any:
+        return sweep_onnx(
+            plain,
+            batches,
+            [],
+            extra_candidates=candidates,
+            metric=metric,
+            output_key=graph_key,
+            ignore_index=ignore_index,
+            device=device,
+            progress=step,
+            data_hint=data_hint,
+            source=path,
+        )
+
     plan = plan_budget(
-        plain,
-        alpha,
-        beta,
-        inputs,
-        labels,
+        corrected_names(alpha, beta),
+        sweep_scorer(sweep, alpha, beta, stats, metric, segmentation=segmentation),
+        lambda nodes: subset_graph(plain, alpha, beta, stats, nodes),
+        example.numpy(),
         metric,
         budget,
-        running_stats=stats,
         latency=latency,
-        example=example,
+        selection=selection,
         progress=progress,
-    ).renamed(to_name)
+    ).renamed({node: name for name, node in mapping.items()})
     plan.scored_on = scored_on
     keep = set(plan.selected)
     layers = {
@@ -1369,6 +1462,7 @@ def sweep_alpha(
     latency_budget: float | None = None,
     budget_plot: str | Path | None = None,
     latency_fn: Any = None,
+    budget_selection: str = "exact",
     **load_options: Any,
 ) -> Outcome:
     """Inference example weighing: evaluate a grid of global alphas (plus EMA, the rule 1/B^2 and an
@@ -1385,11 +1479,14 @@ def sweep_alpha(
     ``prior_strengths`` (N values) is another spelling of the grid: alpha = 1/(N+1) each, instead of
     ``alphas``.
 
-    ``latency_budget`` R (OUT ``.onnx``): correct only the layers chosen greedily by gain per latency cost,
-    measured on the data in onnxruntime, so that the written graph's latency ratio stays <= R
-    (:mod:`bncorrect.latency`; ``outcome.report["latency_budget"]``, ``budget_plot`` PNG; ``latency_fn``
-    replaces the latency measurement, e.g. with a cost model)."""
-    from .sweep import Candidate, plot_sweep, write_report
+    ``latency_budget`` R (OUT ``.onnx``): correct only the layers worth their latency: per layer the
+    leave-one-out gain on the data (classification or segmentation metric) and the onnxruntime cost, the
+    exact additive Pareto frontier of subsets, each measured as a real graph, and the best measured one
+    whose latency ratio stays <= R is written (:mod:`bncorrect.latency`;
+    ``outcome.report["latency_budget"]``, ``budget_plot`` PNG; ``latency_fn`` replaces the latency
+    measurement, e.g. with a cost model; ``budget_selection="greedy"`` measures the greedy prefixes
+    instead, for comparison)."""
+    from .sweep import METRICS, SEGMENTATION_METRICS, Candidate, plot_sweep, write_report
     from .sweep import sweep_alpha as run_sweep
 
     if prior_strengths is not None:
@@ -1407,7 +1504,8 @@ def sweep_alpha(
     _check_files(
         model, data=data, corrections=corrections, out=out, plot=plot, report=report, budget_plot=budget_plot
     )
-    _check_budget_options(latency_budget, budget_plot, out, metric)
+    metrics = (*METRICS, *SEGMENTATION_METRICS)
+    _check_budget_options(latency_budget, budget_plot, out, metric, forward_fn=forward_fn, metrics=metrics)
     source = open_model(model, **load_options)
     is_onnx = _onnx_options(source, "sweep-alpha", forward_fn)
     if out is not None:
@@ -1482,18 +1580,21 @@ def sweep_alpha(
         export.example_input = _first_input(loader)
     plan = None
     if latency_budget is not None:
-        n = len(dataset) if max_examples is None else min(len(dataset), max_examples)
-        inputs, labels = _labelled_batches(dataset, range(n), description)
         chosen, plan = _latency_budget(
             source,
             chosen,
             latency_budget,
-            inputs,
-            labels,
-            metric,
+            _reiterable(loader, description),
+            result.metric,
             latency=latency_fn,
             progress=progress,
             scored_on="data",
+            device=device,
+            output_key=output_key,
+            ignore_index=ignore_index,
+            segmentation=result.task == "segmentation",
+            data_hint=description,
+            selection=budget_selection,
         )
     outcome = _finish(source, chosen, out, export, warnings=warnings, data_pass=True, progress=progress)
     outcome.report["sweep"] = result
@@ -1556,9 +1657,10 @@ def tune(
     form with ``upstream="eval"``; it is the default now and adds the candidate beside the plain one, with
     ``upstream="train"`` unless ``upstream`` is given (a note in the result says so when it is passed).
 
-    ``latency_budget`` R (OUT ``.onnx``): of the chosen correction, keep only the layers chosen greedily by
-    held-out gain per latency cost (onnxruntime, held-out shapes) so that the written graph's latency ratio
-    stays <= R (:mod:`bncorrect.latency`; ``outcome.report["latency_budget"]``, ``budget_plot`` PNG;
+    ``latency_budget`` R (OUT ``.onnx``): of the chosen correction, keep only the layers worth their
+    latency: leave-one-out held-out gains, onnxruntime costs (held-out shapes), the exact additive Pareto
+    frontier of subsets measured as real graphs, and the best measured one whose latency ratio stays <= R
+    is written (:mod:`bncorrect.latency`; ``outcome.report["latency_budget"]``, ``budget_plot`` PNG;
     ``latency_fn`` replaces the latency measurement)."""
     from .tune import (
         DEFAULT_MAX_EPOCHS,
@@ -1585,7 +1687,7 @@ def tune(
         _check_upstream(upstream)
     _check_device(device)
     _check_files(model, data=data, out=out, plot=plot, report=report, budget_plot=budget_plot)
-    _check_budget_options(latency_budget, budget_plot, out, metric)
+    _check_budget_options(latency_budget, budget_plot, out, metric, forward_fn=forward_fn)
     source = _require_torch(open_model(model, **load_options), "tune")
     if out is not None:
         _check_out(out, source)
@@ -1655,9 +1757,18 @@ def tune(
         )
     plan = None
     if latency_budget is not None:
-        inputs, labels = _labelled_batches(dataset, result.heldout_indices, description)
+        batches = _labelled_batches(dataset, result.heldout_indices, description)
         corrections, plan = _latency_budget(
-            source, corrections, latency_budget, inputs, labels, metric, latency=latency_fn, progress=progress
+            source,
+            corrections,
+            latency_budget,
+            batches,
+            metric,
+            latency=latency_fn,
+            progress=progress,
+            device=device,
+            output_key=output_key,
+            data_hint=description,
         )
     outcome = _finish(source, corrections, out, export, data_pass=True, progress=progress)
     outcome.report["tune"] = result
