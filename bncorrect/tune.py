@@ -1971,19 +1971,13 @@ def tune_model(
         loss_fn = PixelLoss(ignore_index)
     lap("split")
 
-    def estimate(on: nn.Module) -> EstimateResult:
-        return estimate_alpha_beta(
-            on,
-            _part_loader(fit_part, b * max(1, 64 // b), shuffle=True, seed=seed, num_workers=num_workers),
-            b,
-            forward_fn=forward_fn,
-            device=device,
-            seed=seed,
-            solve_rows=solve_rows,
-            total_examples=len(fit_part),
-            progress=progress,
-            data_hint=fit_part.description,
-        )
+    def fit_loader() -> Any:  # the fitting part in shuffled batches, for the estimation pass
+        return _part_loader(fit_part, b * max(1, 64 // b), shuffle=True, seed=seed, num_workers=num_workers)
+
+    pass_options: dict[str, Any] = {
+        "forward_fn": forward_fn, "device": device, "seed": seed, "solve_rows": solve_rows,
+        "total_examples": len(fit_part), "progress": progress, "data_hint": fit_part.description,
+    }  # fmt: skip
 
     def evalnorm_candidate(est: EstimateResult, label: str, stats: Any, kind: str) -> Candidate:
         return Candidate(
@@ -2003,21 +1997,9 @@ def tune_model(
             device=device, progress=progress,
         )  # fmt: skip
         lap("recalibrate")
-        est, est_recal = estimate_pair(
-            model,
-            recal.stats,
-            _part_loader(fit_part, b * max(1, 64 // b), shuffle=True, seed=seed, num_workers=num_workers),
-            b,
-            seed=seed,
-            solve_rows=solve_rows,
-            forward_fn=forward_fn,
-            device=device,
-            total_examples=len(fit_part),
-            progress=progress,
-            data_hint=fit_part.description,
-        )
+        est, est_recal = estimate_pair(model, recal.stats, fit_loader(), b, **pass_options)
     else:
-        est = estimate(model)
+        est = estimate_alpha_beta(model, fit_loader(), b, **pass_options)
     evalnorms = [evalnorm_candidate(est, "EvalNorm offline", None, "evalnorm")]
     if recal is not None and est_recal is not None:
         label = f"EvalNorm offline (recalibrated, {upstream})"
