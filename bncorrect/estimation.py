@@ -551,6 +551,45 @@ def estimate_alpha_beta(
     over groups of their B too, as in training. ``model`` itself is not modified. NaN/Inf activations
     raise :class:`NumericalError` naming the first layer that meets them and the data.
     """
+    layers, sizes, run_pass = estimation_pass(
+        model,
+        batches,
+        train_batch_size,
+        layer_batch_size=layer_batch_size,
+        forward_fn=forward_fn,
+        device=device,
+        total_examples=total_examples,
+        progress=progress,
+        data_hint=data_hint,
+    )
+    return estimate_from_pass(
+        layers,
+        sizes,
+        run_pass,
+        train_batch_size,
+        seed=seed,
+        sample_budget=sample_budget,
+        positions=positions,
+        solve_rows=solve_rows,
+        data_hint=data_hint,
+    )
+
+
+def estimation_pass(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    train_batch_size: int,
+    *,
+    layer_batch_size: Mapping[str, int] | None = None,
+    forward_fn: ForwardFn | None = None,
+    device: str | torch.device | None = "cpu",
+    total_examples: int | None = None,
+    progress: Progress | None = None,
+    data_hint: str = "",
+) -> tuple[dict[str, tuple[Tensor, Tensor, float]], dict[str, int], TrainingPass]:
+    """What :func:`estimate_from_pass` needs for a PyTorch ``model`` (not modified): every correctable
+    layer's (running mean, running var, eps) and B, and the training-mode pass over ``batches`` on a copy
+    of the model (layers with ``track_running_stats=False`` normalizing over groups of their B too)."""
     check_batch_sizes(train_batch_size, layer_batch_size)
     dev = resolve_device(device)
     work = copy.deepcopy(model)
@@ -575,17 +614,8 @@ def estimate_alpha_beta(
             batch_stat_sizes=untracked,
         )
 
-    return estimate_from_pass(
-        {name: (m.norm.running_mean, m.norm.running_var, float(m.norm.eps)) for name, m in layers.items()},
-        sizes,
-        run_pass,
-        train_batch_size,
-        seed=seed,
-        sample_budget=sample_budget,
-        positions=positions,
-        solve_rows=solve_rows,
-        data_hint=data_hint,
-    )
+    stats = {name: (m.norm.running_mean, m.norm.running_var, float(m.norm.eps)) for name, m in layers.items()}
+    return stats, sizes, run_pass
 
 
 def check_batch_sizes(train_batch_size: int, layer_batch_size: Mapping[str, int] | None) -> None:

@@ -1778,19 +1778,18 @@ def estimate_pair(
     training-mode pass normalizes every layer with its batch statistics, so its activations do not depend
     on the running statistics, and both sets of estimators (each with its own seeded sampler) observe
     them; only the solves differ."""
-    from .estimation import check_batch_sizes, estimate_from_pass
-    from .layers import batch_statistics_layers, layer_batch_sizes
-    from .passes import training_mode_pass
+    from .estimation import estimate_from_pass, estimation_pass
 
-    check_batch_sizes(train_batch_size, None)
-    dev = resolve_device(device)
-    work = copy.deepcopy(model)
-    correct_model(work, 0.0)
-    work.to(dev)
-    layers = corrected_layers(work)
-    sizes = layer_batch_sizes(list(layers), train_batch_size, None)
-    untracked = layer_batch_sizes(list(batch_statistics_layers(work)), train_batch_size, None)
-    plain = {name: (m.norm.running_mean, m.norm.running_var, float(m.norm.eps)) for name, m in layers.items()}
+    plain, sizes, run_pass = estimation_pass(
+        model,
+        batches,
+        train_batch_size,
+        forward_fn=forward_fn,
+        device=device,
+        total_examples=total_examples,
+        progress=progress,
+        data_hint=data_hint,
+    )
     other = {name: (stats[name][0], stats[name][1], eps) for name, (_, _, eps) in plain.items()}
     kept: dict[str, Any] = {}
 
@@ -1805,19 +1804,7 @@ def estimate_pair(
 
                 return observe
 
-            kept["counts"] = training_mode_pass(
-                work,
-                batches,
-                group_sizes,
-                {name: both(name) for name in plain_observers},
-                forward_fn=forward_fn,
-                device=dev,
-                label="estimate",
-                total_examples=total_examples,
-                progress=progress,
-                data_hint=data_hint,
-                batch_stat_sizes=untracked,
-            )
+            kept["counts"] = run_pass(group_sizes, {name: both(name) for name in plain_observers})
             return kept["counts"]
 
         kept["plain"] = estimate_from_pass(
