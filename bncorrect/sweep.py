@@ -1215,19 +1215,23 @@ class SweepRow:
         v = getattr(self, _METRIC_FIELDS[check_metric(metric)])
         return math.nan if v is None else float(v)
 
+    def segmentation_fields(self) -> dict[str, Any]:
+        """The JSON fields only segmentation rows have (empty for classification rows)."""
+        if self.task != "segmentation":
+            return {}
+        return {
+            "pixel_nll": self.pixel_nll,
+            "pixel_acc": self.pixel_acc,
+            "miou": self.miou,
+            "miou_diff_vs_ema": self.miou_diff,
+            "iou_per_class": list(self.iou or ()),
+            "n_pixels": self.n_pixels,
+        }
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly (NaN becomes None). Segmentation rows add pixel_nll, pixel_acc, miou,
         miou_diff_vs_ema, iou_per_class and n_pixels."""
-        extra: dict[str, Any] = {}
-        if self.task == "segmentation":
-            extra = {
-                "pixel_nll": self.pixel_nll,
-                "pixel_acc": self.pixel_acc,
-                "miou": self.miou,
-                "miou_diff_vs_ema": self.miou_diff,
-                "iou_per_class": list(self.iou or ()),
-                "n_pixels": self.n_pixels,
-            }
+        extra = self.segmentation_fields()
         return _jsonable(
             {
                 "label": self.label,

@@ -1147,16 +1147,7 @@ class TuneRow:
         """JSON-friendly. Segmentation rows keep nll (= pixel-nll) and top1 (= pixel accuracy) and add
         pixel_nll, pixel_acc, miou, miou_diff_vs_ema, iou_per_class and n_pixels to ``heldout``."""
         h = self.heldout
-        extra: dict[str, Any] = {}
-        if h.task == "segmentation":
-            extra = {
-                "pixel_nll": h.pixel_nll,
-                "pixel_acc": h.pixel_acc,
-                "miou": h.miou,
-                "miou_diff_vs_ema": h.miou_diff,
-                "iou_per_class": list(h.iou or ()),
-                "n_pixels": h.n_pixels,
-            }
+        extra = h.segmentation_fields()
         return _jsonable(
             {
                 "label": self.label,
