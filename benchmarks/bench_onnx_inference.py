@@ -59,11 +59,11 @@ from bncorrect.onnx_rewrite import (
     LayerPlan,
     build_fast,
     build_rank2,
-    cast_in,
     find_bn_nodes,
     finish_layer,
     rewrite,
     rewrite_with,
+    statistics_input,
 )
 
 # ------------------------------------------------------------------------------------------------ networks
@@ -199,13 +199,8 @@ def build_bn_stats(b: Builder, p: LayerPlan) -> None:
     With a symbolic N its running-statistics inputs are Tile outputs, and onnxruntime's basic-level
     optimizations (CommonSubexpressionElimination after ConstantSharing) can merge them with the affine
     step's gamma/bias tiles while the op writes its outputs in place of those inputs: wrong results."""
-    x = cast_in(b, p)
+    x, r = statistics_input(b, p)
     rank = p.rank
-    if rank is None:  # view as (N, C, L): works for any rank >= 2 ((N, C) becomes L = 1: var_i = 0)
-        x = b.op("Reshape", [x, b.shape([0, 0, -1])], "x_ncl")
-        r = 3
-    else:
-        r = rank
     a, be = p.alpha, p.beta
     c = p.channels
     batch = p.batch_dim if isinstance(p.batch_dim, int) and p.batch_dim > 0 else None
@@ -307,13 +302,8 @@ def build_previous(b: Builder, p: LayerPlan) -> None:
     """The formulation bncorrect wrote before issue #15 (kept here for comparison): statistics as now
     (LayerNormalization at opset >= 17, two-pass ReduceMean below), the affine step as BatchNormalization over
     a (1, N*C, ...) view of x with gamma, b Tiled N times at run time and mu_hat, var_hat reshaped."""
-    x = cast_in(b, p)
+    x, r = statistics_input(b, p)
     rank = p.rank
-    if rank is None:  # view as (N, C, L): works for any rank >= 2 ((N, C) becomes L = 1: var_i = 0)
-        x = b.op("Reshape", [x, b.shape([0, 0, -1])], "x_ncl")
-        r = 3
-    else:
-        r = rank
     pc = lambda v: p.per_channel(v, r)  # noqa: E731
     a, be = p.alpha, p.beta
     mu, v, is_inv_std = _previous_stats(b, p, x, r)

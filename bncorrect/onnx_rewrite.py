@@ -1199,6 +1199,15 @@ def cast_in(b: Builder, p: LayerPlan) -> str:
     return p.x if p.x_type == p.stats_type else b.op("Cast", [p.x], "x_f", to=p.stats_type)
 
 
+def statistics_input(b: Builder, p: LayerPlan) -> tuple[str, int]:
+    """(x, rank) the per-example statistics are taken over: ``p.x`` in the statistics type, viewed as
+    (N, C, L) when its rank is unknown (which covers any rank >= 2; (N, C) becomes L = 1: var_i = 0)."""
+    x = cast_in(b, p)
+    if p.rank is None:
+        return b.op("Reshape", [x, b.shape([0, 0, -1])], "x_ncl"), 3
+    return x, p.rank
+
+
 def finish_layer(b: Builder, p: LayerPlan, y: str, op_type: str, inputs: list[str], **attrs: Any) -> None:
     """Emit the layer's last op (``op_type`` on ``inputs``, name hint ``y``) so that its result, cast back to
     the input type if needed, is named ``p.y``: the BN node's output, which the rest of the graph reads."""
@@ -1252,13 +1261,8 @@ def build_fast(b: Builder, p: LayerPlan, *, stats: str | None = None) -> None:
     """The formulation of the module docstring (rank >= 3, or rank unknown). ``stats``: "layernorm" or
     "two-pass" to force the statistics (default: as the docstring says, by batch dimension and opset; for
     benchmarks)."""
-    x = cast_in(b, p)
+    x, r = statistics_input(b, p)
     rank = p.rank
-    if rank is None:  # view as (N, C, L): works for any rank >= 2 ((N, C) becomes L = 1: var_i = 0)
-        x = b.op("Reshape", [x, b.shape([0, 0, -1])], "x_ncl")
-        r = 3
-    else:
-        r = rank
     a, be = p.alpha, p.beta
     batch = p.batch_dim if isinstance(p.batch_dim, int) and p.batch_dim > 0 else None
     if stats == "layernorm" and b.opset < 17:
