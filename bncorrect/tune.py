@@ -433,12 +433,14 @@ class _StackedNormFn(torch.autograd.Function):
         s, t = C.corrected_scale_shift(mu3, var3, rm, rv, a, b, eps, weight, bias)  # (k, m, c)
         ctx.save_for_backward(x, mu3, var3, a, b, s.expand(k, m, c))
         ctx.meta = (k, m, blocks, norm, active)
-        if blocks == 1 and k > 1:  # the fan-out: one broadcast x * s + t, no copy of x per block
-            x4 = x.reshape(1, m, c, -1)
-            x4 = x4 if x4.dtype == s.dtype else x4.to(s.dtype)
-            out = torch.addcmul(t[..., None], x4, s[..., None])
-            return out.reshape(k * m, *x.shape[1:]).to(x.dtype)
-        return C.affine(x, s.expand(k, m, c).reshape(k * m, c), t.expand(k, m, c).reshape(k * m, c))
+        # y = x * s + t as one broadcast over (k, m, c, L) (blocks = 1: the fan-out, no copy of x per
+        # block), written into a fresh output tensor: the result must not be a view of a tensor made here,
+        # which autograd refuses to let the next layer modify in place (torchvision's ReLU(inplace=True))
+        x4 = x.reshape(blocks, m, c, -1)
+        x4 = x4 if x4.dtype == s.dtype else x4.to(s.dtype)
+        out = torch.empty((k * m, *x.shape[1:]), dtype=s.dtype, device=x.device)
+        torch.addcmul(t[..., None], x4, s[..., None], out=out.view(k, m, c, -1))
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]

@@ -169,6 +169,29 @@ def test_stacked_strengths_equal_one_strength_at_a_time():
     assert stacked.fits[0].alpha != stacked.fits[1].alpha  # the strengths really differ
 
 
+@pytest.mark.parametrize("stack", [True, False], ids=["stacked", "one_strength_per_forward"])
+def test_in_place_activations_after_the_norm_layers_fit_as_out_of_place_ones(stack):
+    """torchvision's blocks apply ReLU(inplace=True) to the norm layer's output: the fit's corrected layer
+    must give a tensor the next layer may modify in place (a view made inside the fused layer's autograd
+    Function is refused by autograd), with the same result as out-of-place ReLUs."""
+    model, x, y = _fit_data()
+    in_place = copy.deepcopy(model)
+    for i, m in enumerate(in_place):
+        if isinstance(m, nn.ReLU):
+            in_place[i] = nn.ReLU(inplace=True)
+    assert sum(isinstance(m, nn.ReLU) and m.inplace for m in in_place) == 2
+    batches = [(x[i : i + 48], y[i : i + 48]) for i in range(0, 96, 48)]
+    kwargs = dict(init_alpha=0.1, strengths=(0.0, 0.05), lr=0.05, max_epochs=3, device="cpu", stack=stack)
+    want = fit_per_layer(model, batches, batches, **kwargs)
+    got = fit_per_layer(in_place, batches, batches, **kwargs)
+    assert got.best.epoch > 0
+    for a, b in zip(got.fits, want.fits, strict=True):
+        assert a.epoch == b.epoch and a.monitor_nll == pytest.approx(b.monitor_nll, abs=1e-9)
+        for name in a.alpha:
+            assert float(a.alpha[name]) == pytest.approx(float(b.alpha[name]), abs=1e-7)
+            assert float(a.beta[name]) == pytest.approx(float(b.beta[name]), abs=1e-7)
+
+
 def test_a_strength_that_stops_leaves_the_stack_and_the_others_run_on_unchanged():
     """A strength so strong that it stops after `patience` epochs leaves the stacked pass; the strength
     still running fits exactly as if it had been fitted alone, and the stopped one's kept snapshot is the one
