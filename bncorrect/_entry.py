@@ -10,6 +10,7 @@ outputs removed, inputs untouched)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -24,6 +25,13 @@ def _exit_now(signum: int, frame: object) -> None:
     os._exit(128 + signum)
 
 
+def _exit_flushed(signum: int, frame: object) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe
+            stream.flush()
+    _exit_now(signum, frame)
+
+
 def main() -> None:
     signal.signal(signal.SIGINT, _exit_now)
     signal.signal(signal.SIGTERM, _exit_now)
@@ -35,7 +43,15 @@ def main() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, _terminated)
     try:
-        code = cli_main()
+        try:
+            code = cli_main()
+        finally:
+            # The command has ended (outputs committed or removed): a signal from now on cuts nothing
+            # short, so it ends the process at once with its exit status instead of raising into the
+            # interpreter's shutdown. Late in the shutdown Python puts the default handlers back; the
+            # process then ends by the signal, which the shell reports with the same status (130/143).
+            signal.signal(signal.SIGINT, _exit_flushed)
+            signal.signal(signal.SIGTERM, _exit_flushed)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         code = 130

@@ -202,7 +202,9 @@ def test_outputs_respect_the_umask(tmp_path, suffix):
 def test_a_signal_during_start_up_exits_without_a_traceback(tmp_path, sig, delay, code, word):
     """Ctrl-C (SIGTERM) at any moment of start-up, including inside torch's C++ initialisation, where a
     Python exception would abort the process (pybind11 'terminate called ...', exit -6): exit code
-    130 (143) and one line. Later ones land in the command (the sweep), which also ends with 130."""
+    130 (143) and one line. Later ones land in the command (the sweep), which also ends with 130; one
+    that lands after the command finished, during interpreter shutdown, ends the process by the signal
+    (the shell's status is 130 / 143 all the same)."""
     exe = Path(sys.executable).parent / "bncorrect"
     sample = Path(__file__).resolve().parents[1] / "sample_checkpoints" / "digits_b2" / "model.pt"
     proc = subprocess.Popen(
@@ -216,6 +218,12 @@ def test_a_signal_during_start_up_exits_without_a_traceback(tmp_path, sig, delay
     _, err = proc.communicate(timeout=60)
     if proc.returncode == 0:  # pragma: no cover - a very fast machine finished first
         pytest.skip("the command finished before the signal")
-    assert proc.returncode == code, err
+    if proc.returncode == -sig:
+        # The command had finished (its result printed) and the signal came while the interpreter was
+        # shutting down, where Python has put back the default handlers: the process ends by the signal,
+        # which the shell reports as the same exit status (130 / 143). Nothing may have been cut short.
+        assert "nothing written" in err or "wrote" in err.lower(), err
+    else:
+        assert proc.returncode == code, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err and "terminate called" not in err
     assert word in err or sig == signal.SIGTERM, err
