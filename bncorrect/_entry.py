@@ -33,6 +33,9 @@ def _exit_flushed(signum: int, frame: object) -> None:
 
 
 def main() -> None:
+    from .allocator import retain_freed_memory
+
+    retain_freed_memory()  # before torch allocates anything: the command's passes reuse freed memory
     signal.signal(signal.SIGINT, _exit_now)
     signal.signal(signal.SIGTERM, _exit_now)
     try:

@@ -475,22 +475,29 @@ def l_aux_sorted(
     mu_i, var_i, mu_e, var_e = rows(mu_i), rows(var_i), rows(running_mean), rows(running_var)
     inv_b = torch.rsqrt(rows(var_b) + eps)
     shift_b = rows(mu_b) * inv_b
+    # corrected_stats per row, rearranged for few (rows, K) operations:
+    #   mu_hat = mu_e + alpha d,   var_hat + eps = (var_e + eps) + beta p - beta^2 d^2,
+    #   d = mu_i - mu_e,  p = var_i - var_e + d^2   (= beta var_i + (1-beta) var_e + beta(1-beta) d^2 + eps)
+    d = mu_i - mu_e
+    dd = d * d
+    p = var_i - var_e + dd
+    ve = var_e + eps
+    neg_b2 = -(b_k * b_k)
     per_row = torch.empty(n, k, dtype=dt, device=sorted_x.device)
     step = max(1, L_AUX_BLOCK // max(1, k))
     for a in range(0, n, step):  # blocks of rows: temporaries of at most L_AUX_BLOCK values
         e = min(n, a + step)
-        mu_hat, var_hat = corrected_stats(mu_i[a:e], var_i[a:e], mu_e[a:e], var_e[a:e], a_k, b_k)
-        inv_hat = torch.rsqrt(var_hat + eps)
-        slope = inv_b[a:e] - inv_hat  # (rows, K)
-        offset = mu_hat * inv_hat - shift_b[a:e]
+        inv_hat = torch.addcmul(ve[a:e], p[a:e], b_k).addcmul_(dd[a:e], neg_b2).rsqrt_()
+        offset = torch.addcmul(mu_e[a:e], d[a:e], a_k).mul_(inv_hat).sub_(shift_b[a:e])
+        slope = torch.sub(inv_b[a:e], inv_hat)  # (rows, K)
         flat = slope == 0
-        z = torch.where(flat, 0.0, -offset / torch.where(flat, 1.0, slope))
+        z = torch.div(offset, slope).neg_().masked_fill_(flat, 0.0)  # slope = 0: any z (its term is below)
         idx = torch.searchsorted(sorted_rows[a:e], z)  # values below each query
         below = torch.gather(prefix_rows[a:e], 1, idx)
-        total = prefix_rows[a:e, -1:]
-        count = idx.to(dt)  # exact (S < 2^24): what z * idx would promote idx to
-        dist = z * count - below + (total - below) - z * (s - count)  # sum_v |x_v - z|
-        torch.where(flat, offset.abs() * s, slope.abs() * dist, out=per_row[a:e])
+        # sum_v |x_v - z| = z i - P_i + (P_S - P_i) - z (S - i) = z (2 i - S) + P_S - 2 P_i; the count is
+        # exact in dt (S < 2^24)
+        dist = z.mul_(idx.to(dt).mul_(2).sub_(s)).add_(prefix_rows[a:e, -1:]).sub_(below, alpha=2)
+        torch.where(flat, offset.abs_().mul_(s), slope.abs_().mul_(dist), out=per_row[a:e])
     return per_row.T.contiguous().sum(dim=1) / (n * s)
 
 

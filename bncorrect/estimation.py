@@ -42,7 +42,6 @@ from .passes import (
     Observer,
     Progress,
     TrainingPass,
-    check_observed,
     lcm,
     require_examples,
     resolve_device,
@@ -110,24 +109,26 @@ class SampleReservoir:
         base = self.seen
         self.seen += n
         self.filled = min(k, self.seen)
-        t = torch.arange(base, base + n, dtype=torch.long)
         late = max(0, min(n, base + n - k))  # examples past the filling point
-        draw = torch.empty(late, c, dtype=torch.long)
-        if late:
-            upper = (t[n - late :] + 1).to(torch.float64).unsqueeze(1)
-            draw = torch.rand(late, c, generator=self.generator, dtype=torch.float64).mul_(upper).long()
         if late == 0:  # still filling: example t takes slot t of every channel, no two rows collide
             lin = torch.arange(n * c)
             key = (lin % c) * k + (lin // c + base)
         else:
-            slots = draw if late == n else torch.cat([t[: n - late].unsqueeze(1).expand(-1, c), draw])
-            lin = (slots < k).view(-1).nonzero().squeeze(1)  # (example, channel) rows taking a slot, in order
+            # example t draws floor(u * (t + 1)) per channel: (late, C) slots of the examples past filling
+            upper = torch.arange(base + n - late + 1, base + n + 1, dtype=torch.float64).unsqueeze(1)
+            draw = torch.rand(late, c, generator=self.generator, dtype=torch.float64).mul_(upper).long()
+            if late < n:  # the batch crosses the filling point: its first examples take their own slots
+                first = torch.arange(base, base + n - late).unsqueeze(1).expand(-1, c)
+                draw = torch.cat([first, draw])
+            lin = (draw < k).view(-1).nonzero().squeeze(1)  # (example, channel) rows taking a slot, in order
             if lin.numel() == 0:
                 return
-            key = (lin % c) * k + slots.view(-1)[lin]
+            # their slots in the flattened (C * k) reservoir
+            key = draw.add_(torch.arange(0, c * k, k)).view(-1).index_select(0, lin)
             winner = torch.full((c * k,), -1, dtype=torch.long).scatter_reduce_(0, key, lin, reduce="amax")
-            won = (winner[key] == lin).nonzero().squeeze(1)
-            lin, key = lin[won], key[won]
+            won = winner.index_select(0, key).eq_(lin).nonzero().squeeze(1)
+            if won.numel() < lin.numel():  # two rows of one batch drew the same slot: the later one stays
+                lin, key = lin.index_select(0, won), key.index_select(0, won)
         lin_dev = lin.to(flat.device)
         # only the kept rows (and S of their positions) are gathered: once the reservoir is full most
         # batches cost almost nothing. The positions are read in increasing order (the values of a row are
@@ -136,10 +137,10 @@ class SampleReservoir:
         if s < size:
             pos = torch.randperm(size, generator=self.generator)[:s].sort().values.to(flat.device)
         picked = _gather_rows(flat, lin_dev, pos)
-        self.values.view(c * k, s)[key] = picked.float().cpu()
+        self.values.view(c * k, s).index_copy_(0, key, picked.float().cpu())
         stats = torch.stack([v.detach().reshape(n * c) for v in (mu_i, var_i, mu_b, var_b)])
-        self.stats.view(4, c * k)[:, key] = stats.index_select(1, lin_dev).double().cpu()
-        self.example.view(-1)[key] = lin // c + base
+        self.stats.view(4, c * k).index_copy_(1, key, stats.index_select(1, lin_dev).double().cpu())
+        self.example.view(-1).index_copy_(0, key, lin // c + base)
 
     def arrays(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """(values (C, R, S) float32 unsorted, mu_b, var_b, mu_i, var_i (C, R)) of the R rows kept per
@@ -247,6 +248,9 @@ def merge_reservoirs(
     return ReservoirState(total, out_values, out_stats, out_example)
 
 
+GATHER_ROWS_FIRST = 1.0
+
+
 def _gather_rows(flat: Tensor, lin: Tensor, pos: Tensor | None) -> Tensor:
     """Rows ``lin`` (indices into the N * C rows) of ``flat`` (N, C, L) at positions ``pos`` (None: all):
     (len(lin), S), moving as few values as the layout allows."""
@@ -260,7 +264,7 @@ def _gather_rows(flat: Tensor, lin: Tensor, pos: Tensor | None) -> Tensor:
         return flat[r.unsqueeze(1), ch.unsqueeze(1), pos.unsqueeze(0)]
     if pos is None:
         return rows.index_select(0, lin)
-    if lin.numel() * size <= n * c * pos.numel():  # few rows: the rows, then their positions
+    if lin.numel() * size <= GATHER_ROWS_FIRST * n * c * pos.numel():  # the rows, then their positions
         return rows.index_select(0, lin).index_select(1, pos)
     return rows.index_select(1, pos).index_select(0, lin)  # most rows (while filling): positions first
 
@@ -359,6 +363,10 @@ class EvalNormEstimator:
         self.reservoir: SampleReservoir | None = None
 
     def observe(self, x: Tensor, mu_i: Tensor, var_i: Tensor, mu_b: Tensor, var_b: Tensor) -> None:
+        """Offer one batch of the layer's input ``x`` with its statistics to the sample. The inputs are
+        those of a training-mode pass, which checks them for NaN/Inf before any observer sees them
+        (:func:`bncorrect.passes.check_observed`); fed here directly, NaN/Inf among the rows the solve
+        uses make :meth:`solve` raise :class:`NumericalError`."""
         if x.dim() == 2 and self.train_batch_size < 2:
             raise UsageError(
                 f"layer {self.name} normalizes (N, C) inputs without spatial axes: with B = "
@@ -367,7 +375,6 @@ class EvalNormEstimator:
                 hint="pass the batch size the model was trained with (B >= 2), or --layer-batch-size "
                 f"'{self.name}=B' for this layer",
             )
-        check_observed(self.name, x, (mu_i, var_i, mu_b, var_b), data_hint=self.data_hint)
         if self.reservoir is None:
             c = x.shape[1]
             s = min(math.prod(x.shape[2:]), self.positions)
