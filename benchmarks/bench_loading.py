@@ -1,17 +1,25 @@
 """Throughput of ``estimate`` on a folder of PNG images against a plain PyTorch eval loop over it.
 
-A temporary folder of N small PNGs in class folders is written once. Every job then runs in one of two
-long-lived worker processes, the jobs alternating round by round (after a warm-up round) in one run:
+A temporary folder of N small PNGs in class folders is written once. Every job then runs in one of three
+long-lived worker processes (four with ``--before``), the jobs alternating round by round (after a warm-up
+round) in one run:
 
 - ``estimate``: ``api.estimate(model, folder, B)`` end to end (decode, model copy, training-mode pass in
-  groups of B with the estimator's observers, the solve), ``num_workers`` DataLoader workers; its pass
-  alone is timed too (from the call to the pass's last progress report: no solve);
+  groups of B with the estimator's observers, the solve), ``num_workers`` DataLoader workers, in a worker
+  set up as the ``bncorrect`` command sets up its process (:func:`bncorrect.allocator.retain_freed_memory`:
+  glibc's malloc keeps freed blocks for reuse): what ``bncorrect estimate`` runs. Its pass alone is timed
+  too (from the call to the pass's last progress report: no solve);
+- ``library``: the same call in a worker with glibc's malloc as it comes, as from a user's own script that
+  does not call ``retain_freed_memory``;
 - ``estimate (before)``, with ``--before CHECKOUT``: the same call in a worker whose ``PYTHONPATH`` is an
-  older checkout of bncorrect (e.g. ``git worktree add --detach /tmp/base <commit>``), so old and new code
-  are measured side by side on the same folder in the same run;
+  older checkout of bncorrect (e.g. ``git worktree add --detach /tmp/base <commit>``), with malloc as it
+  comes (as the command ran before it set the allocator up), so old and new code are measured side by side
+  on the same folder in the same run;
 - ``plain loop``: what a PyTorch user writes to evaluate the same folder: an ImageFolder-style Dataset
   (PIL decode, RGB, to tensor, ImageNet mean/std), a DataLoader with the same workers and batch size,
-  ``model(x)`` under ``torch.no_grad()`` in eval mode;
+  ``model(x)`` under ``torch.no_grad()`` in eval mode, in a process as Python starts it (the baseline of
+  the goal); ``plain-cli``: the same loop in the worker set up like the command, so that the ratio on the
+  same allocator is printed too;
 - ``ghost-BN loop``: the same loop with every BN in training-mode normalization over groups of B examples
   (``F.batch_norm(part, None, None, weight, bias, training=True)`` on each group of B of the batch, no
   running statistics touched, no estimator): what normalizing like training costs by itself, the bound
@@ -185,8 +193,15 @@ def run_estimate(model: torch.nn.Module, root: Path, b: int, workers: int) -> di
     }
 
 
-def serve(threads: int) -> None:
-    """Worker: run the jobs named on stdin (one JSON object a line), answer with their times."""
+def serve(threads: int, allocator: str) -> None:
+    """Worker: run the jobs named on stdin (one JSON object a line), answer with their times.
+    ``allocator``: "cli" sets the process up as the ``bncorrect`` command does
+    (:func:`bncorrect.allocator.retain_freed_memory`), "default" leaves glibc's malloc as it is."""
+    retained = "no"
+    if allocator == "cli":
+        from bncorrect.allocator import retain_freed_memory
+
+        retained = "yes" if retain_freed_memory() else "refused"
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = resnet_like()
@@ -194,7 +209,7 @@ def serve(threads: int) -> None:
     grouped_models: dict[int, torch.nn.Module] = {}
     import bncorrect
 
-    print(json.dumps({"ready": str(Path(bncorrect.__file__).parent)}), flush=True)
+    print(json.dumps({"ready": str(Path(bncorrect.__file__).parent), "retained": retained}), flush=True)
     for line in sys.stdin:
         job = json.loads(line)
         root, b, workers = Path(job["root"]), int(job["b"]), int(job["workers"])
@@ -221,17 +236,19 @@ def serve(threads: int) -> None:
 
 
 class Worker:
-    def __init__(self, pythonpath: Path, threads: int) -> None:
+    def __init__(self, pythonpath: Path, threads: int, allocator: str = "default") -> None:
         env = dict(os.environ, PYTHONPATH=str(pythonpath))
+        args = ["--serve", "--threads", str(threads), "--allocator", allocator]
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "bench_loading.py"), "--serve", "--threads", str(threads)],
+            [sys.executable, str(HERE / "bench_loading.py"), *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             env=env,
             cwd=tempfile.gettempdir(),  # not the repository: PYTHONPATH alone says which bncorrect
         )
-        self.package = json.loads(self._line())["ready"]
+        ready = json.loads(self._line())
+        self.package, self.retained = ready["ready"], ready["retained"]
 
     def _line(self) -> str:
         assert self.proc.stdout is not None
@@ -262,9 +279,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--before", type=Path, default=None, help="an older checkout to measure alongside")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--allocator", choices=["default", "cli"], default="default", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.threads)
+        serve(args.threads, args.allocator)
         return
     n, b = args.images, args.b
     print(f"host: {host()}; {args.threads} torch thread(s); load average at start {load_average()}")
@@ -274,15 +292,19 @@ def main() -> None:
         f"{args.repeats} rounds after a warm-up round, jobs alternating, medians"
     )
     new = Worker(HERE.parent, args.threads)
+    cli = Worker(HERE.parent, args.threads, "cli")
     old = Worker(args.before.resolve(), args.threads) if args.before is not None else None
     print(f"new: {new.package}" + (f"; before: {old.package}" if old else ""))
+    print(f"the command's allocator set-up in the 'cli' worker applied: {cli.retained}")
     with tempfile.TemporaryDirectory() as tmp:
         root = make_folder(Path(tmp) / "images", n, args.size)
         for w in args.workers:
-            jobs: dict[str, tuple[Worker, str]] = {"estimate": (new, "estimate")}
+            jobs: dict[str, tuple[Worker, str]] = {"estimate": (cli, "estimate")}
+            jobs["library"] = (new, "estimate")
             if old is not None:
                 jobs["before"] = (old, "estimate")
-            jobs |= {"plain": (new, "plain"), "ghost": (new, "ghost"), "grouped": (new, "grouped")}
+            jobs |= {"plain": (new, "plain"), "plain-cli": (cli, "plain")}
+            jobs |= {"ghost": (new, "ghost"), "grouped": (new, "grouped")}
             jobs |= {"decode": (new, "decode")}
             times: dict[str, list[dict[str, float]]] = {k: [] for k in jobs}
             for r in range(args.repeats + 1):
@@ -295,7 +317,7 @@ def main() -> None:
                 return statistics.median(t[key] for t in times[name])
 
             rate = {k: n / med(k) for k in jobs}
-            pass_rate = {k: n / med(k, "pass_wall") for k in ("estimate", "before") if k in jobs}
+            pass_rate = {k: n / med(k, "pass_wall") for k in ("estimate", "library", "before") if k in jobs}
             print(f"\nworkers {w} (load average {load_average()}):")
             for k in jobs:
                 extra = f", its pass {pass_rate[k]:.1f} img/s" if k in pass_rate else ""
@@ -305,6 +327,11 @@ def main() -> None:
                     f"  {k}: pass / plain {pass_rate[k] / rate['plain']:.2f}, end to end / plain "
                     f"{rate[k] / rate['plain']:.2f}"
                 )
+            same = rate["plain-cli"]
+            print(
+                f"  estimate / plain loop in a process set up like the command (plain-cli): pass "
+                f"{pass_rate['estimate'] / same:.2f}, end to end {rate['estimate'] / same:.2f}"
+            )
             print(f"  ghost-BN loop / plain (the bound) {rate['ghost'] / rate['plain']:.2f}")
             print(f"  grouped loop / plain {rate['grouped'] / rate['plain']:.2f}")
             if old is not None:
@@ -319,9 +346,15 @@ def main() -> None:
                         f"  CPU time: {k} pass / plain {cpu_plain / med(k, 'pass_cpu'):.2f}, end to end / "
                         f"plain {cpu_plain / med(k, 'cpu'):.2f}"
                     )
+                cpu_cli = med("plain-cli", "cpu")
+                print(
+                    f"  CPU time: estimate / plain-cli: pass {cpu_cli / med('estimate', 'pass_cpu'):.2f}, "
+                    f"end to end {cpu_cli / med('estimate', 'cpu'):.2f}"
+                )
                 print(f"  CPU time: ghost-BN loop / plain {cpu_plain / med('ghost', 'cpu'):.2f}")
                 print(f"  CPU time: grouped loop / plain {cpu_plain / med('grouped', 'cpu'):.2f}")
     new.close()
+    cli.close()
     if old is not None:
         old.close()
 

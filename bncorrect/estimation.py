@@ -248,9 +248,6 @@ def merge_reservoirs(
     return ReservoirState(total, out_values, out_stats, out_example)
 
 
-GATHER_ROWS_FIRST = 1.0
-
-
 def _gather_rows(flat: Tensor, lin: Tensor, pos: Tensor | None) -> Tensor:
     """Rows ``lin`` (indices into the N * C rows) of ``flat`` (N, C, L) at positions ``pos`` (None: all):
     (len(lin), S), moving as few values as the layout allows."""
@@ -264,7 +261,7 @@ def _gather_rows(flat: Tensor, lin: Tensor, pos: Tensor | None) -> Tensor:
         return flat[r.unsqueeze(1), ch.unsqueeze(1), pos.unsqueeze(0)]
     if pos is None:
         return rows.index_select(0, lin)
-    if lin.numel() * size <= GATHER_ROWS_FIRST * n * c * pos.numel():  # the rows, then their positions
+    if lin.numel() * size <= n * c * pos.numel():  # few rows: the rows, then their positions
         return rows.index_select(0, lin).index_select(1, pos)
     return rows.index_select(1, pos).index_select(0, lin)  # most rows (while filling): positions first
 
