@@ -30,6 +30,7 @@ _EXPORTS = {
     "recalibrate": "api",
     "rule": "api",
     "weight": "api",
+    "retain_freed_memory": "allocator",
     "Corrections": "corrections",
     "LayerCorrection": "corrections",
     "load_corrections": "corrections",
@@ -47,6 +48,7 @@ _EXPORTS = {
 
 _SUBMODULES = frozenset(
     {
+        "allocator",
         "api",
         "atomic",
         "cli",
@@ -75,6 +77,7 @@ _SUBMODULES = frozenset(
 )
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .allocator import retain_freed_memory
     from .api import (
         ExportOptions,
         OnnxModel,
@@ -130,6 +133,7 @@ __all__ = [
     "load_model",
     "open_model",
     "recalibrate",
+    "retain_freed_memory",
     "rule",
     "save_checkpoint",
     "save_corrections",
