@@ -8,7 +8,7 @@ page at its first touch (a minor page fault), and the arithmetic then runs on co
 more temporaries than a plain eval loop (per-example statistics, the estimator's samples) pays for it more:
 measured on the PNG-folder benchmark (``benchmarks/bench_loading.py``, ResNet-style net, 2048 images of
 32x32, B = 2), ``estimate`` took 450,000-500,000 minor page faults per pass (1.2 s of kernel time) against
-100,000-120,000 for the plain loop, and its batches 260-320 ms against 180-230 ms; with the settings below
+100,000-120,000 for the plain loop, and its batches 259-326 ms against 178-229 ms; with the settings below
 both made fewer than 50 faults and the batches took 197-217 against 177-185 ms.
 
 :func:`retain_freed_memory` sets, through ``mallopt``, ``M_MMAP_THRESHOLD`` to glibc's largest value (blocks

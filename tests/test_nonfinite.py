@@ -593,3 +593,23 @@ def test_onnx_recalibrate_repairs_broken_statistics(upstream):
     assert all(math.isfinite(ly.l_aux) for ly in est.layers)
     with pytest.raises(NumericalError, match="running_var is NaN"):
         estimate_onnx(broken, batches, 4, device="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("where", range(4))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_check_observed_finds_one_bad_value_in_any_of_the_statistics(dtype, where, bad):
+    """The per-layer check sums the statistics in one reduction: one NaN/Inf anywhere in any of the four
+    tensors is found (also +Inf and -Inf together, whose sum is NaN), and large finite values are not
+    mistaken for overflow."""
+    from bncorrect.passes import check_observed
+
+    big = torch.finfo(dtype).max
+    stats = [torch.full((4, 3), big, dtype=dtype) for _ in range(4)]  # finite, their sum overflows dtype
+    x = torch.ones(4, 3, 5, dtype=dtype)
+    check_observed("l", x, stats)
+    stats[where][1, 2] = bad
+    if bad == float("inf"):
+        stats[(where + 1) % 4][0, 0] = float("-inf")
+    with pytest.raises(NumericalError, match="layer l"):
+        check_observed("l", x, stats)
