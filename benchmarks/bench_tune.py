@@ -23,8 +23,12 @@ with the default cache (fitting examples held in memory up to ``cache_bytes``, 1
 process's peak RSS minus its RSS after the data was loaded (so the data itself, which the caller holds,
 is not counted), in MiB.
 
+The process is set up as the ``bncorrect`` command sets up its own (glibc's malloc keeps freed blocks,
+:func:`bncorrect.allocator.retain_freed_memory`), since that is what a user of ``bncorrect tune`` runs;
+``--allocator default`` leaves malloc as it comes.
+
 Usage: python benchmarks/bench_tune.py [--repeats 3] [--threads N] [--samples DIR] [--cases a,b]
-       [--holdout 0.3] [--seed 0] [--baseline DIR] [--memory]
+       [--holdout 0.3] [--seed 0] [--baseline DIR] [--memory] [--allocator cli|default]
 """
 
 from __future__ import annotations
@@ -153,13 +157,26 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--baseline", type=Path, default=None, help="also time tune from DIR/bncorrect")
     ap.add_argument("--memory", action="store_true", help="peak memory at 1x/4x/16x the data instead")
+    ap.add_argument(
+        "--allocator",
+        choices=["cli", "default"],
+        default="cli",
+        help="cli (default): set the process up as the bncorrect command does (bncorrect.allocator); "
+        "default: glibc's malloc as it comes",
+    )
     args = ap.parse_args()
+    if args.allocator == "cli":
+        from bncorrect.allocator import retain_freed_memory
+
+        retain_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# bench_tune {datetime.date.today()}")
+    from bncorrect.allocator import status
+
     print(
         f"host: {host_label()}; {platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}, Python {platform.python_version()}"
+        f"torch {torch.__version__}, Python {platform.python_version()}; {status()}"
     )
     if args.memory:
         memory(args)
