@@ -1430,6 +1430,9 @@ def _run_app(args: list[str]) -> int:
     _DEBUG["on"] = "--debug" in args
     if _DEBUG["on"]:  # accepted anywhere on the command line, not only before the command
         args = ["--debug", *[a for a in args if a != "--debug"]]
+        from .allocator import status
+
+        err_console.print(f"[dim]{status()}[/]", highlight=False)
     try:
         rc = app(args=args, prog_name="bncorrect", standalone_mode=False)
     except BncorrectError as e:

