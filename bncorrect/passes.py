@@ -236,9 +236,9 @@ def check_observed(
     """:func:`nonfinite_error` unless layer ``layer``'s input ``x`` gave finite statistics ``stats``
     (e.g. mu_i, var_i, mu_b, var_b: small (N, C) tensors, cheap to check; NaN/Inf in ``x`` makes them
     non-finite, and so do values whose variance overflows the statistics' dtype). Called at every BN
-    layer of every batch, so the test is one reduction and one read whatever the number of tensors: their
-    values summed in float64, which cannot overflow from finite float32/float16 values and is NaN/Inf as
-    soon as one of them is (float64 statistics are checked one by one)."""
+    layer of every batch, so the usual case is one reduction and one read whatever the number of tensors:
+    the sum of all their values, NaN/Inf as soon as one of them is (an overflowing sum of finite values is
+    told apart by checking each tensor)."""
     if _stats_finite(stats):
         return
     raise nonfinite_error(layer, x, data_hint=data_hint, data=data)
@@ -248,9 +248,11 @@ def _stats_finite(stats: Sequence[Tensor]) -> bool:
     floats = [t for t in stats if t.is_floating_point()]
     if not floats:
         return True
-    if any(t.dtype == torch.float64 for t in floats):  # a float64 sum of float64 values may overflow
-        return all(_all_finite(t) for t in floats)
-    return math.isfinite(float(torch.cat([t.reshape(-1) for t in floats]).sum(dtype=torch.float64)))
+    # a sum is NaN/Inf when one of its terms is; when it is not finite although every term is (overflow),
+    # the tensors are checked one by one. In their own dtype on their own device (no float64 on MPS).
+    if math.isfinite(float(torch.cat([t.reshape(-1) for t in floats]).sum())):
+        return True
+    return all(_all_finite(t) for t in floats)
 
 
 def raise_first_nonfinite(

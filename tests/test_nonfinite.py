@@ -600,8 +600,8 @@ def test_onnx_recalibrate_repairs_broken_statistics(upstream):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_check_observed_finds_one_bad_value_in_any_of_the_statistics(dtype, where, bad):
     """The per-layer check sums the statistics in one reduction: one NaN/Inf anywhere in any of the four
-    tensors is found (also +Inf and -Inf together, whose sum is NaN), and large finite values are not
-    mistaken for overflow."""
+    tensors is found (also +Inf and -Inf together, whose sum is NaN), and finite values whose sum
+    overflows are still found finite."""
     from bncorrect.passes import check_observed
 
     big = torch.finfo(dtype).max
