@@ -55,6 +55,8 @@ DEFAULT_SAMPLE_BUDGET = 1 << 19
 DEFAULT_POSITIONS = 64
 #: Default number of (example, channel) rows the grid search evaluates L_aux on.
 DEFAULT_SOLVE_ROWS = 4096
+#: What the per-layer grid solves after the pass report to a progress callback (counting layers).
+SOLVE_LABEL = "solve alpha/beta"
 
 
 class SampleReservoir:
@@ -576,6 +578,7 @@ def estimate_alpha_beta(
         positions=positions,
         solve_rows=solve_rows,
         data_hint=data_hint,
+        progress=progress,
     )
 
 
@@ -642,6 +645,8 @@ def estimate_from_pass(
     positions: int = DEFAULT_POSITIONS,
     solve_rows: int = DEFAULT_SOLVE_ROWS,
     data_hint: str = "",
+    progress: Progress | None = None,
+    solve_label: str = SOLVE_LABEL,
 ) -> EstimateResult:
     """EvalNorm offline over one training-mode pass, whatever runs the model (PyTorch or onnxruntime).
 
@@ -650,7 +655,8 @@ def estimate_from_pass(
     normalization batch size B. ``run_pass`` (:data:`bncorrect.passes.TrainingPass`) runs the training-mode
     pass with these group sizes and an observer per layer; then every layer's (alpha, beta) is solved.
     Running statistics with NaN/Inf/negative variances, and NaN/Inf activations, raise
-    :class:`NumericalError` naming the layer (and ``data_hint``, the data).
+    :class:`NumericalError` naming the layer (and ``data_hint``, the data). ``progress`` hears
+    ``(solve_label, layers solved, layers)`` during the solves (after the pass, which reports its own).
     """
     # under a process group each rank samples with its own stream (rank 0 with the seed itself)
     rank, world = distributed.rank(), distributed.world_size()
@@ -672,13 +678,23 @@ def estimate_from_pass(
     }
     observers = {name: est.observe for name, est in estimators.items()}
     examples, dropped = distributed.guarded(lambda: run_pass(sizes, observers))
+    def solve_all() -> list[LayerEstimate]:
+        out = []
+        if progress is not None:
+            progress(solve_label, 0, len(estimators))
+        for est in estimators.values():
+            out.append(est.solve())
+            if progress is not None:
+                progress(solve_label, len(out), len(estimators))
+        return out
+
     if world > 1:
         examples, dropped = distributed.sum_ints(examples, dropped)
         require_examples(examples, dropped, lcm(sizes.values()), data_hint)
         for est in estimators.values():
             est.merge_ranks(rank, world)
         # rank 0 solves on the merged samples; every rank gets its results (or its error)
-        results = distributed.on_writer(lambda: [est.solve() for est in estimators.values()])
+        results = distributed.on_writer(solve_all)
     else:
-        results = [est.solve() for est in estimators.values()]
+        results = solve_all()
     return EstimateResult(results, train_batch_size, examples, dropped, seed, sizes)

@@ -706,6 +706,7 @@ def estimate_onnx(
         positions=positions,
         solve_rows=solve_rows,
         data_hint=data_hint,
+        progress=progress,
     )
 
 

@@ -18,6 +18,10 @@ from .errors import UsageError
 Progress = Callable[[str, int, "int | None"], None]
 
 
+#: what a task counts, by the start of its description (passes count examples)
+_UNITS = (("ONNX", "steps"), ("solve", "layers"))
+
+
 class ConsoleProgress:
     """Rich progress bars on stderr, one task per description; call it as a progress callback."""
 
@@ -39,7 +43,7 @@ class ConsoleProgress:
 
     def __call__(self, description: str, completed: int, total: int | None) -> None:
         if description not in self.tasks:
-            unit = "steps" if description.startswith("ONNX") else "examples"
+            unit = next((u for prefix, u in _UNITS if description.startswith(prefix)), "examples")
             self.tasks[description] = self.progress.add_task(description, total=total, unit=unit)
         self.progress.update(self.tasks[description], completed=completed, total=total)
 

@@ -1771,7 +1771,7 @@ def estimate_pair(
     training-mode pass normalizes every layer with its batch statistics, so its activations do not depend
     on the running statistics, and both sets of estimators (each with its own seeded sampler) observe
     them; only the solves differ."""
-    from .estimation import estimate_from_pass, estimation_pass
+    from .estimation import SOLVE_LABEL, estimate_from_pass, estimation_pass
 
     plain, sizes, run_pass = estimation_pass(
         model,
@@ -1801,13 +1801,15 @@ def estimate_pair(
             return kept["counts"]
 
         kept["plain"] = estimate_from_pass(
-            plain, sizes, inner, train_batch_size, seed=seed, solve_rows=solve_rows, data_hint=data_hint
-        )
+            plain, sizes, inner, train_batch_size, seed=seed, solve_rows=solve_rows, data_hint=data_hint,
+            progress=progress,
+        )  # fmt: skip
         return kept["counts"]  # this rank's counts, as a pass returns them (merged across ranks later)
 
     second = estimate_from_pass(
-        other, sizes, outer, train_batch_size, seed=seed, solve_rows=solve_rows, data_hint=data_hint
-    )
+        other, sizes, outer, train_batch_size, seed=seed, solve_rows=solve_rows, data_hint=data_hint,
+        progress=progress, solve_label=f"{SOLVE_LABEL} (recalibrated)",
+    )  # fmt: skip
     return kept["plain"], second
 
 

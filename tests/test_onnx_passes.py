@@ -235,7 +235,11 @@ def test_estimate_layer_batch_size_globs_node_names_and_recalibrate_first(pair2d
     assert ox.report["estimate"].layer_batch_sizes[head] == 8
     assert ox.report["estimate"].dropped == pt.report["estimate"].dropped == 60 % 8
     assert ox.report["estimate"].examples == pt.report["estimate"].examples == 60 - 60 % 8
-    assert calls[-1] == ("estimate", 60, 60) and ("recalibrate", 60, 60) in calls  # as the PyTorch path
+    assert ("estimate", 60, 60) in calls and ("recalibrate", 60, 60) in calls  # as the PyTorch path
+    n_layers = len(pair2d.node)  # then the per-layer solves, counted in layers
+    solves = [c for c in calls if c[0] == "solve alpha/beta"]
+    assert solves == [("solve alpha/beta", i, n_layers) for i in range(n_layers + 1)]
+    assert calls[-1] == solves[-1]
     for torch_name, node in pair2d.node.items():
         want, got = pt.corrections.layers[torch_name], ox.corrections.layers[node]
         assert float(got.alpha) == pytest.approx(float(want.alpha), abs=GRID_STEP * 2.01)

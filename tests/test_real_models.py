@@ -197,7 +197,11 @@ def test_progress_false_true_and_callable(capsys):
     x, _ = toys.data(16, seed=9)
     calls = []
     bncorrect.estimate(model, x, 2, progress=lambda d, c, t: calls.append((d, c, t)))
-    assert calls and calls[-1][1] == calls[-1][2] == 16
+    passes = [c for c in calls if c[0] == "estimate"]
+    assert passes and passes[-1][1] == passes[-1][2] == 16
+    # the grid solves after the pass report too, one step per layer
+    n_layers = len(bncorrect.find_norm_layers(model))
+    assert calls[-1] == ("solve alpha/beta", n_layers, n_layers) and calls.index(passes[-1]) < len(calls) - 1
     bncorrect.estimate(model, x, 2, progress=False)
     bncorrect.recalibrate(model, x, progress=True)
     assert "recalibrate" in capsys.readouterr().err
