@@ -894,14 +894,19 @@ class Worker:
         )
         rep = outcome.report["export"]
         sess = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
-        feed = {sess.get_inputs()[0].name: self.probe.numpy()}
-        got = [np.asarray(a) for a in sess.run(None, feed)]
         import torch
 
+        # a graph written for a fixed batch (a trace that splits the batch into images, e.g. Faster R-CNN)
+        # runs the probe in pieces of that size; PyTorch and the reference run the same pieces, so the
+        # flattened outputs line up
+        batch = sess.get_inputs()[0].shape[0]
+        pieces = self.probe.split(batch) if isinstance(batch, int) and batch > 0 else (self.probe,)
+        got = [np.asarray(a) for p in pieces for a in sess.run(None, {sess.get_inputs()[0].name: p.numpy()})]
         ort_flat = torch.cat([torch.from_numpy(a.astype(np.float64)).reshape(-1) for a in got])
+        ref_model = reference_model(self.model, outcome.corrections)
         with torch.no_grad():
-            torch_out = flat(outcome.model(self.probe))
-            ref_out = flat(reference_model(self.model, outcome.corrections)(self.probe.double()))
+            torch_out = torch.cat([flat(outcome.model(p)) for p in pieces])
+            ref_out = torch.cat([flat(ref_model(p.double())) for p in pieces])
         res: dict[str, Any] = {
             "corrections": what,
             "opset": rep.opset,
@@ -911,7 +916,8 @@ class Worker:
             "kept": len(rep.kept),
             "size_mib": out_path.stat().st_size / 2**20,
             "ort_inputs": len(sess.get_inputs()),
-            "ort_outputs": len(got),
+            "ort_outputs": len(got) // len(pieces),
+            "ort_batch": batch if isinstance(batch, int) else "symbolic",
         }
         if ort_flat.shape == torch_out.shape:
             res["ort_vs_torch"] = compare(ort_flat, torch_out)
