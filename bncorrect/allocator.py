@@ -52,9 +52,18 @@ def _reason_to_leave() -> str | None:
     preload = os.environ.get("LD_PRELOAD", "")
     if any(name in preload for name in ("jemalloc", "tcmalloc", "mimalloc")):
         return "an allocator preloaded with LD_PRELOAD"
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not _glibc():
         return "not glibc's malloc"
     return None
+
+
+def _glibc() -> bool:
+    """Whether the C library this process runs on is glibc (asked of the library itself, not read from the
+    interpreter's binary)."""
+    try:
+        return platform.system() == "Linux" and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (AttributeError, ValueError, OSError):  # no confstr, or a libc that does not know the name
+        return False
 
 
 def retain_freed_memory() -> bool:

@@ -39,15 +39,20 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _python(code: str, *args: str, env: dict[str, str] | None = None) -> str:
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without malloc settings or the opt-out, plus ``extra``."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "BNCORRECT_ALLOCATOR"}
+    return {**base, **(extra or {})}
+
+
+def _python(code: str, *args: str, env: dict[str, str] | None = None) -> str:
     proc = subprocess.run(
         [sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=ROOT,
-        env={**base, **(env or {})},
+        env=_env(env),
     )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
@@ -112,7 +117,6 @@ def test_the_library_alone_leaves_the_allocator_as_it_is():
 def test_debug_says_what_the_command_did_with_the_allocator():
     exe = Path(sys.executable).parent / "bncorrect"
     sample = ROOT / "sample_checkpoints" / "digits_b2" / "model.pt"
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "BNCORRECT_ALLOCATOR"}
     for extra, expected in (
         ({}, "allocator: glibc malloc keeps freed blocks"),
         ({"BNCORRECT_ALLOCATOR": "system"}, "allocator: left as it is (BNCORRECT_ALLOCATOR=system)"),
@@ -122,7 +126,7 @@ def test_debug_says_what_the_command_did_with_the_allocator():
             capture_output=True,
             text=True,
             timeout=120,
-            env={**base, **extra},
+            env=_env(extra),
         )
         assert proc.returncode == 0, proc.stderr
         assert expected in proc.stderr, proc.stderr
